@@ -1,0 +1,1 @@
+"""vpcni backends."""

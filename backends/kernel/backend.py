@@ -1,0 +1,434 @@
+"""The kernel backend: per VNI a VXLAN device in a Linux bridge, per pod a veth.
+
+    pod netns          node netns (where the plugin runs)
+    eth1 ── veth ──  vp<hash> ── vpbr<VNI> ── vpvx<VNI> ── UDP/4789 from the VTEP address
+
+Remote endpoints arrive as the whole desired set per VNI (apply_remote) and
+become static FDB entries on vpvx<VNI> (per MAC, plus one all-zero "flood"
+entry per remote VTEP) and permanent neighbour entries on vpbr<VNI>. Every
+device this backend creates carries an IFLA_IFALIAS starting with "vpcni:";
+a device without it is never changed or deleted, whatever its name.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import re
+import time
+from contextlib import ExitStack, contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterator, Optional
+
+from pyroute2 import IPRoute
+from pyroute2.netlink.exceptions import NetlinkError
+
+from vpcni.core import podif
+from vpcni.core.backend import Backend
+from vpcni.core.config import NodeConfig
+from vpcni.core.errors import BackendError, CheckFailed, InvalidConfig, InvalidEnvironment
+from vpcni.core.models import (Attachment, IPAddress, Owned, Probe, RemoteEndpoint, RemoteState,
+                               VpcNetwork, vxlan_overhead)
+from vpcni.core.podif import delete_if_exists, describe, get_link
+
+from . import netlink
+from .netlink import bridge_name, host_ifname, vxlan_name
+
+LOG = logging.getLogger(__name__)
+
+SYS_MODULE = Path("/sys/module")
+LIB_MODULES = Path("/lib/modules")
+# How long ensure_network waits for a concurrent creator of the same device
+# to finish marking it; the window is two netlink calls wide.
+CLAIM_TIMEOUT = 2.0
+
+
+def kernel_support(module: str) -> Optional[str]:
+    """'loaded', 'built-in' or 'loadable' when the kernel can do `module`, else None."""
+    if (SYS_MODULE / module).is_dir():
+        return "loaded"
+    pattern = re.compile(rf"(^|/){re.escape(module)}\.ko", re.MULTILINE)
+    release = LIB_MODULES / os.uname().release
+    for listing, how in (("modules.builtin", "built-in"), ("modules.dep", "loadable")):
+        try:
+            if pattern.search((release / listing).read_text()):
+                return how
+        except OSError:
+            continue
+    return None
+
+
+@dataclass(frozen=True)
+class Underlay:
+    """The node's VTEP address and the interface carrying it."""
+
+    address: IPAddress
+    ifname: str
+    mtu: int
+
+    @property
+    def pod_mtu(self) -> int:
+        return self.mtu - vxlan_overhead(self.address)
+
+
+def find_underlay(ipr: IPRoute, node: NodeConfig) -> Underlay:
+    """The VTEP from the node config, as configured in this namespace; BackendError says why not."""
+    if node.vtepAddress is not None:
+        index = netlink.interface_with_address(ipr, node.vtepAddress)
+        if index is None:
+            raise BackendError(f"VTEP address {node.vtepAddress} (vtepAddress in {node.source}) is "
+                               "not configured on any interface in this network namespace")
+        link = netlink.link_by_index(ipr, index)
+        return Underlay(node.vtepAddress, link.get("IFLA_IFNAME"), link.get("IFLA_MTU"))
+    link = get_link(ipr, node.underlayInterface)
+    if link is None:
+        raise BackendError(f"underlay interface {node.underlayInterface} (underlayInterface in "
+                           f"{node.source}) does not exist in this network namespace")
+    address = netlink.first_address(ipr, link["index"])
+    if address is None:
+        raise BackendError(f"underlay interface {node.underlayInterface} has no IPv4 or global "
+                           "IPv6 address to use as VTEP")
+    return Underlay(address, node.underlayInterface, link.get("IFLA_MTU"))
+
+
+@contextmanager
+def netlink_errors(what: str) -> Iterator[None]:
+    """Turn a netlink/OS failure into BackendError('<what>: <reason>')."""
+    try:
+        yield
+    except (NetlinkError, OSError) as exc:
+        raise BackendError(f"{what}: {describe(exc)}") from exc
+
+
+class KernelBackend(Backend):
+    name = "kernel"
+
+    def __init__(self, node: NodeConfig):
+        super().__init__(node)
+        # strict_check lets the kernel filter FDB and address dumps by ifindex.
+        self.ipr = IPRoute(strict_check=True)
+
+    def close(self) -> None:
+        self.ipr.close()
+
+    # ------------------------------------------------------------ probe
+
+    @classmethod
+    def probe(cls, node: NodeConfig) -> Probe:
+        support = {m: kernel_support(m) for m in ("vxlan", "bridge")}
+        missing = [m for m, how in support.items() if how is None]
+        if missing:
+            return Probe(name=cls.name, available=False, facts=support,
+                         reason=f"no {' or '.join(missing)} support in kernel "
+                                f"{os.uname().release} (not in {SYS_MODULE}, modules.builtin "
+                                "or modules.dep)")
+        try:
+            ipr = IPRoute(strict_check=True)
+        except OSError as exc:
+            return Probe(name=cls.name, available=False, facts=support,
+                         reason=f"cannot open a netlink socket: {describe(exc)}")
+        try:
+            underlay = find_underlay(ipr, node)
+        except BackendError as exc:
+            return Probe(name=cls.name, available=False, facts=support, reason=str(exc))
+        finally:
+            ipr.close()
+        facts = dict(support, vtep=str(underlay.address), underlay=underlay.ifname,
+                     underlay_mtu=underlay.mtu, pod_mtu=underlay.pod_mtu)
+        return Probe(name=cls.name, available=True, score=10, facts=facts,
+                     reason=f"vxlan and bridge support present, VTEP {underlay.address} on "
+                            f"{underlay.ifname} (mtu {underlay.mtu})")
+
+    # ------------------------------------------------------------ per VNI
+
+    def _underlay(self) -> Underlay:
+        return find_underlay(self.ipr, self.node)
+
+    def _pod_mtu(self, net: VpcNetwork, underlay: Underlay) -> int:
+        if net.mtu is None:
+            return underlay.pod_mtu
+        if net.mtu > underlay.pod_mtu:
+            raise InvalidConfig(
+                f"network {net.name}: 'mtu' {net.mtu} exceeds {underlay.pod_mtu}, the most VXLAN "
+                f"leaves over {underlay.ifname} (mtu {underlay.mtu} - "
+                f"{vxlan_overhead(underlay.address)} bytes of encapsulation)")
+        return net.mtu
+
+    @staticmethod
+    def _verify(name: str, link, alias: str, kind: str):
+        """`link` itself when it is ours and of `kind`, else BackendError."""
+        if netlink.link_alias(link) != alias:
+            raise BackendError(f"{name} exists but is not vpcni's (alias "
+                               f"{netlink.link_alias(link)!r}, expected {alias!r}); "
+                               "vpcni leaves it alone: rename or delete it")
+        if netlink.link_kind(link) != kind:
+            raise BackendError(f"{name} is a {netlink.link_kind(link)} device, expected {kind}")
+        return link
+
+    def _wait_for_claim(self, name: str):
+        """Link `name` once it has an alias (or is gone), giving a concurrent
+        creator the moment it needs between creating and marking it."""
+        deadline = time.monotonic() + CLAIM_TIMEOUT
+        while True:
+            link = get_link(self.ipr, name)
+            if link is None or netlink.link_alias(link) is not None or time.monotonic() > deadline:
+                return link
+            time.sleep(0.01)
+
+    def _ensure_device(self, name: str, kind: str, vni: int, **attrs):
+        alias = netlink.vni_alias(vni)
+        link = get_link(self.ipr, name)
+        if link is None:
+            with netlink_errors(f"could not create {kind} {name}"):
+                netlink.create_claimed(self.ipr, name, kind, alias, **attrs)
+        if link is None or netlink.link_alias(link) is None:
+            link = self._wait_for_claim(name)
+        if link is None:
+            raise BackendError(f"{name} disappeared while being created (a concurrent "
+                               f"release_network of VNI {vni}?)")
+        return self._verify(name, link, alias, kind)
+
+    def _ensure_bridge(self, vni: int):
+        name = bridge_name(vni)
+        # Snooping would make the node's own stack send IGMP/MLD reports into
+        # the VPC when the bridge comes up; flooding multicast is what VXLAN
+        # with a flood list does anyway.
+        link = self._ensure_device(name, "bridge", vni, br_stp_state=0, br_mcast_snooping=0)
+        if not netlink.is_up(link):
+            with netlink_errors(f"could not set {name} up"):
+                netlink.set_link(self.ipr, link["index"], state="up")
+        return link
+
+    def _ensure_vxlan(self, net: VpcNetwork, underlay: Underlay, bridge) -> None:
+        name = vxlan_name(net.vni)
+        local = "vxlan_local" if underlay.address.version == 4 else "vxlan_local6"
+        link = self._ensure_device(name, "vxlan", net.vni, vxlan_id=net.vni,
+                                   vxlan_port=net.port, vxlan_learning=0,
+                                   mtu=underlay.pod_mtu, master=bridge["index"],
+                                   **{local: str(underlay.address)})
+        have = netlink.vxlan_settings(link)
+        want = {"vni": net.vni, "port": net.port, "local": underlay.address}
+        wrong = [f"{k} {have[k]} (want {want[k]})" for k in want if have[k] != want[k]]
+        if wrong:
+            raise BackendError(f"{name} exists with {', '.join(wrong)}: delete it or fix the "
+                               "network/node config")
+        index = link["index"]
+        with netlink_errors(f"could not add {name} to {bridge_name(net.vni)}"):
+            if link.get("IFLA_MASTER") != bridge["index"]:
+                netlink.set_link(self.ipr, index, master=bridge["index"])
+                link = netlink.link_by_index(self.ipr, index)
+            if netlink.port_settings(link) != {"learning": 0, "neigh_suppress": 0}:
+                netlink.set_port_flags(self.ipr, index)
+        with netlink_errors(f"could not configure {name}"):
+            if link.get("IFLA_MTU") != underlay.pod_mtu:
+                netlink.set_link(self.ipr, index, mtu=underlay.pod_mtu)
+            if not netlink.is_up(link):
+                netlink.set_link(self.ipr, index, state="up")
+
+    def ensure_network(self, net: VpcNetwork) -> None:
+        underlay = self._underlay()
+        self._pod_mtu(net, underlay)
+        bridge = self._ensure_bridge(net.vni)
+        self._ensure_vxlan(net, underlay, bridge)
+
+    def release_network(self, vni: int) -> None:
+        alias = netlink.vni_alias(vni)
+        for name in (vxlan_name(vni), bridge_name(vni)):
+            link = get_link(self.ipr, name)
+            if link is None:
+                continue
+            if netlink.link_alias(link) != alias:
+                LOG.warning("release of VNI %d: %s is not vpcni's (alias %r): left alone",
+                            vni, name, netlink.link_alias(link))
+                continue
+            with netlink_errors(f"could not delete {name}"):
+                delete_if_exists(self.ipr, name)
+
+    # ------------------------------------------------------------ per pod
+
+    def _bridge_for_attach(self, vni: int):
+        name = bridge_name(vni)
+        link = get_link(self.ipr, name)
+        if link is None:
+            raise BackendError(f"bridge {name} does not exist: ensure_network for VNI {vni} "
+                               "must come before attach")
+        return self._verify(name, link, netlink.vni_alias(vni), "bridge")
+
+    def _remove_leftovers(self, pod_ns: podif.PodNetns, att: Attachment, host: str,
+                          alias: str) -> None:
+        """Undo what a crashed earlier attach of this attachment left behind."""
+        link = get_link(self.ipr, host)
+        if link is not None:
+            if netlink.link_alias(link) != alias:
+                raise BackendError(f"interface {host} exists in the node namespace and is not "
+                                   f"vpcni's (alias {netlink.link_alias(link)!r})")
+            with netlink_errors(f"could not delete leftover {host}"):
+                delete_if_exists(self.ipr, host)
+        pod = get_link(pod_ns.ipr, att.ifname)
+        if pod is not None:
+            if netlink.link_alias(pod) != alias:
+                raise BackendError(f"interface {att.ifname} already exists in netns {att.netns}")
+            with netlink_errors(f"could not delete leftover {att.ifname} in netns {att.netns}"):
+                delete_if_exists(pod_ns.ipr, att.ifname)
+
+    def _undo_veth(self, host: str) -> None:
+        try:
+            delete_if_exists(self.ipr, host)
+        except NetlinkError as exc:
+            LOG.error("rollback: could not delete %s: %s", host, describe(exc))
+
+    def attach(self, net: VpcNetwork, att: Attachment) -> Attachment:
+        host = host_ifname(att.network, att.container_id, att.ifname)
+        alias = netlink.attachment_alias(att.network, att.container_id, att.ifname)
+        bridge = bridge_name(net.vni)
+        mtu = self._pod_mtu(net, self._underlay())
+        bridge_index = self._bridge_for_attach(net.vni)["index"]
+        with podif.open_netns(att.netns) as pod_ns, ExitStack() as undo:
+            self._remove_leftovers(pod_ns, att, host, alias)
+            with podif.netns_fd(att.netns) as fd, netlink_errors(
+                    f'could not create veth "{host}" with peer {att.ifname} in netns {att.netns}'):
+                netlink.add_veth(self.ipr, host, att.ifname, fd, mtu, att.mac)
+            undo.callback(self._undo_veth, host)
+            with netlink_errors(f'could not add "{host}" to {bridge}'):
+                index = get_link(self.ipr, host)["index"]
+                netlink.claim(self.ipr, index, alias, master=bridge_index)
+                netlink.set_link(self.ipr, index, state="up")
+            with netlink_errors(f"could not configure {att.ifname} in netns {att.netns}"):
+                pod = podif.configure_interface(pod_ns, att.ifname, att.ips, att.routes,
+                                                alias=alias)
+            undo.pop_all()
+        return att.model_copy(update={"host_ifname": host, "mac": pod.mac, "mtu": pod.mtu})
+
+    def detach(self, att: Attachment) -> None:
+        host = att.host_ifname or host_ifname(att.network, att.container_id, att.ifname)
+        alias = netlink.attachment_alias(att.network, att.container_id, att.ifname)
+        link = get_link(self.ipr, host)
+        if link is not None:
+            if netlink.link_alias(link) == alias:
+                with netlink_errors(f"could not delete {host}"):
+                    delete_if_exists(self.ipr, host)
+            else:
+                LOG.warning("detach %s: %s is not this attachment's (alias %r): left alone",
+                            att.key, host, netlink.link_alias(link))
+        if not att.netns:
+            return
+        try:
+            with podif.open_netns(att.netns) as pod_ns:
+                pod = get_link(pod_ns.ipr, att.ifname)
+                if pod is not None and netlink.link_alias(pod) == alias:
+                    with netlink_errors(f"could not delete {att.ifname} in netns {att.netns}"):
+                        delete_if_exists(pod_ns.ipr, att.ifname)
+        except InvalidEnvironment:
+            LOG.debug("detach %s: netns %s is gone", att.key, att.netns)
+
+    def check(self, net: VpcNetwork, att: Attachment) -> None:
+        problems = self._check_pod(att) + self._check_node(net, att)
+        if problems:
+            raise CheckFailed(f"attachment {'/'.join(att.key)}: " + "; ".join(problems))
+
+    def _check_pod(self, att: Attachment) -> list[str]:
+        with podif.open_netns(att.netns) as pod_ns:
+            pod = podif.read_interface(pod_ns, att.ifname)
+            if pod is None:
+                return [f"interface {att.ifname} missing in netns {att.netns}"]
+            problems = []
+            if att.mac and pod.mac.lower() != att.mac.lower():
+                problems.append(f"{att.ifname} MAC {pod.mac} differs from recorded {att.mac}")
+            if att.mtu and pod.mtu != att.mtu:
+                problems.append(f"{att.ifname} MTU {pod.mtu} differs from recorded {att.mtu}")
+            if not pod.up:
+                problems.append(f"{att.ifname} is down")
+            missing = [str(ip.address) for ip in att.ips if ip.address not in pod.addresses]
+            if missing:
+                problems.append(f"{att.ifname} lacks recorded address(es) {', '.join(missing)}")
+            routes = podif.missing_routes(pod_ns, pod, att.routes)
+            if routes:
+                problems.append(f"{att.ifname} lacks recorded route(s) "
+                                + ", ".join(podif.route_text(r) for r in routes))
+            return problems
+
+    def _check_node(self, net: VpcNetwork, att: Attachment) -> list[str]:
+        problems = []
+        bridge, vxlan = bridge_name(net.vni), vxlan_name(net.vni)
+        br = get_link(self.ipr, bridge)
+        if br is None:
+            problems.append(f"bridge {bridge} missing")
+        elif not netlink.is_up(br):
+            problems.append(f"bridge {bridge} is down")
+        vx = get_link(self.ipr, vxlan)
+        if vx is None:
+            problems.append(f"vxlan device {vxlan} missing")
+        else:
+            have = netlink.vxlan_settings(vx)
+            for key, want in (("vni", net.vni), ("port", net.port)):
+                if have[key] != want:
+                    problems.append(f"{vxlan} has {key} {have[key]}, expected {want}")
+            if br is not None and vx.get("IFLA_MASTER") != br["index"]:
+                problems.append(f"{vxlan} is not a port of {bridge}")
+        host = att.host_ifname or host_ifname(att.network, att.container_id, att.ifname)
+        veth = get_link(self.ipr, host)
+        if veth is None:
+            problems.append(f"host veth {host} missing")
+        elif br is None or veth.get("IFLA_MASTER") != br["index"]:
+            problems.append(f"host veth {host} is not enslaved to {bridge}")
+        return problems
+
+    # ------------------------------------------------------------ remote state
+
+    def apply_remote(self, vni: int, remote: RemoteState) -> None:
+        vxlan, bridge = get_link(self.ipr, vxlan_name(vni)), get_link(self.ipr, bridge_name(vni))
+        if vxlan is None or bridge is None:
+            return
+        alias = netlink.vni_alias(vni)
+        if netlink.link_alias(vxlan) != alias or netlink.link_alias(bridge) != alias:
+            LOG.warning("apply_remote VNI %d: %s/%s are not vpcni's: left alone",
+                        vni, vxlan_name(vni), bridge_name(vni))
+            return
+        # A route reflected back to us would make the VTEP send to itself.
+        local = netlink.vxlan_settings(vxlan)["local"]
+        endpoints = [ep for ep in remote.endpoints if ep.vtep != local]
+        flood = {vtep for vtep in remote.flood if vtep != local}
+        with netlink_errors(f"could not converge the FDB of {vxlan_name(vni)}"):
+            self._converge_fdb(vxlan["index"], endpoints, flood)
+        with netlink_errors(f"could not converge the neighbours of {bridge_name(vni)}"):
+            self._converge_neighbours(bridge["index"], endpoints)
+
+    def _converge_fdb(self, index: int, endpoints: list[RemoteEndpoint],
+                      flood: set[IPAddress]) -> None:
+        unicast = {ep.mac.lower(): ep.vtep for ep in endpoints}
+        desired = {(mac, vtep) for mac, vtep in unicast.items()}
+        desired |= {(netlink.FLOOD_MAC, vtep) for vtep in flood}
+        current = netlink.fdb_remotes(self.ipr, index)
+        # Add before removing, so a MAC that moved never has a gap.
+        for mac, vtep in desired - current:
+            if mac == netlink.FLOOD_MAC:
+                netlink.fdb_append_flood(self.ipr, index, vtep)
+            else:
+                netlink.fdb_set_remote(self.ipr, index, mac, vtep)
+        for mac, vtep in current - desired:
+            netlink.fdb_delete(self.ipr, index, mac, vtep)
+
+    def _converge_neighbours(self, index: int, endpoints: list[RemoteEndpoint]) -> None:
+        desired = {ep.ip: ep.mac.lower() for ep in endpoints if ep.ip is not None}
+        current = netlink.permanent_neighbours(self.ipr, index)
+        for ip, mac in desired.items():
+            if current.get(ip) != mac:
+                netlink.neigh_set(self.ipr, index, ip, mac)
+        for ip in current.keys() - desired.keys():
+            netlink.neigh_delete(self.ipr, index, ip)
+
+    # ------------------------------------------------------------ inventory
+
+    def owned(self) -> Owned:
+        vnis: set[int] = set()
+        attachments: dict[str, tuple[str, str, str]] = {}
+        for link in netlink.all_links(self.ipr):
+            alias = netlink.link_alias(link)
+            vni = netlink.alias_vni(alias)
+            if vni is not None:
+                vnis.add(vni)
+            key = netlink.alias_attachment(alias)
+            if key is not None:
+                attachments[link.get("IFLA_IFNAME")] = key
+        return Owned(vnis=vnis, attachments=attachments)

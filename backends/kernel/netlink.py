@@ -1,0 +1,240 @@
+"""The kernel backend's netlink helpers: small functions taking plain values.
+
+They raise pyroute2's NetlinkError for anything but the errnos that mean
+"already done" (EEXIST on add, ENODEV/ENOENT on delete); the backend turns
+errors into messages naming the object.
+"""
+
+from __future__ import annotations
+
+import errno
+import hashlib
+import ipaddress
+import socket
+from typing import Optional
+
+from pyroute2 import IPRoute
+from pyroute2.netlink.exceptions import NetlinkError
+from pyroute2.netlink.rtnl import ndmsg
+
+from vpcni.core.models import IPAddress
+from vpcni.core.podif import IFF_UP, get_link
+
+ALIAS_PREFIX = "vpcni:"
+VNI_ALIAS = ALIAS_PREFIX + "vni="
+ATTACHMENT_ALIAS = ALIAS_PREFIX + "att="
+FLOOD_MAC = "00:00:00:00:00:00"
+IN6_ADDR_GEN_MODE_NONE = 1
+RT_SCOPE_UNIVERSE = 0
+FDB_STATE = ndmsg.states["permanent"] | ndmsg.states["noarp"]
+NUD_PERMANENT = ndmsg.states["permanent"]
+
+
+def bridge_name(vni: int) -> str:
+    return f"vpbr{vni}"
+
+
+def vxlan_name(vni: int) -> str:
+    return f"vpvx{vni}"
+
+
+def host_ifname(network: str, container_id: str, ifname: str) -> str:
+    """The node-side veth name of an attachment: 'vp' + 11 hex digits (fits IFNAMSIZ)."""
+    digest = hashlib.sha256(f"{network}/{container_id}/{ifname}".encode()).hexdigest()
+    return "vp" + digest[:11]
+
+
+def vni_alias(vni: int) -> str:
+    return f"{VNI_ALIAS}{vni}"
+
+
+def attachment_alias(network: str, container_id: str, ifname: str) -> str:
+    return f"{ATTACHMENT_ALIAS}{network}/{container_id}/{ifname}"
+
+
+def alias_vni(alias: Optional[str]) -> Optional[int]:
+    """The VNI a bridge/VXLAN alias names, or None when it is not one of ours."""
+    if not alias or not alias.startswith(VNI_ALIAS):
+        return None
+    value = alias[len(VNI_ALIAS):]
+    return int(value) if value.isdigit() else None
+
+
+def alias_attachment(alias: Optional[str]) -> Optional[tuple[str, str, str]]:
+    """(network, container_id, ifname) of a veth alias, or None when it is not one of ours."""
+    if not alias or not alias.startswith(ATTACHMENT_ALIAS):
+        return None
+    parts = alias[len(ATTACHMENT_ALIAS):].split("/")
+    # None of the three may contain '/', so anything else is not ours.
+    return (parts[0], parts[1], parts[2]) if len(parts) == 3 and all(parts) else None
+
+
+def link_alias(link) -> Optional[str]:
+    return link.get("IFLA_IFALIAS")
+
+
+def link_kind(link) -> Optional[str]:
+    return link.get_nested("IFLA_LINKINFO", "IFLA_INFO_KIND")
+
+
+def is_up(link) -> bool:
+    return bool(link["flags"] & IFF_UP)
+
+
+def vxlan_settings(link) -> dict:
+    """The VNI, dstport and local address a VXLAN link was created with."""
+    data = link.get_nested("IFLA_LINKINFO", "IFLA_INFO_DATA")
+    local = data.get("IFLA_VXLAN_LOCAL") or data.get("IFLA_VXLAN_LOCAL6")
+    return {"vni": data.get("IFLA_VXLAN_ID"), "port": data.get("IFLA_VXLAN_PORT"),
+            "local": ipaddress.ip_address(local) if local else None}
+
+
+def port_settings(link) -> dict:
+    """Bridge-port flags of an enslaved link (learning, neigh_suppress)."""
+    data = link.get_nested("IFLA_LINKINFO", "IFLA_INFO_SLAVE_DATA")
+    if data is None:
+        return {}
+    return {"learning": data.get("IFLA_BRPORT_LEARNING"),
+            "neigh_suppress": data.get("IFLA_BRPORT_NEIGH_SUPPRESS")}
+
+
+def add_link(ipr: IPRoute, ifname: str, kind: str, **attrs) -> bool:
+    """Create a link; False when one of that name appeared first (EEXIST)."""
+    try:
+        ipr.link("add", ifname=ifname, kind=kind, **attrs)
+    except NetlinkError as exc:
+        if exc.code == errno.EEXIST:
+            return False
+        raise
+    return True
+
+
+def claim(ipr: IPRoute, index: int, alias: str, **attrs) -> None:
+    """Mark a link as vpcni's and keep IPv6 from giving it a link-local address
+    (the node has no business in a VPC at L3); `attrs` go in the same message.
+
+    The kernel ignores IFLA_IFALIAS and IFLA_AF_SPEC on creation, hence a
+    separate call; it must come before the link goes up.
+    """
+    ipr.link("set", index=index, ifalias=alias, **attrs,
+             af_spec={"attrs": [["AF_INET6", {"attrs": [
+                 ["IFLA_INET6_ADDR_GEN_MODE", IN6_ADDR_GEN_MODE_NONE]]}]]})
+
+
+def create_claimed(ipr: IPRoute, ifname: str, kind: str, alias: str, **attrs) -> bool:
+    """add_link + claim, deleting the link again when claiming fails."""
+    if not add_link(ipr, ifname, kind, **attrs):
+        return False
+    link = get_link(ipr, ifname)
+    if link is None:
+        return False
+    try:
+        claim(ipr, link["index"], alias)
+    except NetlinkError:
+        ipr.link("del", index=link["index"])
+        raise
+    return True
+
+
+def add_veth(ipr: IPRoute, ifname: str, peer: str, peer_netns_fd: int, mtu: int,
+             peer_mac: Optional[str] = None) -> None:
+    """A veth pair whose peer is born inside the container namespace."""
+    peer_spec = {"ifname": peer, "net_ns_fd": peer_netns_fd, "mtu": mtu}
+    if peer_mac:
+        peer_spec["address"] = peer_mac
+    ipr.link("add", ifname=ifname, kind="veth", mtu=mtu, peer=peer_spec)
+
+
+def set_link(ipr: IPRoute, index: int, **attrs) -> None:
+    ipr.link("set", index=index, **attrs)
+
+
+def set_port_flags(ipr: IPRoute, index: int) -> None:
+    """No learning on the VXLAN port (remote MACs come from EVPN); no ARP suppression."""
+    ipr.brport("set", index=index, learning=0, neigh_suppress=0)
+
+
+def fdb_remotes(ipr: IPRoute, index: int) -> set[tuple[str, IPAddress]]:
+    """(mac, dst) of the FDB entries of link `index` that point at a remote VTEP.
+
+    The socket must have strict_check on: the kernel then filters by the
+    header's ifindex instead of sending every port's FDB.
+    """
+    return {(msg.get("NDA_LLADDR"), ipaddress.ip_address(msg.get("NDA_DST")))
+            for msg in ipr.fdb("dump", ifindex=index, dump_filter=None)
+            if msg["ifindex"] == index and msg.get("NDA_DST")}
+
+
+def _fdb(ipr: IPRoute, command: str, index: int, mac: str, dst: IPAddress) -> None:
+    ipr.fdb(command, ifindex=index, lladdr=mac, dst=str(dst), state=FDB_STATE,
+            flags=ndmsg.flags["self"])
+
+
+def fdb_set_remote(ipr: IPRoute, index: int, mac: str, dst: IPAddress) -> None:
+    """Point unicast `mac` at `dst` (replacing its remote: a MAC lives behind one VTEP)."""
+    _fdb(ipr, "replace", index, mac, dst)
+
+
+def fdb_append_flood(ipr: IPRoute, index: int, dst: IPAddress) -> None:
+    """Add `dst` to the flood list (the all-zero MAC entry keeps one remote per VTEP)."""
+    _fdb(ipr, "append", index, FLOOD_MAC, dst)
+
+
+def fdb_delete(ipr: IPRoute, index: int, mac: str, dst: IPAddress) -> None:
+    try:
+        _fdb(ipr, "del", index, mac, dst)
+    except NetlinkError as exc:
+        if exc.code not in (errno.ENOENT, errno.ENODEV):
+            raise
+
+
+def permanent_neighbours(ipr: IPRoute, index: int) -> dict[IPAddress, str]:
+    """ip -> mac of the permanent neighbour entries on link `index`.
+
+    Only permanent ones: the kernel itself adds NOARP entries for the
+    multicast groups it reports to, and those are not ours to remove.
+    """
+    return {ipaddress.ip_address(msg.get("NDA_DST")): msg.get("NDA_LLADDR")
+            for msg in ipr.neigh("dump", NDA_IFINDEX=index, dump_filter=None)
+            if msg["ifindex"] == index and msg["state"] & NUD_PERMANENT}
+
+
+def neigh_set(ipr: IPRoute, index: int, ip: IPAddress, mac: str) -> None:
+    ipr.neigh("replace", ifindex=index, dst=str(ip), lladdr=mac, state=NUD_PERMANENT)
+
+
+def neigh_delete(ipr: IPRoute, index: int, ip: IPAddress) -> None:
+    try:
+        ipr.neigh("del", ifindex=index, dst=str(ip))
+    except NetlinkError as exc:
+        if exc.code not in (errno.ENOENT, errno.ENODEV):
+            raise
+
+
+def _family(address: IPAddress) -> int:
+    return socket.AF_INET if address.version == 4 else socket.AF_INET6
+
+
+def interface_with_address(ipr: IPRoute, address: IPAddress) -> Optional[int]:
+    """The index of the link that carries `address`, or None."""
+    for msg in ipr.addr("dump", family=_family(address)):
+        if ipaddress.ip_address(msg.get("IFA_ADDRESS")) == address:
+            return msg["index"]
+    return None
+
+
+def first_address(ipr: IPRoute, index: int) -> Optional[IPAddress]:
+    """The first IPv4 address of link `index`, else its first global IPv6 one."""
+    for family in (socket.AF_INET, socket.AF_INET6):
+        for msg in ipr.addr("dump", family=family, index=index, dump_filter=None):
+            if msg["index"] == index and msg["scope"] == RT_SCOPE_UNIVERSE:
+                return ipaddress.ip_address(msg.get("IFA_ADDRESS"))
+    return None
+
+
+def link_by_index(ipr: IPRoute, index: int):
+    return ipr.link("get", index=index)[0]
+
+
+def all_links(ipr: IPRoute):
+    return ipr.link("dump")

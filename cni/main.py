@@ -1,0 +1,61 @@
+"""`vpcni`: the CNI plugin executable (in-process mode).
+
+Reads the CNI environment and the config on stdin, prints the result or the
+CNI error JSON on stdout. Logs go to the node's log file and, for warnings
+and errors, to stderr; never to stdout.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+
+
+def setup_logging(node) -> None:
+    root = logging.getLogger()
+    root.setLevel(logging.DEBUG)
+    stderr = logging.StreamHandler(sys.stderr)
+    stderr.setLevel(logging.WARNING)
+    stderr.setFormatter(logging.Formatter("vpcni: %(levelname)s %(message)s"))
+    root.addHandler(stderr)
+    if node is not None and node.logFile:
+        try:
+            node.logFile.parent.mkdir(parents=True, exist_ok=True)
+            fh = logging.FileHandler(node.logFile)
+        except OSError as exc:
+            root.warning("cannot open log file %s: %s", node.logFile, exc)
+        else:
+            fh.setLevel(getattr(logging, node.logLevel))
+            fh.setFormatter(logging.Formatter(
+                f"%(asctime)s {os.getpid()} %(levelname)s %(name)s: %(message)s"))
+            root.addHandler(fh)
+
+
+def main() -> int:
+    from vpcni.core.config import NodeConfig
+    from vpcni.core.errors import VpcniError
+
+    from .plugin import Dispatcher
+
+    node = None
+    if os.environ.get("CNI_COMMAND") != "VERSION":
+        try:
+            node = NodeConfig.load()
+        except VpcniError:
+            node = None  # reported by the dispatcher below, as CNI error JSON
+    setup_logging(node)
+    stdin = sys.stdin.buffer.read()
+    dispatcher = Dispatcher(node)
+    try:
+        out, rc = dispatcher.run(os.environ, stdin)
+    finally:
+        dispatcher.close()
+    if out:
+        sys.stdout.write(out + "\n")
+    sys.stdout.flush()
+    return rc
+
+
+if __name__ == "__main__":
+    sys.exit(main())

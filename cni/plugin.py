@@ -1,0 +1,182 @@
+"""The CNI spec layer: environment + stdin in, result or error JSON out.
+
+`run(env, stdin)` is a pure function of its inputs (plus the node's state),
+so the executable, the agent and the tests all call the same code. Order of
+checks follows the reference skel: command, then JSON, then version, then
+the per-command environment, then the config.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import re
+from typing import Any, Mapping, Optional
+
+from vpcni.core.config import NetworkConfig, NodeConfig
+from vpcni.core.errors import (DecodeError, IncompatibleVersion, InvalidConfig,
+                               InvalidEnvironment, VpcniError)
+from vpcni.core.store import check_ifname
+
+from . import versions
+
+LOG = logging.getLogger("vpcni.cni")
+COMMANDS = ("ADD", "DEL", "CHECK", "STATUS", "VERSION", "GC")
+_CONTAINER_ID = re.compile(r"^[a-zA-Z0-9][a-zA-Z0-9_.\-]*$")
+# Which variables each command needs (CNI SPEC.md, "Parameters").
+_NEEDS = {
+    "ADD": ("CNI_CONTAINERID", "CNI_NETNS", "CNI_IFNAME", "CNI_PATH"),
+    "CHECK": ("CNI_CONTAINERID", "CNI_NETNS", "CNI_IFNAME", "CNI_PATH"),
+    "DEL": ("CNI_CONTAINERID", "CNI_IFNAME", "CNI_PATH"),
+    "GC": ("CNI_PATH",),
+    "STATUS": ("CNI_PATH",),
+}
+# Oldest spec version that has the command.
+_SINCE = {"CHECK": "0.4.0", "GC": "1.1.0", "STATUS": "1.1.0"}
+
+
+def parse_cni_args(raw: str) -> dict[str, str]:
+    """CNI_ARGS 'K=V;K=V': lenient, as Multus sends IgnoreUnknown=true;K8S_POD_NAME=..."""
+    out: dict[str, str] = {}
+    for part in (raw or "").split(";"):
+        if not part.strip():
+            continue
+        key, sep, value = part.partition("=")
+        if not sep or not key.strip():
+            raise InvalidEnvironment(f"CNI_ARGS: {part!r} is not KEY=VALUE")
+        out[key.strip()] = value.strip()
+    return out
+
+
+def validate_env(command: str, env: Mapping[str, str]) -> dict[str, Any]:
+    for var in _NEEDS[command]:
+        if not env.get(var):
+            raise InvalidEnvironment(f"{var} is required for {command}")
+    cid = env.get("CNI_CONTAINERID", "")
+    if cid and not _CONTAINER_ID.match(cid):
+        raise InvalidEnvironment(f"CNI_CONTAINERID {cid!r} must match "
+                                 "^[a-zA-Z0-9][a-zA-Z0-9_.\\-]*$")
+    ifname = env.get("CNI_IFNAME", "")
+    if ifname:
+        check_ifname(ifname)
+    netns = env.get("CNI_NETNS") or None
+    if netns and command in ("ADD", "CHECK"):
+        if not os.path.isabs(netns):
+            raise InvalidEnvironment(f"CNI_NETNS {netns!r} must be an absolute path")
+        if not os.path.exists(netns):
+            raise InvalidEnvironment(f"CNI_NETNS {netns!r} does not exist")
+    return {
+        "container_id": cid,
+        "ifname": ifname,
+        "netns": netns,
+        "cni_path": env.get("CNI_PATH", ""),
+        "args": parse_cni_args(env.get("CNI_ARGS", "")),
+    }
+
+
+def error_json(err: VpcniError, version: str) -> str:
+    body = {"cniVersion": version, "code": err.code, "msg": err.msg}
+    if err.details:
+        body["details"] = err.details
+    return json.dumps(body)
+
+
+class Dispatcher:
+    """Turns one CNI invocation into a handler call; keeps a handler per node config."""
+
+    def __init__(self, node: Optional[NodeConfig] = None):
+        self._node = node
+        self._handler = None
+
+    def handler(self):
+        if self._handler is None:
+            from vpcni.core.handler import Handler
+
+            self._handler = Handler(self._node or NodeConfig.load())
+        return self._handler
+
+    def close(self) -> None:
+        if self._handler is not None:
+            self._handler.close()
+
+    def run(self, env: Mapping[str, str], stdin: bytes) -> tuple[str, int]:
+        """(stdout, exit code) for one invocation; never raises."""
+        version = versions.CURRENT
+        try:
+            command = env.get("CNI_COMMAND", "")
+            if command not in COMMANDS:
+                raise InvalidEnvironment(f"CNI_COMMAND {command!r} is not one of "
+                                         f"{', '.join(COMMANDS)}")
+            if command == "VERSION":
+                return self._version(stdin), 0
+            try:
+                raw = json.loads(stdin)
+            except ValueError as exc:
+                raise DecodeError(f"network config on stdin is not JSON: {exc}") from None
+            if not isinstance(raw, dict):
+                raise DecodeError("network config on stdin must be a JSON object")
+            asked = raw.get("cniVersion")
+            # A config without a usable cniVersion is a version mismatch (code 1), as in
+            # the reference skel, which reads a missing cniVersion as 0.1.0.
+            if not isinstance(asked, str) or not asked:
+                raise IncompatibleVersion(
+                    f"network config: 'cniVersion' is missing or not a string "
+                    f"(got {json.dumps(asked)}); supported: {', '.join(versions.SUPPORTED)}")
+            if asked not in versions.SUPPORTED:
+                raise IncompatibleVersion(
+                    f"cniVersion {asked!r} is not supported; supported: "
+                    f"{', '.join(versions.SUPPORTED)}")
+            version = asked
+            since = _SINCE.get(command)
+            if since and not versions.at_least(version, since):
+                raise IncompatibleVersion(f"{command} needs cniVersion {since} or later "
+                                          f"(config has {version})")
+            fields = validate_env(command, env)
+            cfg = NetworkConfig.parse(raw)
+            if command == "GC" and cfg.gc_valid() is None:
+                raise InvalidConfig("network config: GC needs 'cni.dev/valid-attachments'")
+            from vpcni.core.handler import Request
+
+            req = Request(command=command, config=cfg, env=dict(env), stdin=stdin, **fields)
+            return self._call(req, version)
+        except VpcniError as err:
+            LOG.warning("%s failed (code %d): %s", env.get("CNI_COMMAND"), err.code, err.msg)
+            return error_json(err, version), 1
+        except Exception as exc:  # the last line of defence: never a traceback on stdout
+            LOG.exception("internal error")
+            err = VpcniError(f"internal error: {type(exc).__name__}: {exc}")
+            return error_json(err, version), 1
+
+    def _call(self, req, version: str) -> tuple[str, int]:
+        handler = self.handler()
+        if req.command == "ADD":
+            result = handler.add(req)
+            return json.dumps(versions.convert(result, version)), 0
+        if req.command == "DEL":
+            handler.delete(req)
+        elif req.command == "CHECK":
+            handler.check(req)
+        elif req.command == "STATUS":
+            handler.status(req)
+        elif req.command == "GC":
+            errors = handler.gc(req)
+            if errors:
+                first = errors[0]
+                raise VpcniError(f"GC finished with {len(errors)} error(s): "
+                                 + "; ".join(e.msg for e in errors),
+                                 details=json.dumps([{"code": e.code, "msg": e.msg}
+                                                     for e in errors]),
+                                 code=first.code)
+        return "", 0
+
+    @staticmethod
+    def _version(stdin: bytes) -> str:
+        asked = versions.CURRENT
+        try:
+            raw = json.loads(stdin or b"{}")
+            if isinstance(raw, dict) and raw.get("cniVersion") in versions.SUPPORTED:
+                asked = raw["cniVersion"]
+        except ValueError:
+            pass
+        return json.dumps({"cniVersion": asked, "supportedVersions": list(versions.SUPPORTED)})

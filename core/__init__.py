@@ -1,0 +1,1 @@
+"""The backend-neutral core: models, errors, backend contract, store, handler."""

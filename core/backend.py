@@ -1,0 +1,134 @@
+"""The backend contract and how a node picks its backend.
+
+A backend is a stevedore entry point in group `vpcni.backends`. The core never
+imports a backend module: it loads the entry points, asks each one's probe,
+and uses the best available one unless the node config (or the network)
+pins one.
+"""
+
+from __future__ import annotations
+
+import abc
+import logging
+from typing import ClassVar, Optional
+
+from .config import NodeConfig
+from .errors import NotAvailable, VpcniError
+from .models import Attachment, Owned, Probe, RemoteState, VpcNetwork
+
+LOG = logging.getLogger(__name__)
+NAMESPACE = "vpcni.backends"
+
+
+class Backend(abc.ABC):
+    """A dataplane for VPC attachments on one node.
+
+    Contract: ensure_network/attach/apply_remote are idempotent; detach and
+    release_network never fail on what is already gone; attach cleans
+    leftovers of a crashed earlier attach of the same attachment. Errors are
+    VpcniError subclasses.
+    """
+
+    name: ClassVar[str]
+
+    def __init__(self, node: NodeConfig):
+        self.node = node
+
+    @classmethod
+    @abc.abstractmethod
+    def probe(cls, node: NodeConfig) -> Probe:
+        """Can this backend serve ADD on this node, and why (not)?"""
+
+    @abc.abstractmethod
+    def ensure_network(self, net: VpcNetwork) -> None:
+        """Create the per-VNI plumbing on this node if missing."""
+
+    @abc.abstractmethod
+    def release_network(self, vni: int) -> None:
+        """Remove the per-VNI plumbing; called when the VNI's last attachment leaves."""
+
+    @abc.abstractmethod
+    def attach(self, net: VpcNetwork, att: Attachment) -> Attachment:
+        """Plumb the pod interface, configure att.ips/att.routes in it.
+
+        Returns the attachment with host_ifname, mac and mtu filled in.
+        """
+
+    @abc.abstractmethod
+    def detach(self, att: Attachment) -> None:
+        """Remove the pod interface; tolerate a missing netns or link."""
+
+    @abc.abstractmethod
+    def check(self, net: VpcNetwork, att: Attachment) -> None:
+        """Raise CheckFailed naming what differs from the record."""
+
+    @abc.abstractmethod
+    def apply_remote(self, vni: int, remote: RemoteState) -> None:
+        """Converge the VNI's remote entries (per-MAC and flood) to exactly `remote`."""
+
+    @abc.abstractmethod
+    def owned(self) -> Owned:
+        """What this backend created in the dataplane (for GC and reconcile)."""
+
+    def close(self) -> None:
+        """Release sockets and connections."""
+
+
+def _manager():
+    from stevedore import ExtensionManager
+
+    errors: dict[str, str] = {}
+
+    def on_fail(_mgr, ep, exc):
+        errors[ep.name] = f"cannot load: {exc}"
+
+    mgr = ExtensionManager(NAMESPACE, invoke_on_load=False, on_load_failure_callback=on_fail)
+    return mgr, errors
+
+
+def probe_all(node: NodeConfig) -> list[Probe]:
+    """Every installed backend's verdict, best first."""
+    mgr, errors = _manager()
+    probes = [Probe(name=n, available=False, reason=r) for n, r in errors.items()]
+    for ext in mgr:
+        try:
+            probes.append(ext.plugin.probe(node))
+        except Exception as exc:  # a probe must never take the plugin down
+            probes.append(Probe(name=ext.name, available=False, reason=f"probe failed: {exc}"))
+    probes.sort(key=lambda p: (not p.available, -p.score, p.name))
+    return probes
+
+
+def choose(node: NodeConfig, required: Optional[str] = None) -> tuple[Probe, list[Probe]]:
+    """The probe of the backend this node uses, and all probes.
+
+    `required` (a network's pin) wins over the node's pin, which wins over
+    the best score. A pinned backend that is not usable is an error saying why.
+    """
+    probes = probe_all(node)
+    pin = required or node.backend
+    if pin:
+        for p in probes:
+            if p.name == pin:
+                if not p.available:
+                    what = "network" if required else f"node config {node.source}"
+                    raise NotAvailable(f"backend {pin!r} pinned by the {what} is not usable "
+                                       f"here: {p.reason}")
+                return p, probes
+        installed = ", ".join(sorted(p.name for p in probes)) or "none"
+        raise NotAvailable(f"backend {pin!r} is not installed (installed: {installed})")
+    for p in probes:
+        if p.available:
+            return p, probes
+    reasons = "; ".join(f"{p.name}: {p.reason}" for p in probes) or "no backend installed"
+    raise NotAvailable(f"no usable backend on this node ({reasons})")
+
+
+def load(name: str, node: NodeConfig) -> Backend:
+    from stevedore import DriverManager
+
+    try:
+        mgr = DriverManager(NAMESPACE, name, invoke_on_load=True, invoke_args=(node,))
+    except Exception as exc:
+        raise VpcniError(f"cannot load backend {name!r}: {exc}") from exc
+    return mgr.driver

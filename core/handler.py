@@ -1,0 +1,334 @@
+"""The one request handler: what ADD, DEL, CHECK, STATUS and GC do.
+
+The CNI layer parses and validates the request and calls these methods; it
+never touches a backend itself. The agent (later) calls the same handler.
+
+ADD is a list of steps, each with its undo pushed on an ExitStack that is
+cancelled on success: record the intent, IPAM, per-VNI plumbing, the pod
+interface, the final record. A crash between steps leaves an "adding" record
+that the next ADD, DEL or GC of that attachment cleans.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import re
+import time
+from dataclasses import dataclass, field
+from typing import Mapping, Optional
+
+from . import backend as backends
+from .config import NetworkConfig, NodeConfig
+from .errors import CheckFailed, InvalidConfig, UnknownContainer, VpcniError
+from .ipam import DelegatedIpam, routes_via_gateways, static_ips
+from .models import (MAC_PATTERN, Attachment, DNS, Interface, IPConfig, RemoteState, Result,
+                     VpcNetwork)
+from .store import AttachmentStore
+
+LOG = logging.getLogger(__name__)
+
+
+@dataclass
+class Request:
+    """A validated CNI request (the CNI layer builds it)."""
+
+    command: str
+    config: NetworkConfig
+    container_id: str = ""
+    ifname: str = ""
+    netns: Optional[str] = None
+    cni_path: str = ""
+    args: dict[str, str] = field(default_factory=dict)
+    env: Mapping[str, str] = field(default_factory=dict)
+    stdin: bytes = b""
+
+    def ipam(self) -> DelegatedIpam:
+        return DelegatedIpam(self.config.ipam.type, self.env, self.stdin)
+
+
+class Handler:
+    def __init__(self, node: NodeConfig):
+        self.node = node
+        self.store = AttachmentStore(node.stateDir, node.lockTimeout)
+        self._backends: dict[str, backends.Backend] = {}
+
+    # ------------------------------------------------------------ backends
+
+    def backend_named(self, name: str) -> backends.Backend:
+        if name not in self._backends:
+            self._backends[name] = backends.load(name, self.node)
+        return self._backends[name]
+
+    def backend_for(self, cfg: NetworkConfig) -> backends.Backend:
+        probe, _ = backends.choose(self.node, cfg.backend)
+        return self.backend_named(probe.name)
+
+    def close(self) -> None:
+        for b in self._backends.values():
+            with contextlib.suppress(Exception):
+                b.close()
+        self._backends.clear()
+
+    # ------------------------------------------------------------ ADD
+
+    def add(self, req: Request) -> Result:
+        cfg = req.config
+        net = cfg.network()
+        backend = self.backend_for(cfg)
+        key = (cfg.name, req.container_id, req.ifname)
+        with self.store.attachment_lock(*key):
+            old = self.store.get(*key)
+            if old is not None:
+                LOG.info("ADD %s: cleaning an earlier attachment (state %s)", key, old.state)
+                self._teardown(old, req)
+            att = Attachment(network=cfg.name, vni=cfg.vni, container_id=req.container_id,
+                             ifname=req.ifname, netns=req.netns, backend=backend.name,
+                             mac=self._requested_mac(req), vteps=net.vteps, port=net.port,
+                             ipam_type=cfg.ipam.type if cfg.ipam else None, created=time.time())
+            # The intent is recorded before anything is built, so a crash at any
+            # later step leaves a record that DEL, GC or the next ADD cleans up.
+            self.store.put(att)
+            with contextlib.ExitStack() as undo:
+                undo.callback(self._quietly, self._forget, att)
+                dns = cfg.dns or DNS()
+                if cfg.ipam:
+                    ipam = req.ipam()
+                    undo.callback(self._quietly, ipam.delete)
+                    res = ipam.add()
+                    att.ips = [ip.model_copy(update={"interface": None}) for ip in res.ips]
+                    att.routes = routes_via_gateways(res.routes, res.ips)
+                    if not res.dns.is_empty():
+                        dns = res.dns
+                else:
+                    att.ips = static_ips(self._static_addresses(req))
+                att.dns = dns
+                with self.store.vni_lock(net.vni, exclusive=False):
+                    backend.ensure_network(net)
+                    backend.apply_remote(net.vni, self._static_remote(net.vni, att))
+                    undo.callback(self._quietly, backend.detach, att)
+                    att = backend.attach(net, att)
+                    att.state = "ready"
+                    self.store.put(att)
+                undo.pop_all()
+        LOG.info("ADD %s: %s in VNI %d via %s, ips %s", key, att.host_ifname, att.vni,
+                 att.backend, [str(i.address) for i in att.ips])
+        return self._result(att, cfg)
+
+    @staticmethod
+    def _requested_mac(req: Request) -> Optional[str]:
+        """runtimeConfig.mac > CNI_ARGS MAC > args.cni.mac; the last two unvalidated so far."""
+        cni_args = (req.config.args or {}).get("cni") or {}
+        for where, mac in (("runtimeConfig.mac", req.config.runtimeConfig.mac),
+                           ("CNI_ARGS MAC", req.args.get("MAC")),
+                           ("args.cni.mac", cni_args.get("mac"))):
+            if not mac:
+                continue
+            if not isinstance(mac, str) or not re.fullmatch(MAC_PATTERN, mac):
+                raise InvalidConfig(f"{where} {mac!r} is not a MAC address "
+                                    "(six hex pairs like 02:00:00:00:00:01)")
+            return mac.lower()
+        return None
+
+    @staticmethod
+    def _static_addresses(req: Request) -> list:
+        """`ips` capability > CNI_ARGS IP > args.cni.ips > the config's addr."""
+        from .config import RuntimeConfig  # the same validation as runtimeConfig.ips
+
+        if req.config.runtimeConfig.ips:
+            return list(req.config.runtimeConfig.ips)
+        raw = None
+        if req.args.get("IP"):
+            raw = req.args["IP"].split(",")
+        elif ((req.config.args or {}).get("cni") or {}).get("ips"):
+            raw = req.config.args["cni"]["ips"]
+        if raw is not None:
+            try:
+                return list(RuntimeConfig(ips=raw).ips)
+            except ValueError as exc:
+                raise InvalidConfig(f"ips from args {raw!r}: {exc.errors()[0]['msg']}") from None
+        return [req.config.addr] if req.config.addr else []
+
+    def _static_remote(self, vni: int, extra: Optional[Attachment] = None) -> RemoteState:
+        """Standalone mode: the VNI's flood list is the union of its configs' `vteps`."""
+        vteps: dict = {}
+        for a in self.store.for_vni(vni) + ([extra] if extra else []):
+            for v in a.vteps:
+                vteps[v] = None
+        return RemoteState(flood=list(vteps))
+
+    # ------------------------------------------------------------ DEL
+
+    def delete(self, req: Request) -> None:
+        cfg = req.config
+        key = (cfg.name, req.container_id, req.ifname)
+        with self.store.attachment_lock(*key):
+            att = self.store.get(*key)
+            if att is not None:
+                self._teardown(att, req)
+                LOG.info("DEL %s: removed", key)
+                return
+            # Nothing recorded: still release what a crashed ADD could have left.
+            LOG.info("DEL %s: no record; releasing IPAM and leftovers only", key)
+            if cfg.ipam:
+                req.ipam().delete()
+            with contextlib.suppress(VpcniError):
+                backend = self.backend_for(cfg)
+                backend.detach(Attachment(network=cfg.name, vni=cfg.vni,
+                                          container_id=req.container_id, ifname=req.ifname,
+                                          netns=req.netns, backend=backend.name))
+
+    def _teardown(self, att: Attachment, req: Request) -> None:
+        """Remove one attachment completely; the caller holds its lock."""
+        backend = self.backend_named(att.backend)
+        backend.detach(att)
+        if att.ipam_type:
+            cfg = req.config
+            if cfg.ipam is None or cfg.ipam.type != att.ipam_type:
+                LOG.warning("attachment %s was made with ipam %s but the config now says %s; "
+                            "releasing with the config given", att.key, att.ipam_type,
+                            cfg.ipam.type if cfg.ipam else None)
+            if cfg.ipam is not None:
+                req.ipam().delete(att.container_id, att.ifname)
+        self._forget(att)
+
+    def _forget(self, att: Attachment) -> None:
+        """Drop the record; release the VNI's plumbing if it was its last attachment."""
+        self.store.delete(*att.key)
+        with self.store.vni_lock(att.vni, exclusive=True):
+            backend = self.backend_named(att.backend)
+            if not self.store.for_vni(att.vni):
+                backend.release_network(att.vni)
+            else:
+                backend.apply_remote(att.vni, self._static_remote(att.vni))
+
+    @staticmethod
+    def _quietly(fn, *args) -> None:
+        try:
+            fn(*args)
+        except Exception:
+            LOG.exception("rollback step %s failed", getattr(fn, "__qualname__", fn))
+
+    # ------------------------------------------------------------ CHECK
+
+    def check(self, req: Request) -> None:
+        cfg = req.config
+        key = (cfg.name, req.container_id, req.ifname)
+        with self.store.attachment_lock(*key):
+            att = self.store.get(*key)
+            if att is None:
+                raise UnknownContainer(f"no attachment of container {req.container_id!r} "
+                                       f"interface {req.ifname!r} in network {cfg.name!r}")
+            if att.state != "ready":
+                raise CheckFailed(f"attachment {'/'.join(key)} is incomplete (ADD did not finish)")
+            if att.vni != cfg.vni:
+                raise CheckFailed(f"config says vni {cfg.vni} but the attachment is in VNI "
+                                  f"{att.vni}")
+            if req.netns and att.netns and req.netns != att.netns:
+                raise CheckFailed(f"CNI_NETNS {req.netns} differs from the recorded {att.netns}")
+            self.backend_named(att.backend).check(cfg.network(), att)
+            if cfg.ipam:
+                req.ipam().check()
+            if cfg.prevResult is not None:
+                self._check_prev_result(att, cfg)
+
+    @staticmethod
+    def _check_prev_result(att: Attachment, cfg: NetworkConfig) -> None:
+        prev = cfg.prevResult
+        idx = [i for i, itf in enumerate(prev.interfaces)
+               if itf.name == att.ifname and itf.sandbox]
+        if not idx:
+            raise CheckFailed(f"prevResult has no interface {att.ifname!r} with a sandbox")
+        itf = prev.interfaces[idx[0]]
+        if itf.mac and att.mac and itf.mac.lower() != att.mac.lower():
+            raise CheckFailed(f"prevResult says {att.ifname} has MAC {itf.mac}, "
+                              f"recorded {att.mac}")
+        have = {str(i.address) for i in att.ips}
+        for ip in prev.ips:
+            if ip.interface in (None, idx[0]) and str(ip.address) not in have:
+                raise CheckFailed(f"prevResult address {ip.address} is not on {att.ifname}")
+
+    # ------------------------------------------------------------ STATUS / GC
+
+    def status(self, req: Request) -> None:
+        backends.choose(self.node, req.config.backend)
+        if req.config.ipam:
+            req.ipam().status()
+
+    def gc(self, req: Request) -> list[VpcniError]:
+        """Remove this network's attachments not in the valid list; return all errors."""
+        cfg = req.config
+        valid = {(v.containerID, v.ifname) for v in cfg.gc_valid() or []}
+        errors: list[VpcniError] = []
+        with self.store.network_lock(cfg.name):
+            for att in list(self.store.all(cfg.name)):
+                if (att.container_id, att.ifname) in valid:
+                    continue
+                try:
+                    with self.store.attachment_lock(*att.key):
+                        current = self.store.get(*att.key)
+                        if current is not None:
+                            self._teardown(current, req)
+                            LOG.info("GC %s: removed", att.key)
+                except VpcniError as exc:
+                    errors.append(exc)
+                except Exception as exc:
+                    errors.append(VpcniError(f"GC of {'/'.join(att.key)}: {exc}"))
+            errors += self._gc_orphans(cfg, valid)
+            if cfg.ipam:
+                try:
+                    req.ipam().gc()
+                except VpcniError as exc:
+                    errors.append(exc)
+        return errors
+
+    def _gc_orphans(self, cfg: NetworkConfig, valid: set) -> list[VpcniError]:
+        """Dataplane objects of this network that no record explains."""
+        errors: list[VpcniError] = []
+        try:
+            backend = self.backend_for(cfg)
+            owned = backend.owned()
+        except VpcniError as exc:
+            return [exc]
+        for host_ifname, (network, cid, ifname) in owned.attachments.items():
+            if network != cfg.name or (cid, ifname) in valid:
+                continue
+            try:
+                with self.store.attachment_lock(network, cid, ifname):
+                    if self.store.get(network, cid, ifname) is None:
+                        backend.detach(Attachment(network=network, vni=cfg.vni, container_id=cid,
+                                                  ifname=ifname, backend=backend.name,
+                                                  host_ifname=host_ifname))
+                        LOG.info("GC: removed orphan interface %s", host_ifname)
+            except VpcniError as exc:
+                errors.append(exc)
+        if cfg.vni in owned.vnis:
+            with self.store.vni_lock(cfg.vni, exclusive=True):
+                if not self.store.for_vni(cfg.vni):
+                    try:
+                        backend.release_network(cfg.vni)
+                    except VpcniError as exc:
+                        errors.append(exc)
+        return errors
+
+    # ------------------------------------------------------------ results
+
+    @staticmethod
+    def _result(att: Attachment, cfg: NetworkConfig) -> Result:
+        interfaces: list[Interface] = []
+        ips: list[IPConfig] = []
+        routes = list(att.routes)
+        dns = att.dns
+        if cfg.prevResult:
+            prev = cfg.prevResult
+            interfaces, ips = list(prev.interfaces), list(prev.ips)
+            routes = list(prev.routes) + routes
+            if dns.is_empty():
+                dns = prev.dns
+        if att.host_ifname:
+            interfaces.append(Interface(name=att.host_ifname))
+        interfaces.append(Interface(name=att.ifname, mac=att.mac, mtu=att.mtu,
+                                    sandbox=att.netns or ""))
+        idx = len(interfaces) - 1
+        ips += [ip.model_copy(update={"interface": idx}) for ip in att.ips]
+        return Result(interfaces=interfaces, ips=ips, routes=routes, dns=dns)

@@ -1,0 +1,168 @@
+"""Typed models: the contract between the CNI layer, the core and the backends.
+
+Everything here is data, validated once at the edge; no I/O. Backends get
+these objects, never raw dicts.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+from typing import Annotated, Any, Literal, Optional
+
+from pydantic import (BaseModel, ConfigDict, Field, IPvAnyAddress, IPvAnyInterface, IPvAnyNetwork,
+                      field_validator)
+
+# pydantic's IPvAny* types give ipaddress objects and one clear error per field.
+IPAddress = IPvAnyAddress
+IPInterface = IPvAnyInterface
+IPNetwork = IPvAnyNetwork
+
+NAME_PATTERN = r"^[a-zA-Z0-9][a-zA-Z0-9_.\-]*$"
+MAC_PATTERN = r"^[0-9a-fA-F]{2}(:[0-9a-fA-F]{2}){5}$"
+VNI_MAX = 16777215
+VXLAN_OVERHEAD_V4 = 50
+VXLAN_OVERHEAD_V6 = 70
+
+Mac = Annotated[str, Field(pattern=MAC_PATTERN)]
+
+
+def vxlan_overhead(vtep: IPAddress) -> int:
+    """Bytes VXLAN adds to each frame: outer IP + UDP + VXLAN + inner Ethernet."""
+    return VXLAN_OVERHEAD_V6 if vtep.version == 6 else VXLAN_OVERHEAD_V4
+
+
+class _Model(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=False)
+
+
+# ---------------------------------------------------------------- results
+
+
+class Interface(_Model):
+    """An interface in a CNI result (the 1.1.0 superset of fields)."""
+
+    model_config = ConfigDict(extra="ignore")
+    name: str
+    mac: Optional[str] = None
+    mtu: Optional[int] = None
+    sandbox: Optional[str] = None
+    socketPath: Optional[str] = None
+    pciID: Optional[str] = None
+
+
+class IPConfig(_Model):
+    model_config = ConfigDict(extra="ignore")
+    address: IPInterface
+    gateway: Optional[IPAddress] = None
+    interface: Optional[int] = None
+
+
+class Route(_Model):
+    model_config = ConfigDict(extra="ignore")
+    dst: IPNetwork
+    gw: Optional[IPAddress] = None
+    mtu: Optional[int] = None
+    advmss: Optional[int] = None
+    priority: Optional[int] = None
+    table: Optional[int] = None
+    scope: Optional[int] = None
+
+    @field_validator("dst", mode="before")
+    @classmethod
+    def _strict_false(cls, v: Any) -> Any:
+        return ipaddress.ip_network(v, strict=False) if isinstance(v, str) else v
+
+
+class DNS(_Model):
+    model_config = ConfigDict(extra="ignore")
+    nameservers: list[str] = []
+    domain: Optional[str] = None
+    search: list[str] = []
+    options: list[str] = []
+
+    def is_empty(self) -> bool:
+        return not (self.nameservers or self.domain or self.search or self.options)
+
+
+class Result(_Model):
+    """A CNI result in vpcni's internal (1.1.0) shape; cni/ converts it down."""
+
+    model_config = ConfigDict(extra="ignore")
+    cniVersion: str = "1.1.0"
+    interfaces: list[Interface] = []
+    ips: list[IPConfig] = []
+    routes: list[Route] = []
+    dns: DNS = DNS()
+
+
+# ---------------------------------------------------------------- dataplane
+
+
+class VpcNetwork(_Model):
+    """One VPC as the backends see it: a VNI and how to reach it."""
+
+    name: str
+    vni: int = Field(ge=1, le=VNI_MAX)
+    port: int = Field(default=4789, ge=1, le=65535)
+    mtu: Optional[int] = None
+    vteps: list[IPAddress] = []
+
+
+class Attachment(_Model):
+    """One pod interface in one VPC: the record kept per (network, container, ifname)."""
+
+    network: str
+    vni: int
+    container_id: str
+    ifname: str
+    netns: Optional[str] = None
+    backend: str
+    state: Literal["adding", "ready"] = "adding"
+    host_ifname: Optional[str] = None
+    mac: Optional[str] = None
+    mtu: Optional[int] = None
+    ips: list[IPConfig] = []
+    routes: list[Route] = []
+    dns: DNS = DNS()
+    ipam_type: Optional[str] = None
+    vteps: list[IPAddress] = []
+    port: int = 4789
+    created: float = 0.0
+
+    @property
+    def key(self) -> tuple[str, str, str]:
+        return (self.network, self.container_id, self.ifname)
+
+
+class RemoteEndpoint(_Model):
+    """An endpoint of a VNI that lives behind another VTEP."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+    mac: Mac
+    ip: Optional[IPAddress] = None
+    vtep: IPAddress
+
+
+class RemoteState(_Model):
+    """The whole desired remote state of one VNI: endpoints and flood list."""
+
+    endpoints: list[RemoteEndpoint] = []
+    flood: list[IPAddress] = []
+
+
+class Probe(_Model):
+    """A backend's verdict on this node."""
+
+    name: str
+    available: bool
+    score: int = 0
+    reason: str
+    facts: dict[str, Any] = {}
+
+
+class Owned(_Model):
+    """What a backend finds in the dataplane that it created."""
+
+    vnis: set[int] = set()
+    # host-side interface name -> (network, container_id, ifname)
+    attachments: dict[str, tuple[str, str, str]] = {}

@@ -1,0 +1,260 @@
+"""The pod end of an attachment: configure and read back one interface inside
+a container network namespace, through pyroute2.
+
+Backend-neutral: whatever put the interface into the namespace (a veth peer,
+an SR-IOV VF, an OVS internal port), the addresses, routes, MTU and MAC are
+set the same way, and CHECK reads them back the same way. The namespace is
+opened by path with its own netlink socket; the calling thread never enters it.
+"""
+
+from __future__ import annotations
+
+import errno
+import ipaddress
+import os
+import socket
+import threading
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import Iterator, Optional
+
+from pyroute2 import IPRoute
+from pyroute2.netlink import NETLINK_ROUTE
+from pyroute2.netlink.exceptions import NetlinkError
+from pyroute2.netlink.rtnl.ifaddrmsg import IFA_F_NODAD
+from pyroute2.netns import setns
+
+from .errors import BackendError, InvalidEnvironment
+from .models import IPInterface, IPConfig, Route
+
+IFF_UP = 0x1
+RT_TABLE_MAIN = 254
+
+
+def describe(exc: BaseException) -> str:
+    """An errno-bearing error as 'File exists (EEXIST)'."""
+    code = exc.code if isinstance(exc, NetlinkError) else getattr(exc, "errno", None)
+    if isinstance(code, int) and code in errno.errorcode:
+        return f"{os.strerror(code)} ({errno.errorcode[code]})"
+    return str(exc)
+
+
+def get_link(ipr: IPRoute, ifname: str):
+    """The link message of `ifname`, or None when there is no such link."""
+    try:
+        return ipr.link("get", ifname=ifname)[0]
+    except NetlinkError as exc:
+        if exc.code == errno.ENODEV:
+            return None
+        raise
+
+
+def delete_if_exists(ipr: IPRoute, ifname: str) -> bool:
+    """Delete link `ifname`; False when it was already gone."""
+    link = get_link(ipr, ifname)
+    if link is None:
+        return False
+    try:
+        ipr.link("del", index=link["index"])
+    except NetlinkError as exc:
+        if exc.code == errno.ENODEV:
+            return False
+        raise
+    return True
+
+
+def _check_netns_path(path: Optional[str]) -> str:
+    if not path:
+        raise InvalidEnvironment("CNI_NETNS is empty: the runtime must pass the container's "
+                                 "network namespace path")
+    # pyroute2 reads a bare name as /var/run/netns/<name>; CNI_NETNS is a path.
+    if not os.path.isabs(path):
+        raise InvalidEnvironment(f"CNI_NETNS {path!r} is not an absolute path")
+    return path
+
+
+@contextmanager
+def netns_fd(path: Optional[str]) -> Iterator[int]:
+    """An open fd of the namespace at `path`, for IFLA_NET_NS_FD."""
+    path = _check_netns_path(path)
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    except OSError as exc:
+        raise InvalidEnvironment(f"CNI_NETNS {path!r} cannot be opened: {describe(exc)}") from None
+    try:
+        yield fd
+    finally:
+        os.close(fd)
+
+
+def _netlink_socket_in(fd: int) -> socket.socket:
+    """A NETLINK_ROUTE socket living in the namespace `fd` refers to.
+
+    A short-lived thread enters the namespace (setns moves only the calling
+    thread) and creates the socket there; a socket keeps its namespace for
+    life. pyroute2's IPRoute(netns=...) forks a helper process instead:
+    15-35 ms per call here, and a fork in the threaded agent.
+    """
+    made: dict = {}
+
+    def enter_and_create() -> None:
+        try:
+            setns(fd, flags=0)
+            made["socket"] = socket.socket(socket.AF_NETLINK, socket.SOCK_DGRAM,
+                                           NETLINK_ROUTE)
+        except OSError as exc:
+            made["error"] = exc
+
+    thread = threading.Thread(target=enter_and_create, name="vpcni-netns")
+    thread.start()
+    thread.join()
+    if "error" in made:
+        raise made["error"]
+    return made["socket"]
+
+
+@dataclass(frozen=True)
+class PodNetns:
+    """A container namespace opened by path: its netlink socket and the path, for messages."""
+
+    path: str
+    ipr: IPRoute
+
+
+@contextmanager
+def open_netns(path: Optional[str]) -> Iterator[PodNetns]:
+    """A netlink socket inside the namespace at `path` (never creates one)."""
+    with netns_fd(path) as fd:
+        try:
+            sock = _netlink_socket_in(fd)
+        except OSError as exc:
+            raise InvalidEnvironment(f"CNI_NETNS {path!r} is not a network namespace: "
+                                     f"{describe(exc)}") from None
+    try:
+        ipr = IPRoute(use_socket=sock)
+        try:
+            yield PodNetns(path, ipr)
+        finally:
+            ipr.close()
+    finally:
+        sock.close()
+
+
+@dataclass(frozen=True)
+class PodInterface:
+    """What CHECK compares with the record."""
+
+    index: int
+    name: str
+    mac: str
+    mtu: int
+    alias: Optional[str]
+    up: bool
+    addresses: frozenset[IPInterface]
+
+
+def read_interface(ns: PodNetns, ifname: str) -> Optional[PodInterface]:
+    """`ifname` as namespace `ns` has it, or None when it is missing."""
+    link = get_link(ns.ipr, ifname)
+    if link is None:
+        return None
+    addresses = frozenset(
+        ipaddress.ip_interface(f"{msg.get('IFA_ADDRESS')}/{msg['prefixlen']}")
+        for msg in ns.ipr.addr("dump", index=link["index"]))
+    return PodInterface(index=link["index"], name=ifname, mac=link.get("IFLA_ADDRESS"),
+                        mtu=link.get("IFLA_MTU"), alias=link.get("IFLA_IFALIAS"),
+                        up=bool(link["flags"] & IFF_UP), addresses=addresses)
+
+
+def _add_address(ns: PodNetns, index: int, ifname: str, ip: IPConfig) -> None:
+    spec = dict(index=index, address=str(ip.address.ip), prefixlen=ip.address.network.prefixlen)
+    if ip.address.version == 4:
+        spec["broadcast"] = True
+    else:
+        # IPAM already made the address unique in the VPC; DAD would only
+        # delay its use (and routes through it) by a second or more.
+        spec["flags"] = IFA_F_NODAD
+    try:
+        ns.ipr.addr("add", **spec)
+    except NetlinkError as exc:
+        if exc.code != errno.EEXIST:
+            raise BackendError(f"could not add address {ip.address} to {ifname} in "
+                               f"netns {ns.path}: {describe(exc)}") from exc
+
+
+def _route_spec(index: int, route: Route) -> dict:
+    family = socket.AF_INET if route.dst.version == 4 else socket.AF_INET6
+    spec: dict = dict(dst=str(route.dst), oif=index, family=family)
+    if route.gw is not None:
+        spec["gateway"] = str(route.gw)
+    for field in ("priority", "table", "scope"):
+        value = getattr(route, field)
+        if value is not None:
+            spec[field] = value
+    metrics = {name: value for name, value in (("mtu", route.mtu), ("advmss", route.advmss))
+               if value}
+    if metrics:
+        spec["metrics"] = metrics
+    return spec
+
+
+def route_text(route: Route) -> str:
+    """A route as `ip route` would name it in a message."""
+    return f"{route.dst} via {route.gw}" if route.gw else str(route.dst)
+
+
+def _add_route(ns: PodNetns, index: int, ifname: str, route: Route) -> None:
+    try:
+        ns.ipr.route("add", **_route_spec(index, route))
+    except NetlinkError as exc:
+        # As the reference plugins do: the first of duplicate routes wins
+        # (e.g. the subnet route the kernel made for the address).
+        if exc.code != errno.EEXIST:
+            raise BackendError(f"could not add route {route_text(route)} on {ifname} in "
+                               f"netns {ns.path}: {describe(exc)}") from exc
+
+
+def configure_interface(ns: PodNetns, ifname: str, ips: list[IPConfig], routes: list[Route], *,
+                        mtu: Optional[int] = None, mac: Optional[str] = None,
+                        alias: Optional[str] = None) -> PodInterface:
+    """Set MTU/MAC/alias, bring `ifname` up, add `ips` then `routes`; return it read back.
+
+    Repeating it is harmless: existing addresses and routes are kept.
+    """
+    link = get_link(ns.ipr, ifname)
+    if link is None:
+        raise BackendError(f"interface {ifname} missing in netns {ns.path}")
+    index = link["index"]
+    settings = {key: value for key, value in (("mtu", mtu), ("address", mac), ("ifalias", alias))
+                if value is not None}
+    try:
+        # One message: the kernel applies MTU, MAC and alias before the up flag.
+        # Up before routes: a gateway is only reachable once the address's
+        # subnet route exists, which needs the link up.
+        ns.ipr.link("set", index=index, state="up", **settings)
+    except NetlinkError as exc:
+        what = ", ".join(f"{k} {v}" for k, v in settings.items())
+        raise BackendError(f"could not set {what + ', ' if what else ''}up on {ifname} in "
+                           f"netns {ns.path}: {describe(exc)}") from exc
+    for ip in ips:
+        _add_address(ns, index, ifname, ip)
+    for route in routes:
+        _add_route(ns, index, ifname, route)
+    pod = read_interface(ns, ifname)
+    if pod is None:
+        raise BackendError(f"interface {ifname} vanished from netns {ns.path} while being "
+                           "configured")
+    return pod
+
+
+def missing_routes(ns: PodNetns, pod: PodInterface, routes: list[Route]) -> list[Route]:
+    """The routes of `routes` that are not on `pod` (matched on table, dst and gateway)."""
+    present = set()
+    for msg in ns.ipr.route("dump"):
+        if msg.get("RTA_OIF") != pod.index:
+            continue
+        unspecified = "0.0.0.0" if msg["family"] == socket.AF_INET else "::"
+        dst = ipaddress.ip_network(f"{msg.get('RTA_DST') or unspecified}/{msg['dst_len']}")
+        gw = msg.get("RTA_GATEWAY")
+        present.add((msg.get("RTA_TABLE"), dst, ipaddress.ip_address(gw) if gw else None))
+    return [r for r in routes if (r.table or RT_TABLE_MAIN, r.dst, r.gw) not in present]

@@ -1,0 +1,100 @@
+import multiprocessing
+import os
+import time
+
+import pytest
+
+from vpcni.core.errors import InvalidEnvironment, LockTimeout
+from vpcni.core.models import Attachment
+from vpcni.core.store import AttachmentStore
+
+
+def _att(cid="c1", ifname="eth1", network="net", vni=300, **kw):
+    return Attachment(network=network, vni=vni, container_id=cid, ifname=ifname,
+                      backend="kernel", **kw)
+
+
+def test_put_get_delete_roundtrip(tmp_path):
+    store = AttachmentStore(tmp_path)
+    att = _att(mac="aa:bb:cc:dd:ee:ff", state="ready")
+    store.put(att)
+    assert store.get("net", "c1", "eth1") == att
+    assert [a.key for a in store.all()] == [att.key]
+    assert store.for_vni(300) == [att] and store.for_vni(301) == []
+    store.delete("net", "c1", "eth1")
+    store.delete("net", "c1", "eth1")  # twice is fine
+    assert store.get("net", "c1", "eth1") is None
+    assert list((tmp_path / "attachments").iterdir()) == []  # empty dirs pruned
+
+
+def test_no_tmp_file_left_and_file_is_json(tmp_path):
+    store = AttachmentStore(tmp_path)
+    store.put(_att())
+    files = [p.name for p in (tmp_path / "attachments" / "net" / "c1").iterdir()]
+    assert files == ["eth1.json"]
+
+
+@pytest.mark.parametrize("cid", ["../x", "a/b", "-lead", "", ".", "a b"])
+def test_container_ids_that_would_escape_are_refused(tmp_path, cid):
+    store = AttachmentStore(tmp_path)
+    with pytest.raises(InvalidEnvironment, match="CNI_CONTAINERID"):
+        store.get("net", cid, "eth1")
+
+
+@pytest.mark.parametrize("ifname", ["a" * 16, "a/b", "a:b", "..", "a b", ""])
+def test_bad_ifnames_are_refused(tmp_path, ifname):
+    with pytest.raises(InvalidEnvironment, match="CNI_IFNAME"):
+        AttachmentStore(tmp_path).get("net", "c1", ifname)
+
+
+def _hold(state_dir, ready, release):
+    store = AttachmentStore(state_dir)
+    with store.attachment_lock("net", "c1", "eth1"):
+        ready.set()
+        release.wait(10)
+
+
+def test_attachment_lock_excludes_other_processes(tmp_path):
+    ready, release = multiprocessing.Event(), multiprocessing.Event()
+    p = multiprocessing.Process(target=_hold, args=(tmp_path, ready, release))
+    p.start()
+    try:
+        assert ready.wait(10)
+        store = AttachmentStore(tmp_path, lock_timeout=0.3)
+        t0 = time.monotonic()
+        with pytest.raises(LockTimeout, match="still held"):
+            with store.attachment_lock("net", "c1", "eth1"):
+                pass
+        assert time.monotonic() - t0 >= 0.3
+        # A different attachment in another bucket is not blocked.
+        other = next(f"c{i}" for i in range(2, 500)
+                     if store.attachment_lock("net", f"c{i}", "eth1") is not None
+                     and _bucket("net", f"c{i}") != _bucket("net", "c1"))
+        with store.attachment_lock("net", other, "eth1"):
+            pass
+    finally:
+        release.set()
+        p.join(10)
+
+
+def _bucket(network, cid):
+    import hashlib
+    return hashlib.sha1(f"{network}/{cid}/eth1".encode()).hexdigest()[:2]
+
+
+def test_vni_lock_shared_allows_many_readers(tmp_path):
+    store = AttachmentStore(tmp_path, lock_timeout=0.2)
+    with store.vni_lock(300, exclusive=False):
+        with AttachmentStore(tmp_path, lock_timeout=0.2).vni_lock(300, exclusive=False):
+            pass
+        with pytest.raises(LockTimeout):
+            with AttachmentStore(tmp_path, lock_timeout=0.2).vni_lock(300, exclusive=True):
+                pass
+
+
+def test_lock_files_are_bounded(tmp_path):
+    store = AttachmentStore(tmp_path)
+    for i in range(600):
+        with store.attachment_lock("net", f"c{i}", "eth1"):
+            pass
+    assert len(os.listdir(tmp_path / "locks")) <= 256
