@@ -1,4 +1,4 @@
-"""`vpcni`: the CNI plugin executable (in-process mode).
+"""The CNI plugin served in-process: standalone mode, `python -m vpcni.cni.main`.
 
 Reads the CNI environment and the config on stdin, prints the result or the
 CNI error JSON on stdout. Logs go to the node's log file and, for warnings
@@ -12,11 +12,11 @@ import os
 import sys
 
 
-def setup_logging(node) -> None:
+def setup_logging(node, stderr_level: int = logging.WARNING) -> None:
     root = logging.getLogger()
     root.setLevel(logging.DEBUG)
     stderr = logging.StreamHandler(sys.stderr)
-    stderr.setLevel(logging.WARNING)
+    stderr.setLevel(stderr_level)
     stderr.setFormatter(logging.Formatter("vpcni: %(levelname)s %(message)s"))
     root.addHandler(stderr)
     if node is not None and node.logFile:
@@ -32,7 +32,8 @@ def setup_logging(node) -> None:
             root.addHandler(fh)
 
 
-def main() -> int:
+def serve(stdin: bytes) -> int:
+    """Serve one CNI invocation in this process (standalone mode)."""
     from vpcni.core.config import NodeConfig
     from vpcni.core.errors import VpcniError
 
@@ -45,7 +46,6 @@ def main() -> int:
         except VpcniError:
             node = None  # reported by the dispatcher below, as CNI error JSON
     setup_logging(node)
-    stdin = sys.stdin.buffer.read()
     dispatcher = Dispatcher(node)
     try:
         out, rc = dispatcher.run(os.environ, stdin)
@@ -55,6 +55,10 @@ def main() -> int:
         sys.stdout.write(out + "\n")
     sys.stdout.flush()
     return rc
+
+
+def main() -> int:
+    return serve(sys.stdin.buffer.read())
 
 
 if __name__ == "__main__":

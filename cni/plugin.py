@@ -85,9 +85,9 @@ def error_json(err: VpcniError, version: str) -> str:
 class Dispatcher:
     """Turns one CNI invocation into a handler call; keeps a handler per node config."""
 
-    def __init__(self, node: Optional[NodeConfig] = None):
+    def __init__(self, node: Optional[NodeConfig] = None, handler=None):
         self._node = node
-        self._handler = None
+        self._handler = handler
 
     def handler(self):
         if self._handler is None:

@@ -10,7 +10,7 @@ from __future__ import annotations
 import json
 import os
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Literal, Optional
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
@@ -130,6 +130,14 @@ class NetworkConfig(BaseModel):
             raise  # unreachable
 
 
+class EvpnConfig(BaseModel):
+    """The node's EVPN speaker: a gobgpd beside the agent, driven over gRPC."""
+
+    model_config = ConfigDict(extra="forbid")
+    gobgpdSocket: Path = Path("/run/vpcni/gobgp.sock")
+    asn: int = Field(default=65000, ge=1, le=4294967295)
+
+
 class NodeConfig(BaseModel):
     """Settings of one node; a JSON file at $VPCNI_NODE_CONFIG or /etc/vpcni/node.json."""
 
@@ -142,6 +150,15 @@ class NodeConfig(BaseModel):
     logFile: Optional[Path] = Path("/var/log/vpcni/vpcni.log")
     logLevel: str = Field(default="INFO", pattern=r"^(DEBUG|INFO|WARNING|ERROR)$")
     lockTimeout: float = Field(default=30.0, gt=0)
+    # How CNI calls are served: by the node agent over agentSocket, or in the
+    # plugin process (standalone: no agent, static flood list only).
+    mode: Literal["agent", "standalone"] = "agent"
+    agentSocket: Path = Path("/run/vpcni/agent.sock")
+    # Agent only: EVPN (absent: static flood lists only), health/metrics
+    # HTTP address ("" disables it), full reconcile period in seconds.
+    evpn: Optional[EvpnConfig] = None
+    healthAddress: str = Field(default="127.0.0.1:9471", pattern=r"^(.*:\d+)?$")
+    reconcileInterval: float = Field(default=30.0, gt=0)
     # Where the config came from, for messages; not read from the file.
     source: str = Field(default="(defaults)", exclude=True)
 

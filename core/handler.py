@@ -13,10 +13,11 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import threading
 import re
 import time
 from dataclasses import dataclass, field
-from typing import Mapping, Optional
+from typing import Callable, Mapping, Optional
 
 from . import backend as backends
 from .config import NetworkConfig, NodeConfig
@@ -52,6 +53,12 @@ class Handler:
         self.node = node
         self.store = AttachmentStore(node.stateDir, node.lockTimeout)
         self._backends: dict[str, backends.Backend] = {}
+        # Set by the agent: the control plane's remote state of a VNI, merged
+        # with the static flood lists; and who to tell when attachments change.
+        self.remote_source: Optional[Callable[[int], RemoteState]] = None
+        self.listeners: list[Callable[[], None]] = []
+        self._remote_locks: dict[int, threading.Lock] = {}
+        self._remote_locks_guard = threading.Lock()
 
     # ------------------------------------------------------------ backends
 
@@ -105,7 +112,7 @@ class Handler:
                 att.dns = dns
                 with self.store.vni_lock(net.vni, exclusive=False):
                     backend.ensure_network(net)
-                    backend.apply_remote(net.vni, self._static_remote(net.vni, att))
+                    self.apply_remote(backend, net.vni, att)
                     undo.callback(self._quietly, backend.detach, att)
                     att = backend.attach(net, att)
                     att.state = "ready"
@@ -113,11 +120,12 @@ class Handler:
                 undo.pop_all()
         LOG.info("ADD %s: %s in VNI %d via %s, ips %s", key, att.host_ifname, att.vni,
                  att.backend, [str(i.address) for i in att.ips])
+        self._changed()
         return self._result(att, cfg)
 
     @staticmethod
     def _requested_mac(req: Request) -> Optional[str]:
-        """runtimeConfig.mac > CNI_ARGS MAC > args.cni.mac; the last two unvalidated so far."""
+        """runtimeConfig.mac > CNI_ARGS MAC > args.cni.mac."""
         cni_args = (req.config.args or {}).get("cni") or {}
         for where, mac in (("runtimeConfig.mac", req.config.runtimeConfig.mac),
                            ("CNI_ARGS MAC", req.args.get("MAC")),
@@ -127,6 +135,9 @@ class Handler:
             if not isinstance(mac, str) or not re.fullmatch(MAC_PATTERN, mac):
                 raise InvalidConfig(f"{where} {mac!r} is not a MAC address "
                                     "(six hex pairs like 02:00:00:00:00:01)")
+            if int(mac[:2], 16) & 1:
+                raise InvalidConfig(f"{where} {mac!r} is a multicast address; an interface "
+                                    "needs a unicast MAC (first octet even)")
             return mac.lower()
         return None
 
@@ -149,13 +160,35 @@ class Handler:
                 raise InvalidConfig(f"ips from args {raw!r}: {exc.errors()[0]['msg']}") from None
         return [req.config.addr] if req.config.addr else []
 
-    def _static_remote(self, vni: int, extra: Optional[Attachment] = None) -> RemoteState:
-        """Standalone mode: the VNI's flood list is the union of its configs' `vteps`."""
+    def desired_remote(self, vni: int, extra: Optional[Attachment] = None) -> RemoteState:
+        """The VNI's remote state: the union of its configs' static `vteps`, plus
+        what the control plane (if any) knows."""
         vteps: dict = {}
         for a in self.store.for_vni(vni) + ([extra] if extra else []):
             for v in a.vteps:
                 vteps[v] = None
-        return RemoteState(flood=list(vteps))
+        endpoints = []
+        if self.remote_source is not None:
+            learned = self.remote_source(vni)
+            endpoints = list(learned.endpoints)
+            for v in learned.flood:
+                vteps[v] = None
+        return RemoteState(endpoints=endpoints, flood=list(vteps))
+
+    def apply_remote(self, backend: backends.Backend, vni: int,
+                     extra: Optional[Attachment] = None) -> None:
+        """Converge the VNI's remote entries; one converge per VNI at a time in this process."""
+        with self._remote_locks_guard:
+            lock = self._remote_locks.setdefault(vni, threading.Lock())
+        with lock:
+            backend.apply_remote(vni, self.desired_remote(vni, extra))
+
+    def local_vnis(self) -> set[int]:
+        return {a.vni for a in self.store.all()}
+
+    def _changed(self) -> None:
+        for fn in self.listeners:
+            self._quietly(fn)
 
     # ------------------------------------------------------------ DEL
 
@@ -167,6 +200,7 @@ class Handler:
             if att is not None:
                 self._teardown(att, req)
                 LOG.info("DEL %s: removed", key)
+                self._changed()
                 return
             # Nothing recorded: still release what a crashed ADD could have left.
             LOG.info("DEL %s: no record; releasing IPAM and leftovers only", key)
@@ -200,14 +234,16 @@ class Handler:
             if not self.store.for_vni(att.vni):
                 backend.release_network(att.vni)
             else:
-                backend.apply_remote(att.vni, self._static_remote(att.vni))
+                self.apply_remote(backend, att.vni)
 
     @staticmethod
     def _quietly(fn, *args) -> None:
         try:
             fn(*args)
-        except Exception:
-            LOG.exception("rollback step %s failed", getattr(fn, "__qualname__", fn))
+        except Exception as exc:
+            # A warning, not a traceback: the caller gets the original error.
+            LOG.warning("step %s failed: %s", getattr(fn, "__qualname__", fn), exc)
+            LOG.debug("step %s failed", getattr(fn, "__qualname__", fn), exc_info=True)
 
     # ------------------------------------------------------------ CHECK
 
@@ -280,6 +316,7 @@ class Handler:
                     req.ipam().gc()
                 except VpcniError as exc:
                     errors.append(exc)
+        self._changed()
         return errors
 
     def _gc_orphans(self, cfg: NetworkConfig, valid: set) -> list[VpcniError]:

@@ -37,6 +37,97 @@ def cmd_probe(args) -> int:
     return rc
 
 
+def _load_node(path):
+    from vpcni.core.config import NodeConfig
+    from vpcni.core.errors import VpcniError
+
+    try:
+        return NodeConfig.load(path)
+    except VpcniError as exc:
+        raise SystemExit(f"vpcnictl: {exc.msg}") from None
+
+
+def cmd_agent(args) -> int:
+    import logging
+
+    from vpcni.agent.server import Agent
+    from vpcni.cni.main import setup_logging
+
+    node = _load_node(args.node_config)
+    setup_logging(node, stderr_level=getattr(logging, node.logLevel))
+    Agent(node).run_forever()
+    return 0
+
+
+def cmd_status(args) -> int:
+    from vpcni.cni.shim import agent_call
+
+    node = _load_node(args.node_config)
+    try:
+        reply = agent_call(str(node.agentSocket), {"op": "status"}, timeout=10)
+        status = json.loads(reply["stdout"])
+    except (OSError, ValueError, KeyError) as exc:
+        print(f"vpcnictl: agent unreachable at {node.agentSocket}: {exc}", file=sys.stderr)
+        return 1
+    print(json.dumps(status, indent=2))
+    return 0 if status.get("ready") else 1
+
+
+def cmd_install_cni(args) -> int:
+    from vpcni.cni.install import install_shim
+
+    target = install_shim(args.dest, args.python)
+    print(f"installed {target} (run by {args.python} -S; standalone mode runs {sys.executable})")
+    return 0
+
+
+def _lab_name(arg: str | None) -> str:
+    """A lab is named by its topology file's `name`, or given by name."""
+    from pathlib import Path
+
+    from vpcni.lab.topology import Topology
+
+    if arg is None:
+        return Topology.load().name
+    if Path(arg).is_file():
+        return Topology.load(Path(arg)).name
+    return arg
+
+
+def cmd_lab(args) -> int:
+    import time
+
+    from vpcni.lab.lab import Lab, LabError, down_by_name
+    from vpcni.lab.topology import Topology
+
+    try:
+        if args.action == "up":
+            topo = Topology.load(args.topology)
+            t0 = time.monotonic()
+            lab = Lab(topo)
+            lab.up()
+            print(f"lab {topo.name} up in {time.monotonic() - t0:.1f}s: "
+                  f"{len(topo.reflectors)} route reflectors "
+                  f"({', '.join(f'{r.name}={r.daemon}' for r in topo.reflectors)}), "
+                  f"{len(topo.nodes)} nodes, {len(topo.vpcs)} VPCs, {len(topo.pods)} pods "
+                  f"(namespaces {lab.box.prefix}-*, files {lab.dir})")
+            for pod in lab.pods.values():
+                print(f"  pod {pod.name:10} node {pod.node:8} vpc {pod.vpc:6} (VNI {pod.vni}) "
+                      f"{pod.address:18} mac {pod.mac}")
+            return 0
+        name = _lab_name(args.topology)
+        if args.action == "check":
+            return 0 if Lab.load(name).check() else 1
+        if args.action == "down":
+            found = down_by_name(name)
+            print(f"lab {name} {'removed' if found else 'was not up'}")
+            return 0
+    except (LabError, ValueError, TimeoutError) as exc:
+        print(f"vpcnictl lab {args.action}: {exc}", file=sys.stderr)
+        return 1
+    return 2
+
+
 def cmd_demo(args) -> int:
     from vpcni.lab.demo import run_demo
 
@@ -51,6 +142,22 @@ def build_parser() -> argparse.ArgumentParser:
                                          "or /etc/vpcni/node.json)")
     p.add_argument("--json", action="store_true", help="machine-readable output")
     p.set_defaults(func=cmd_probe)
+    p = sub.add_parser("agent", help="run the node agent (serves the vpcni shim)")
+    p.add_argument("--node-config", help="node config file")
+    p.set_defaults(func=cmd_agent)
+    p = sub.add_parser("status", help="the node agent's status (backend choice, EVPN, attachments)")
+    p.add_argument("--node-config", help="node config file")
+    p.set_defaults(func=cmd_status)
+    p = sub.add_parser("install-cni", help="install the vpcni shim into a CNI bin dir")
+    p.add_argument("--dest", default="/opt/cni/bin", help="CNI bin dir (default /opt/cni/bin)")
+    p.add_argument("--python", default="/usr/bin/python3",
+                   help="interpreter for the shim (stdlib only; default /usr/bin/python3)")
+    p.set_defaults(func=cmd_install_cni)
+    p = sub.add_parser("lab", help="a simulated multi-node cluster in network namespaces")
+    p.add_argument("action", choices=["up", "check", "down"])
+    p.add_argument("topology", nargs="?",
+                   help="topology file (up; default: the shipped default.toml) or lab name")
+    p.set_defaults(func=cmd_lab)
     p = sub.add_parser("demo", help="the seed's two-node test in network namespaces, step by step")
     p.set_defaults(func=cmd_demo)
     return parser

@@ -16,6 +16,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional
 
+from vpcni.cni.install import install_shim
+
 from .netns import Fabric, Netns, Sandbox, run
 
 REFERENCE_PLUGINS = Path("/usr/lib/cni")
@@ -78,7 +80,8 @@ class Node:
 
     def write_node_config(self, **overrides) -> None:
         cfg = {"vtepAddress": self.address, "stateDir": str(self.state_dir),
-               "logFile": str(self.dir / "vpcni.log"), "logLevel": "DEBUG"}
+               "logFile": str(self.dir / "vpcni.log"), "logLevel": "DEBUG",
+               "mode": "standalone"}
         cfg.update(overrides)
         self.node_config = cfg
         self.config_path.write_text(json.dumps(cfg, indent=1))
@@ -124,12 +127,11 @@ class Cluster:
         self._link_plugins()
 
     def _link_plugins(self) -> None:
-        """A CNI_PATH with the reference plugins and this installation's vpcni."""
+        """A CNI_PATH with the reference plugins and the vpcni shim, installed as in production."""
         if REFERENCE_PLUGINS.is_dir():
             for p in REFERENCE_PLUGINS.iterdir():
                 (self.cni_bin / p.name).symlink_to(p)
-        for name in ("vpcni",):
-            (self.cni_bin / name).symlink_to(installed_executable(name))
+        install_shim(self.cni_bin, standalone_python=installed_executable("python"))
 
     def add_node(self, name: str, address: str, **node_config) -> Node:
         ns = self.sandbox.netns(name)

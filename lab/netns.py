@@ -9,6 +9,8 @@ that cleanup kills exactly those, by pid.
 
 from __future__ import annotations
 
+import contextlib
+import json
 import os
 import secrets
 import signal
@@ -45,12 +47,12 @@ def wait_for(cond, timeout: float = 10.0, interval: float = 0.05, what: str = "c
 class Netns:
     """One network namespace, created by us, with loopback up."""
 
-    def __init__(self, name: str, sandbox: "Sandbox"):
+    def __init__(self, name: str, sandbox: "Sandbox", create: bool = True):
         self.name = name
         self.sandbox = sandbox
-        self.procs: list[subprocess.Popen] = []
-        run(["ip", "netns", "add", name])
-        self.ip("link", "set", "lo", "up")
+        if create:
+            run(["ip", "netns", "add", name])
+            self.ip("link", "set", "lo", "up")
 
     @property
     def path(self) -> str:
@@ -69,7 +71,7 @@ class Netns:
         """Start a process in this namespace; cleanup kills it by pid."""
         proc = subprocess.Popen(["ip", "netns", "exec", self.name, *cmd], env=env,
                                 stdout=stdout, stderr=stderr, start_new_session=True, **kw)
-        self.procs.append(proc)
+        self.sandbox.adopt(proc.pid, self.name)
         return proc
 
     def ping(self, dst: str, count: int = 1, timeout: float = 1.0) -> bool:
@@ -78,39 +80,118 @@ class Netns:
                          str(dst), check=False, timeout=count * (timeout + 1) + 5)
         return proc.returncode == 0
 
-    def kill_procs(self) -> None:
-        for proc in self.procs:
-            if proc.poll() is None:
-                try:
-                    os.killpg(proc.pid, signal.SIGTERM)
-                except ProcessLookupError:
-                    continue
-                try:
-                    proc.wait(5)
-                except subprocess.TimeoutExpired:
-                    os.killpg(proc.pid, signal.SIGKILL)
-                    proc.wait(5)
-        self.procs.clear()
-
     def delete(self) -> None:
-        self.kill_procs()
+        self.sandbox.kill_processes(self.name)
         run(["ip", "netns", "del", self.name], check=False)
 
 
-class Sandbox:
-    """All namespaces of one run under one unique prefix; cleanup removes them."""
+def _start_time(pid: int) -> Optional[str]:
+    """The kernel's start time of `pid` (field 22 of /proc/pid/stat): tells a reused pid."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return None
+    return stat.rsplit(")", 1)[1].split()[19]
 
-    def __init__(self, prefix: Optional[str] = None, root_dir: Optional[Path] = None):
+
+def _wait_gone(pid: int, timeout: float) -> bool:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            done, _ = os.waitpid(pid, os.WNOHANG)  # reap our own children
+            if done == pid:
+                return True
+        except ChildProcessError:
+            pass
+        if _start_time(pid) is None:
+            return True
+        time.sleep(0.02)
+    return False
+
+
+class Sandbox:
+    """All namespaces and processes of one run under one unique prefix.
+
+    With a `state_file`, what it creates is written down as it goes, so that
+    another process (`vpcnictl lab down`) can remove everything later, also
+    after a failed or interrupted build.
+    """
+
+    def __init__(self, prefix: Optional[str] = None, root_dir: Optional[Path] = None,
+                 state_file: Optional[Path] = None):
         self.prefix = prefix or f"vpt{secrets.token_hex(3)}"
         self.namespaces: dict[str, Netns] = {}
         self.root_dir = Path(root_dir or Path("/tmp") / self.prefix)
         self.root_dir.mkdir(parents=True, exist_ok=True)
+        self.state_file = Path(state_file) if state_file else None
+        # pid -> (start time, namespace name): processes we started, to kill by pid.
+        self.processes: dict[int, tuple[str, str]] = {}
+        self.ns_names: list[str] = []
         self._cleanups: list = []
+        self._save()
+
+    def _save(self) -> None:
+        if self.state_file is None:
+            return
+        data = {"prefix": self.prefix, "root_dir": str(self.root_dir),
+                "namespaces": self.ns_names,
+                "processes": [{"pid": pid, "start": st, "netns": ns}
+                              for pid, (st, ns) in self.processes.items()]}
+        tmp = self.state_file.with_suffix(".tmp")
+        tmp.write_text(json.dumps(data, indent=1))
+        os.replace(tmp, self.state_file)
+
+    @classmethod
+    def restore(cls, state_file: Path) -> "Sandbox":
+        """The sandbox another process wrote down, ready for cleanup()."""
+        data = json.loads(Path(state_file).read_text())
+        box = cls.__new__(cls)
+        box.prefix = data["prefix"]
+        box.root_dir = Path(data["root_dir"])
+        box.state_file = Path(state_file)
+        box.ns_names = list(data["namespaces"])
+        box.namespaces = {n.removeprefix(box.prefix + "-"): Netns(n, box, create=False)
+                          for n in box.ns_names if (NETNS_DIR / n).exists()}
+        box.processes = {p["pid"]: (p["start"], p["netns"]) for p in data["processes"]}
+        box._cleanups = []
+        return box
 
     def netns(self, short: str) -> Netns:
-        ns = Netns(f"{self.prefix}-{short}", self)
+        name = f"{self.prefix}-{short}"
+        self.ns_names.append(name)
+        self._save()  # written down before it exists: down removes it even if add fails midway
+        ns = Netns(name, self)
         self.namespaces[short] = ns
         return ns
+
+    def adopt(self, pid: int, netns: str) -> None:
+        """Take responsibility for `pid` (started by us, e.g. a daemon's pid file)."""
+        start = _start_time(pid)
+        if start is not None:
+            self.processes[pid] = (start, netns)
+            self._save()
+
+    def kill_pid(self, pid: int) -> None:
+        """Stop one of our processes (SIGTERM, then SIGKILL) and wait until it is gone."""
+        self.kill_processes(pids=[pid])
+
+    def kill_processes(self, netns: Optional[str] = None,
+                       pids: Optional[list[int]] = None) -> None:
+        """SIGTERM (then SIGKILL) our processes, all or those of one namespace, by pid."""
+        victims = [pid for pid, (_, ns) in self.processes.items()
+                   if netns in (None, ns) and (pids is None or pid in pids)]
+        for pid in victims:
+            start, _ = self.processes[pid]
+            if _start_time(pid) == start:
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(pid, signal.SIGTERM)
+        for pid in victims:
+            start, _ = self.processes.pop(pid)
+            if not _wait_gone(pid, 10) and _start_time(pid) == start:
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(pid, signal.SIGKILL)
+                _wait_gone(pid, 5)
+        self._save()
 
     def dir(self, short: str) -> Path:
         d = self.root_dir / short
@@ -134,10 +215,14 @@ class Sandbox:
             except Exception as exc:  # keep going: everything must go
                 errors.append(exc)
         self._cleanups.clear()
-        for ns in reversed(list(self.namespaces.values())):
-            ns.delete()
+        self.kill_processes()
+        for name in reversed(self.ns_names):
+            run(["ip", "netns", "del", name], check=False)
         self.namespaces.clear()
+        self.ns_names.clear()
         run(["rm", "-rf", str(self.root_dir)], check=False)
+        if self.state_file is not None:
+            self.state_file.unlink(missing_ok=True)
         if errors:
             raise RuntimeError(f"cleanup errors: {errors}")
 

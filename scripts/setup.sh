@@ -31,4 +31,7 @@ if [ ! -x .venv/bin/python ] || ! .venv/bin/python -c 'import sys; sys.exit(sys.
   /usr/bin/python3 -m venv .venv
 fi
 .venv/bin/pip install -q --disable-pip-version-check -e '.[test]'
+# gobgpd's gRPC stubs, generated from the .proto files of the installed gobgpd
+# (golang-github-osrg-gobgp-dev), pinned to its version; never committed.
+.venv/bin/python -m vpcni.evpn.genstubs
 echo "setup: done ($(.venv/bin/python --version), vpcni at $(readlink -f .venv/bin/vpcni))"

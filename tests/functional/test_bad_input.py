@@ -80,8 +80,8 @@ CASES = [
     Case("vni-2^24", 7, ("'vni'",), "16777216", config={"vni": 16777216}),
     Case("vni-abc", 7, ("'vni'",), "abc", config={"vni": "abc"}),
     Case("vni-missing", 7, ("'vni'",), config={"vni": DROP}),
-    Case("addr-without-prefix", 7, ("'addr'", "prefix"), "10.43.0.2",
-         config={"addr": "10.43.0.2"}),
+    Case("addr-without-prefix", 7, ("'addr'", "prefix"), "172.16.43.2",
+         config={"addr": "172.16.43.2"}),
     Case("addr-garbage", 7, ("'addr'",), "garbage/24", config={"addr": "garbage/24"}),
     Case("mtu-10", 7, ("'mtu'",), "10", config={"mtu": 10}),
     Case("port-0", 7, ("'port'",), "0", config={"port": 0}),
@@ -89,9 +89,9 @@ CASES = [
     Case("vteps-nope", 7, ("vteps",), "nope", config={"vteps": ["nope"]}),
     Case("unknown-field", 2, ("'colour'",), "ultraviolet", config={"colour": "ultraviolet"}),
     Case("addr-and-ipam", 7, ("addr", "ipam"),
-         config={"ipam": {"type": "host-local", "subnet": "10.43.0.0/24"}}),
+         config={"ipam": {"type": "host-local", "subnet": "172.16.43.0/24"}}),
     Case("ipam-without-type", 7, ("ipam.type",),
-         config={"addr": DROP, "ipam": {"subnet": "10.43.0.0/24"}}),
+         config={"addr": DROP, "ipam": {"subnet": "172.16.43.0/24"}}),
     Case("ipam-type-not-in-CNI_PATH", 7, ("ipam.type", "CNI_PATH"), "nosuchipam",
          config={"addr": DROP, "ipam": {"type": "nosuchipam"}}),
     Case("runtimeConfig.mac-garbage", 7, ("runtimeConfig.mac",), "zz:zz:zz",
@@ -157,7 +157,7 @@ def test_bad_input(world, backend, case):
     node_config = _node_config(node, case)
     stdin = case.stdin
     if stdin is None:
-        stdin = json.dumps(_merge(seed_network("vpc-bad", 4300, "10.43.0.2/24"), case.config))
+        stdin = json.dumps(_merge(seed_network("vpc-bad", 4300, "172.16.43.2/24"), case.config))
     netns = pod.netns if case.netns is None else case.netns.format(prefix=box.prefix)
     res = node.cni(case.command, stdin,
                    container_id=pod.container_id if case.container_id is None

@@ -25,11 +25,11 @@ NET1, VNI1 = "vpc-idem1", 4201
 NET2, VNI2 = "vpc-idem2", 4202
 
 
-def net1(addr: str = "10.42.1.2/24", **extra) -> dict:
+def net1(addr: str = "172.16.21.2/24", **extra) -> dict:
     return seed_network(NET1, VNI1, addr, version=VERSION, **extra)
 
 
-def net2(addr: str = "10.42.2.2/24", **extra) -> dict:
+def net2(addr: str = "172.16.22.2/24", **extra) -> dict:
     return seed_network(NET2, VNI2, addr, version=VERSION, **extra)
 
 
@@ -110,7 +110,7 @@ def test_add_after_crashed_add(cluster, node, backend, crash):
     key = (NET1, pod.container_id, "eth1")
     assert_no_leftovers(node, backend, keep=[key])  # exactly one host interface
     assert pod_ifnames(pod) == {"eth1"}
-    assert "10.42.1.2/24" in addresses(pod.ns.name, "eth1")
+    assert "172.16.21.2/24" in addresses(pod.ns.name, "eth1")
     ok(node.cni("CHECK", net1(prevResult=result), pod.container_id, pod.netns))
     delete(pod, net1())
     assert_no_leftovers(node, backend, pods=[pod], macs=[mac_of(pod, result)])
@@ -121,7 +121,7 @@ def test_crashed_add_releases_host_local_reservation(cluster, node, backend):
     data = node.dir / "host-local"
     # host-local (reference plugins 1.1.1) speaks CNI up to 1.0.0.
     cfg = seed_network(NET1, VNI1, version="1.0.0",
-                       ipam={"type": "host-local", "subnet": "10.42.9.0/24", "dataDir": str(data)})
+                       ipam={"type": "host-local", "subnet": "172.16.29.0/24", "dataDir": str(data)})
     pod = cluster.add_pod(node, "a")
     add(pod, cfg)
     _left_adding(node, pod)
@@ -137,8 +137,8 @@ def test_crashed_add_releases_host_local_reservation(cluster, node, backend):
 def test_gc_two_networks(cluster, node, backend):
     a, b, c = (cluster.add_pod(node, n) for n in "abc")
     add(a, net1())
-    mac_b = mac_of(b, add(b, net2("10.42.2.2/24")))
-    add(c, net2("10.42.2.3/24"))
+    mac_b = mac_of(b, add(b, net2("172.16.22.2/24")))
+    add(c, net2("172.16.22.3/24"))
     key_a, key_c = (NET1, a.container_id, "eth1"), (NET2, c.container_id, "eth1")
 
     valid_c = [{"containerID": c.container_id, "ifname": "eth1"}]
@@ -157,7 +157,7 @@ def test_gc_removes_orphaned_interfaces(cluster, node, backend):
     """Interfaces whose record is gone (a crash between steps) are GC'd from the dataplane."""
     keep, orphan = cluster.add_pod(node, "keep"), cluster.add_pod(node, "orphan")
     add(keep, net1())
-    mac = mac_of(orphan, add(orphan, net1("10.42.1.3/24")))
+    mac = mac_of(orphan, add(orphan, net1("172.16.21.3/24")))
     _lost_record(node, orphan)
     assert len(records(node)) == 1
     valid = [{"containerID": keep.container_id, "ifname": "eth1"}]
@@ -179,9 +179,9 @@ def test_del_withdraws_flood_entries_of_the_leaving_config(cluster, node, backen
         pytest.skip("reads the kernel backend's VXLAN FDB")
     a, b = cluster.add_pod(node, "a"), cluster.add_pod(node, "b")
     add(a, net1(vteps=["198.51.100.2"]))
-    add(b, net1("10.42.1.3/24", vteps=["198.51.100.2", "198.51.100.3"]))
+    add(b, net1("172.16.21.3/24", vteps=["198.51.100.2", "198.51.100.3"]))
     assert flood_vteps(node, VNI1) == {"198.51.100.2", "198.51.100.3"}
-    delete(b, net1("10.42.1.3/24", vteps=["198.51.100.2", "198.51.100.3"]))
+    delete(b, net1("172.16.21.3/24", vteps=["198.51.100.2", "198.51.100.3"]))
     assert flood_vteps(node, VNI1) == {"198.51.100.2"}
     assert_no_leftovers(node, backend, keep=[(NET1, a.container_id, "eth1")], pods=[b])
     delete(a, net1(vteps=["198.51.100.2"]))

@@ -208,7 +208,7 @@ def attach(i, path):
     try:
         att = backend.attach(net, Attachment(
             network="vpc-a", vni={VNI}, container_id=f"c{{i}}", ifname="eth1", netns=path,
-            backend="kernel", ips=[IPConfig(address=f"10.30.0.{{i + 1}}/24")]))
+            backend="kernel", ips=[IPConfig(address=f"172.16.30.{{i + 1}}/24")]))
         backend.check(net, att)
         if i % 2:
             backend.detach(att)
@@ -262,15 +262,15 @@ def two_pods(nodes):
     pa, pb = nodes.pod("pa"), nodes.pod("pb", "n2")
     for b in (nodes.b1, nodes.b2):
         b.ensure_network(NET)
-    a = nodes.b1.attach(NET, attachment(pa, "cid-a", "10.30.0.1/24", mac="02:aa:00:00:00:01",
-                                          routes=[Route(dst="0.0.0.0/0", gw="10.30.0.254")]))
-    b = nodes.b2.attach(NET, attachment(pb, "cid-b", "10.30.0.2/24", routes=[
-        Route(dst="10.31.0.0/16", gw="10.30.0.254", mtu=1400),
-        Route(dst="10.30.0.0/24")]))  # the kernel's subnet route already: first one wins
+    a = nodes.b1.attach(NET, attachment(pa, "cid-a", "172.16.30.1/24", mac="02:aa:00:00:00:01",
+                                          routes=[Route(dst="0.0.0.0/0", gw="172.16.30.254")]))
+    b = nodes.b2.attach(NET, attachment(pb, "cid-b", "172.16.30.2/24", routes=[
+        Route(dst="172.16.31.0/24", gw="172.16.30.254", mtu=1400),
+        Route(dst="172.16.30.0/24")]))  # the kernel's subnet route already: first one wins
     nodes.b1.apply_remote(VNI, RemoteState(
-        endpoints=[RemoteEndpoint(mac=b.mac, ip="10.30.0.2", vtep=N2)], flood=[N2]))
+        endpoints=[RemoteEndpoint(mac=b.mac, ip="172.16.30.2", vtep=N2)], flood=[N2]))
     nodes.b2.apply_remote(VNI, RemoteState(
-        endpoints=[RemoteEndpoint(mac=a.mac, ip="10.30.0.1", vtep=N1)], flood=[N1]))
+        endpoints=[RemoteEndpoint(mac=a.mac, ip="172.16.30.1", vtep=N1)], flood=[N1]))
     return pa, pb, a, b
 
 
@@ -283,17 +283,17 @@ def test_attach_fills_the_record(nodes, two_pods):
     assert pod["ifalias"] == "vpcni:att=vpc-a/cid-a/eth1"
     host = links(nodes.n1, a.host_ifname)[a.host_ifname]
     assert host["master"] == "vpbr300" and host["mtu"] == 1450 and "UP" in host["flags"]
-    routes = json.loads(pb.ip("-j", "route", "show", "10.31.0.0/16").stdout)
-    assert routes[0]["gateway"] == "10.30.0.254" and routes[0]["dev"] == "eth1"
+    routes = json.loads(pb.ip("-j", "route", "show", "172.16.31.0/24").stdout)
+    assert routes[0]["gateway"] == "172.16.30.254" and routes[0]["dev"] == "eth1"
     assert routes[0]["metrics"] == [{"mtu": 1400}]
     default = json.loads(pa.ip("-j", "route", "show", "default").stdout)
-    assert default[0]["gateway"] == "10.30.0.254" and default[0]["dev"] == "eth1"
+    assert default[0]["gateway"] == "172.16.30.254" and default[0]["dev"] == "eth1"
 
 
 def test_pods_on_two_nodes_ping_both_ways(nodes, two_pods):
     pa, pb, a, b = two_pods
-    wait_for(lambda: pa.ping("10.30.0.2"), timeout=5, what="pod-a -> pod-b")
-    wait_for(lambda: pb.ping("10.30.0.1"), timeout=5, what="pod-b -> pod-a")
+    wait_for(lambda: pa.ping("172.16.30.2"), timeout=5, what="pod-a -> pod-b")
+    wait_for(lambda: pb.ping("172.16.30.1"), timeout=5, what="pod-b -> pod-a")
     nodes.b1.check(NET, a)
     nodes.b2.check(NET, b)
 
@@ -304,22 +304,22 @@ def test_remote_state_is_what_connects_and_vnis_stay_apart(nodes):
     nodes.b1.ensure_network(NET)
     for net in (NET, other):
         nodes.b2.ensure_network(net)
-    a = nodes.b1.attach(NET, attachment(pa, "cid-a", "10.30.0.1/24"))
-    b = nodes.b2.attach(NET, attachment(pb, "cid-b", "10.30.0.2/24"))
+    a = nodes.b1.attach(NET, attachment(pa, "cid-a", "172.16.30.1/24"))
+    b = nodes.b2.attach(NET, attachment(pb, "cid-b", "172.16.30.2/24"))
     # Same subnet, other VPC, same node as pod-b: must stay unreachable.
-    nodes.b2.attach(other, attachment(pc, "cid-c", "10.30.0.3/24", net=other))
-    assert not pa.ping("10.30.0.2")
+    nodes.b2.attach(other, attachment(pc, "cid-c", "172.16.30.3/24", net=other))
+    assert not pa.ping("172.16.30.2")
 
     nodes.b1.apply_remote(VNI, RemoteState(
-        endpoints=[RemoteEndpoint(mac=b.mac, ip="10.30.0.2", vtep=N2)], flood=[N2]))
+        endpoints=[RemoteEndpoint(mac=b.mac, ip="172.16.30.2", vtep=N2)], flood=[N2]))
     nodes.b2.apply_remote(VNI, RemoteState(
-        endpoints=[RemoteEndpoint(mac=a.mac, ip="10.30.0.1", vtep=N1)], flood=[N1]))
+        endpoints=[RemoteEndpoint(mac=a.mac, ip="172.16.30.1", vtep=N1)], flood=[N1]))
     nodes.b2.apply_remote(301, RemoteState(flood=[N1]))
-    wait_for(lambda: pa.ping("10.30.0.2"), timeout=5, what="pod-a -> pod-b")
-    assert not pa.ping("10.30.0.3")
+    wait_for(lambda: pa.ping("172.16.30.2"), timeout=5, what="pod-a -> pod-b")
+    assert not pa.ping("172.16.30.3")
 
     nodes.b1.apply_remote(VNI, RemoteState())
-    assert not pa.ping("10.30.0.2")
+    assert not pa.ping("172.16.30.2")
 
 
 def test_apply_remote_converges_exactly(nodes):
@@ -329,21 +329,21 @@ def test_apply_remote_converges_exactly(nodes):
     m1, m2, m3 = "02:00:00:00:00:01", "02:00:00:00:00:02", "02:00:00:00:00:03"
     n3, n4 = "198.51.100.3", "198.51.100.4"
     nodes.b1.apply_remote(VNI, RemoteState(endpoints=[
-        RemoteEndpoint(mac=m1, ip="10.30.0.11", vtep=N2),
-        RemoteEndpoint(mac=m2, ip="10.30.0.12", vtep=n3),
+        RemoteEndpoint(mac=m1, ip="172.16.30.11", vtep=N2),
+        RemoteEndpoint(mac=m2, ip="172.16.30.12", vtep=n3),
         RemoteEndpoint(mac=m3, vtep=n3)], flood=[N2, n3]))
     assert remote_fdb(nodes.n1, "vpvx300") == {
         (m1, N2), (m2, n3), (m3, n3), ("00:00:00:00:00:00", N2), ("00:00:00:00:00:00", n3)}
-    assert neighbours(nodes.n1, "vpbr300") == {("10.30.0.11", m1), ("10.30.0.12", m2)}
+    assert neighbours(nodes.n1, "vpbr300") == {("172.16.30.11", m1), ("172.16.30.12", m2)}
 
     # m1 moves to n4, m2 and m3 leave, n3 leaves the flood list and n4 joins it.
-    state = RemoteState(endpoints=[RemoteEndpoint(mac=m1, ip="10.30.0.11", vtep=n4)],
+    state = RemoteState(endpoints=[RemoteEndpoint(mac=m1, ip="172.16.30.11", vtep=n4)],
                         flood=[N2, n4])
     nodes.b1.apply_remote(VNI, state)
     nodes.b1.apply_remote(VNI, state)
     assert remote_fdb(nodes.n1, "vpvx300") == {
         (m1, n4), ("00:00:00:00:00:00", N2), ("00:00:00:00:00:00", n4)}
-    assert neighbours(nodes.n1, "vpbr300") == {("10.30.0.11", m1)}
+    assert neighbours(nodes.n1, "vpbr300") == {("172.16.30.11", m1)}
 
     nodes.b1.apply_remote(VNI, RemoteState())
     assert remote_fdb(nodes.n1, "vpvx300") == set()
@@ -363,8 +363,8 @@ def test_apply_remote_skips_own_vtep_and_missing_vni(nodes):
 def test_attach_removes_leftovers_of_a_crashed_attach(nodes):
     pod = nodes.pod("pa")
     nodes.b1.ensure_network(NET)
-    first = nodes.b1.attach(NET, attachment(pod, "cid-a", "10.30.0.1/24"))
-    again = nodes.b1.attach(NET, attachment(pod, "cid-a", "10.30.0.1/24"))
+    first = nodes.b1.attach(NET, attachment(pod, "cid-a", "172.16.30.1/24"))
+    again = nodes.b1.attach(NET, attachment(pod, "cid-a", "172.16.30.1/24"))
     assert again.host_ifname == first.host_ifname
     assert has_link(nodes.n1, again.host_ifname) and has_link(pod, "eth1")
 
@@ -374,23 +374,23 @@ def test_attach_refuses_a_foreign_interface_in_the_pod(nodes):
     nodes.b1.ensure_network(NET)
     pod.ip("link", "add", "eth1", "type", "bridge")
     with pytest.raises(BackendError, match=f"interface eth1 already exists in netns {pod.path}"):
-        nodes.b1.attach(NET, attachment(pod, "cid-a", "10.30.0.1/24"))
+        nodes.b1.attach(NET, attachment(pod, "cid-a", "172.16.30.1/24"))
     assert has_link(pod, "eth1")
 
 
 def test_failed_attach_leaves_nothing_behind(nodes):
     pod = nodes.pod("pa")
     nodes.b1.ensure_network(NET)
-    unreachable = Route(dst="10.99.0.0/16", gw="192.0.2.1")
-    with pytest.raises(BackendError, match="could not add route 10.99.0.0/16 via 192.0.2.1"):
-        nodes.b1.attach(NET, attachment(pod, "cid-a", "10.30.0.1/24", routes=[unreachable]))
+    unreachable = Route(dst="172.16.99.0/24", gw="192.0.2.1")
+    with pytest.raises(BackendError, match="could not add route 172.16.99.0/24 via 192.0.2.1"):
+        nodes.b1.attach(NET, attachment(pod, "cid-a", "172.16.30.1/24", routes=[unreachable]))
     assert not has_link(nodes.n1, host_ifname("vpc-a", "cid-a", "eth1"))
     assert not has_link(pod, "eth1")
 
 
 def test_attach_needs_an_existing_netns(nodes):
     nodes.b1.ensure_network(NET)
-    att = attachment(nodes.n1, "cid-a", "10.30.0.1/24").model_copy(
+    att = attachment(nodes.n1, "cid-a", "172.16.30.1/24").model_copy(
         update={"netns": "/var/run/netns/vpcni-no-such-ns"})
     with pytest.raises(InvalidEnvironment, match="CNI_NETNS"):
         nodes.b1.attach(NET, att)
@@ -401,7 +401,7 @@ def test_attach_refuses_a_netns_path_that_is_no_netns(nodes, tmp_path):
     nodes.b1.ensure_network(NET)
     not_a_netns = tmp_path / "file"
     not_a_netns.write_text("")
-    att = attachment(nodes.n1, "cid-a", "10.30.0.1/24").model_copy(
+    att = attachment(nodes.n1, "cid-a", "172.16.30.1/24").model_copy(
         update={"netns": str(not_a_netns)})
     with pytest.raises(InvalidEnvironment, match="CNI_NETNS .* is not a network namespace"):
         nodes.b1.attach(NET, att)
@@ -410,14 +410,14 @@ def test_attach_refuses_a_netns_path_that_is_no_netns(nodes, tmp_path):
 def test_detach_tolerates_what_is_gone(nodes):
     pod = nodes.pod("pa")
     nodes.b1.ensure_network(NET)
-    att = nodes.b1.attach(NET, attachment(pod, "cid-a", "10.30.0.1/24"))
+    att = nodes.b1.attach(NET, attachment(pod, "cid-a", "172.16.30.1/24"))
     nodes.b1.detach(att)
     assert not has_link(nodes.n1, att.host_ifname) and not has_link(pod, "eth1")
     nodes.b1.detach(att)
-    again = nodes.b1.attach(NET, attachment(pod, "cid-a", "10.30.0.1/24"))
+    again = nodes.b1.attach(NET, attachment(pod, "cid-a", "172.16.30.1/24"))
     pod.delete()
     nodes.b1.detach(again)
-    nodes.b1.detach(attachment(pod, "cid-never", "10.30.0.9/24"))
+    nodes.b1.detach(attachment(pod, "cid-never", "172.16.30.9/24"))
     wait_for(lambda: not has_link(nodes.n1, again.host_ifname), what="veth gone with its netns")
 
 
@@ -433,7 +433,7 @@ def test_check_names_what_differs(nodes, two_pods):
     pa.ip("addr", "flush", "dev", "eth1")
     with pytest.raises(CheckFailed, match="lacks recorded address"):
         nodes.b1.check(NET, a)
-    pa.ip("addr", "add", "10.30.0.1/24", "dev", "eth1")
+    pa.ip("addr", "add", "172.16.30.1/24", "dev", "eth1")
 
     nodes.n1.ip("link", "set", a.host_ifname, "nomaster")
     with pytest.raises(CheckFailed, match=f"host veth {a.host_ifname} is not enslaved to vpbr300"):

@@ -36,6 +36,14 @@ def test_minimal_result_passes():
     check_result({"cniVersion": "1.0.0", "ips": []}, "1.0.0")
 
 
+def assert_fails(check, *args, words) -> None:
+    """`check(*args)` raises AssertionError whose message contains every one of `words`."""
+    with pytest.raises(AssertionError) as info:
+        check(*args)
+    for word in words:
+        assert word in str(info.value)
+
+
 def _broken(version, mutate):
     res = copy.deepcopy(good(version))
     mutate(res)
@@ -89,10 +97,7 @@ BAD = [
 
 @pytest.mark.parametrize("version,mutate,words", [b[1:] for b in BAD], ids=[b[0] for b in BAD])
 def test_bad_result_fails_naming_the_key(version, mutate, words):
-    with pytest.raises(AssertionError) as info:
-        check_result(_broken(version, mutate), version)
-    for word in words:
-        assert word in str(info.value)
+    assert_fails(check_result, _broken(version, mutate), version, words=words)
 
 
 def test_unknown_version_is_refused():
@@ -117,10 +122,7 @@ def test_error_shape():
 ], ids=["no-version", "no-code", "code-str", "empty-msg", "details-int", "extra-key",
         "bad-version", "not-object"])
 def test_bad_error_fails(body, words):
-    with pytest.raises(AssertionError) as info:
-        check_error(body)
-    for word in words:
-        assert word in str(info.value)
+    assert_fails(check_error, body, words=words)
 
 
 def test_error_version_pinned():
@@ -142,10 +144,7 @@ def test_version_output():
     ({"cniVersion": "1.0.0", "supportedVersions": ["1.0.0"], "x": 1}, ["version output.x"]),
 ], ids=["no-version", "no-list", "empty-list", "version-not-listed", "duplicates", "extra"])
 def test_bad_version_output_fails(body, words):
-    with pytest.raises(AssertionError) as info:
-        check_version_output(body)
-    for word in words:
-        assert word in str(info.value)
+    assert_fails(check_version_output, body, words=words)
 
 
 def test_version_output_expected_list():

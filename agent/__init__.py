@@ -1,0 +1,1 @@
+"""The node agent: serves CNI requests, speaks EVPN, reconciles, reports health."""

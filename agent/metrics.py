@@ -1,0 +1,34 @@
+"""Prometheus metrics of one agent (its own registry, so several agents can share a process in tests)."""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+
+LATENCY_BUCKETS = (0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0, 2.0, 5.0, 10.0)
+
+
+class Metrics:
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry()
+        r = self.registry
+        self.requests = Counter("vpcni_cni_requests", "CNI requests served by the agent",
+                                ["command", "result"], registry=r)
+        self.latency = Histogram("vpcni_cni_request_duration_seconds",
+                                 "Time to serve a CNI request in the agent", ["command"],
+                                 buckets=LATENCY_BUCKETS, registry=r)
+        self.attachments = Gauge("vpcni_attachments", "Attachments on this node per VNI",
+                                 ["vni"], registry=r)
+        self.routes_announced = Gauge("vpcni_evpn_routes_announced",
+                                      "EVPN routes this node originates", ["type"], registry=r)
+        self.routes_received = Gauge("vpcni_evpn_routes_received",
+                                     "EVPN routes received for VNIs present on this node",
+                                     ["type"], registry=r)
+        self.speaker_up = Gauge("vpcni_evpn_speaker_connected",
+                                "1 when the agent is connected to its gobgpd", registry=r)
+        self.reconciles = Counter("vpcni_reconcile_runs", "Reconcile loop runs", ["result"],
+                                  registry=r)
+        self.pending_del = Gauge("vpcni_pending_del", "DELs spooled while the agent was away",
+                                 registry=r)
+
+    def render(self) -> bytes:
+        return generate_latest(self.registry)

@@ -1,0 +1,383 @@
+"""`vpcnictl agent`: one long-running process per node.
+
+It owns the request handler (backends loaded once), the attachment store, the
+EVPN speaker (gobgpd over gRPC), a reconcile loop, health and metrics. CNI
+requests arrive from the shim over a unix socket (mode 0600) as one JSON
+object {env, stdin} and are answered with {stdout, rc}; {"op": "status"}
+returns the agent's status.
+
+Restarting the agent changes nothing in the dataplane: on start it only
+converges (local routes to the store, FDB to the received routes once the
+initial route dump is complete), so traffic between existing pods goes on.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import signal
+import socket
+import socketserver
+import threading
+import time
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+from typing import Any, Iterable, Optional
+
+from vpcni.cni.plugin import Dispatcher
+from vpcni.core import backend as backends
+from vpcni.core.config import NodeConfig
+from vpcni.core.errors import VpcniError
+from vpcni.core.handler import Handler
+from vpcni.core.models import Attachment
+
+from .metrics import Metrics
+
+LOG = logging.getLogger("vpcni.agent")
+MAX_REQUEST = 4 * 1024 * 1024
+
+
+class _RequestServer(socketserver.ThreadingMixIn, socketserver.UnixStreamServer):
+    daemon_threads = True
+    allow_reuse_address = True
+
+    def __init__(self, path: str, agent: "Agent"):
+        self.agent = agent
+        super().__init__(path, _RequestHandler, bind_and_activate=False)
+        old = os.umask(0o177)  # the socket is born 0600: no window with wider access
+        try:
+            self.server_bind()
+        finally:
+            os.umask(old)
+        os.chmod(path, 0o600)
+        self.server_activate()
+
+
+class _RequestHandler(socketserver.StreamRequestHandler):
+    def handle(self) -> None:
+        data = b""
+        while len(data) <= MAX_REQUEST:
+            chunk = self.request.recv(65536)
+            if not chunk:
+                break
+            data += chunk
+        reply = self.server.agent.serve_request(data)
+        self.request.sendall(json.dumps(reply).encode())
+
+
+class Agent:
+    def __init__(self, node: NodeConfig):
+        self.node = node
+        self.metrics = Metrics()
+        self.handler = Handler(node)
+        self.dispatcher = Dispatcher(node, handler=self.handler)
+        self.speaker = None
+        self.started = time.time()
+        self._stop = threading.Event()
+        self._kick = threading.Event()
+        self._dirty: set[int] = set()
+        self._dirty_lock = threading.Lock()
+        self._sync_lock = threading.Lock()
+        self._heartbeat = time.monotonic()
+        self._server: Optional[_RequestServer] = None
+        self._http: Optional[ThreadingHTTPServer] = None
+        self._threads: list[threading.Thread] = []
+        self.choice: dict[str, Any] = {}
+        if node.evpn is not None:
+            from vpcni.evpn.speaker import EvpnSpeaker
+
+            self.speaker = EvpnSpeaker(str(node.evpn.gobgpdSocket), vtep=self._vtep(),
+                                       asn=node.evpn.asn, on_change=self._remote_changed)
+            self.handler.remote_source = self.speaker.remote_state
+        self.handler.listeners.append(self._local_changed)
+
+    def _vtep(self):
+        if self.node.vtepAddress is not None:
+            return self.node.vtepAddress
+        probe, _ = backends.choose(self.node)
+        return probe.facts.get("vtep")
+
+    # ------------------------------------------------------------ lifecycle
+
+    def start(self) -> None:
+        self._probe()
+        sock = Path(self.node.agentSocket)
+        sock.parent.mkdir(parents=True, exist_ok=True)
+        if sock.exists() or sock.is_symlink():
+            if self._socket_alive(sock):
+                raise VpcniError(f"another agent already serves {sock}")
+            sock.unlink()
+        self._server = _RequestServer(str(sock), self)
+        if self.speaker is not None:
+            self.speaker.start()
+        self._spawn("requests", self._server.serve_forever)
+        self._spawn("reconcile", self._reconcile_loop)
+        if self.node.healthAddress:
+            self._http = _health_server(self.node.healthAddress, self)
+            self._spawn("health", self._http.serve_forever)
+        self._replay_pending()
+        self._local_changed()
+        LOG.info("agent serving %s (backend %s: %s)", sock, self.choice.get("backend"),
+                 self.choice.get("why"))
+
+    def _spawn(self, name: str, target) -> None:
+        t = threading.Thread(target=target, name=name, daemon=True)
+        t.start()
+        self._threads.append(t)
+
+    @staticmethod
+    def _socket_alive(path: Path) -> bool:
+        s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        try:
+            s.settimeout(1)
+            s.connect(str(path))
+            return True
+        except OSError:
+            return False
+        finally:
+            s.close()
+
+    def stop(self) -> None:
+        """Stop serving; the dataplane and gobgpd's routes are left as they are."""
+        self._stop.set()
+        self._kick.set()
+        if self._server is not None:
+            self._server.shutdown()
+            self._server.server_close()
+            Path(self.node.agentSocket).unlink(missing_ok=True)
+        if self._http is not None:
+            self._http.shutdown()
+            self._http.server_close()
+        if self.speaker is not None:
+            self.speaker.close()
+        self.handler.close()
+
+    def run_forever(self) -> None:
+        done = threading.Event()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(sig, lambda *_: done.set())
+        self.start()
+        done.wait()
+        LOG.info("agent stopping")
+        self.stop()
+
+    # ------------------------------------------------------------ requests
+
+    def serve_request(self, data: bytes) -> dict:
+        try:
+            req = json.loads(data)
+            if req.get("op") == "status":
+                return {"stdout": json.dumps(self.status()), "rc": 0}
+            env = {str(k): str(v) for k, v in req["env"].items()}
+            stdin = req.get("stdin", "").encode("utf-8", "surrogateescape")
+        except (ValueError, KeyError, AttributeError, TypeError) as exc:
+            return {"stdout": json.dumps({"cniVersion": "1.1.0", "code": 6,
+                                          "msg": f"malformed request from the shim: {exc}"}),
+                    "rc": 1}
+        command = env.get("CNI_COMMAND", "?")
+        t0 = time.perf_counter()
+        out, rc = self.dispatcher.run(env, stdin)
+        self.metrics.latency.labels(command).observe(time.perf_counter() - t0)
+        self.metrics.requests.labels(command, "ok" if rc == 0 else "error").inc()
+        return {"stdout": out, "rc": rc}
+
+    def _replay_pending(self) -> None:
+        """DELs the shim spooled while no agent listened."""
+        spool = Path(self.node.stateDir) / "pending-del"
+        if not spool.is_dir():
+            return
+        for path in sorted(spool.glob("*.json")):
+            try:
+                req = json.loads(path.read_text())
+                out, rc = self.dispatcher.run(req["env"], req["stdin"].encode("utf-8",
+                                                                              "surrogateescape"))
+            except (OSError, ValueError, KeyError) as exc:
+                LOG.error("pending DEL %s is unreadable (%s): kept for an operator", path, exc)
+                continue
+            if rc == 0:
+                LOG.info("pending DEL %s done", path.name)
+                path.unlink(missing_ok=True)
+            elif json.loads(out).get("code") == 11:
+                LOG.warning("pending DEL %s: %s; will retry", path.name, out)
+            else:
+                LOG.error("pending DEL %s failed for good: %s", path.name, out)
+                path.rename(path.with_suffix(".failed"))
+        self.metrics.pending_del.set(len(list(spool.glob("*.json"))))
+
+    # ------------------------------------------------------------ reconcile
+
+    def _local_changed(self) -> None:
+        """Attachments changed: announce/withdraw now, so remote nodes learn it at once."""
+        self._sync_local()
+        self._update_gauges()
+
+    def _remote_changed(self, vnis: set[int]) -> None:
+        with self._dirty_lock:
+            self._dirty |= set(vnis)
+        self._kick.set()
+
+    def _sync_local(self) -> None:
+        if self.speaker is None:
+            return
+        with self._sync_lock:
+            try:
+                self.speaker.set_local(local_routes(self.handler.store.all()))
+            except Exception:
+                LOG.exception("could not sync local routes to gobgpd (retried by reconcile)")
+
+    def _converge(self, vnis: set[int]) -> None:
+        local = self.handler.local_vnis()
+        for vni in sorted(vnis & local):
+            backend = self._backend_of_vni(vni)
+            if backend is None:
+                continue
+            try:
+                self.handler.apply_remote(backend, vni)
+            except VpcniError as exc:
+                LOG.error("converge VNI %d: %s", vni, exc)
+
+    def _backend_of_vni(self, vni: int):
+        for att in self.handler.store.for_vni(vni):
+            return self.handler.backend_named(att.backend)
+        return None
+
+    def _reconcile_loop(self) -> None:
+        interval = self.node.reconcileInterval
+        last_full = 0.0
+        while not self._stop.is_set():
+            self._kick.wait(timeout=min(interval, 5.0))
+            self._kick.clear()
+            self._heartbeat = time.monotonic()
+            if self._stop.is_set():
+                return
+            # Never converge the FDB on a partial picture: wait for gobgpd's initial dump.
+            if self.speaker is not None and not self.speaker.synced:
+                continue
+            with self._dirty_lock:
+                dirty, self._dirty = self._dirty, set()
+            full = time.monotonic() - last_full >= interval
+            try:
+                if full:
+                    self._sync_local()
+                    self._replay_pending()
+                    dirty = self.handler.local_vnis()
+                    last_full = time.monotonic()
+                self._converge(dirty)
+                self._update_gauges()
+                self.metrics.reconciles.labels("ok").inc()
+            except Exception:
+                LOG.exception("reconcile failed")
+                self.metrics.reconciles.labels("error").inc()
+
+    # ------------------------------------------------------------ status
+
+    def _probe(self) -> None:
+        try:
+            probe, probes = backends.choose(self.node)
+            why = (f"pinned by node config {self.node.source}" if self.node.backend
+                   else "best available probe")
+            self.choice = {"backend": probe.name, "why": why, "reason": probe.reason,
+                           "probes": [p.model_dump(mode="json") for p in probes]}
+        except VpcniError as exc:
+            self.choice = {"backend": None, "why": exc.msg,
+                           "probes": [p.model_dump(mode="json")
+                                      for p in backends.probe_all(self.node)]}
+
+    def _update_gauges(self) -> None:
+        counts: dict[int, int] = {}
+        for att in self.handler.store.all():
+            counts[att.vni] = counts.get(att.vni, 0) + 1
+        self.metrics.attachments.clear()
+        for vni, n in counts.items():
+            self.metrics.attachments.labels(str(vni)).set(n)
+        if self.speaker is not None:
+            stats = self.speaker.stats()
+            self.metrics.speaker_up.set(1 if self.speaker.connected else 0)
+            for kind, n in stats.get("announced", {}).items():
+                self.metrics.routes_announced.labels(kind).set(n)
+            for kind, n in stats.get("received", {}).items():
+                self.metrics.routes_received.labels(kind).set(n)
+
+    def ready(self) -> tuple[bool, str]:
+        if self._server is None:
+            return False, "not serving requests yet"
+        if not self.choice.get("backend"):
+            return False, f"no usable backend: {self.choice.get('why')}"
+        if self.speaker is not None:
+            if not self.speaker.connected:
+                return False, f"gobgpd not reachable at {self.node.evpn.gobgpdSocket}"
+            if not self.speaker.synced:
+                return False, "waiting for gobgpd's initial route dump"
+        return True, "ready"
+
+    def alive(self) -> tuple[bool, str]:
+        age = time.monotonic() - self._heartbeat
+        limit = 3 * min(self.node.reconcileInterval, 5.0) + 10
+        if age > limit:
+            return False, f"reconcile loop silent for {age:.0f}s"
+        return True, "alive"
+
+    def status(self) -> dict[str, Any]:
+        ready, why = self.ready()
+        vnis: dict[str, int] = {}
+        for att in self.handler.store.all():
+            vnis[str(att.vni)] = vnis.get(str(att.vni), 0) + 1
+        out = {"node": self.node.source, "socket": str(self.node.agentSocket),
+               "uptime": round(time.time() - self.started, 1), "ready": ready,
+               "readyReason": why, "backend": self.choice, "attachmentsPerVni": vnis}
+        if self.speaker is not None:
+            out["evpn"] = {"connected": self.speaker.connected, "synced": self.speaker.synced,
+                           **self.speaker.stats()}
+        return out
+
+
+def local_routes(attachments: Iterable[Attachment]) -> set:
+    """What this node announces: a MAC/IP route per address of each ready
+    attachment (MAC-only without one), and an inclusive-multicast route per VNI."""
+    from vpcni.evpn.routes import LocalRoute
+
+    routes = set()
+    for att in attachments:
+        if att.state != "ready" or not att.mac:
+            continue
+        routes.add(LocalRoute.inclusive_multicast(att.vni))
+        if not att.ips:
+            routes.add(LocalRoute.mac_ip(att.vni, att.mac))
+        for ip in att.ips:
+            routes.add(LocalRoute.mac_ip(att.vni, att.mac, ip.address.ip))
+    return routes
+
+
+def _health_server(address: str, agent: Agent) -> ThreadingHTTPServer:
+    host, _, port = address.rpartition(":")
+
+    class Health(BaseHTTPRequestHandler):
+        def _send(self, code: int, body: bytes, ctype: str = "text/plain") -> None:
+            self.send_response(code)
+            self.send_header("Content-Type", ctype)
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def do_GET(self) -> None:  # noqa: N802 (http.server's name)
+            if self.path == "/metrics":
+                self._send(200, agent.metrics.render(), "text/plain; version=0.0.4")
+            elif self.path in ("/healthz", "/livez"):
+                ok, why = agent.alive()
+                self._send(200 if ok else 503, why.encode() + b"\n")
+            elif self.path == "/readyz":
+                ok, why = agent.ready()
+                self._send(200 if ok else 503, why.encode() + b"\n")
+            elif self.path == "/status":
+                self._send(200, json.dumps(agent.status(), indent=1).encode(),
+                           "application/json")
+            else:
+                self._send(404, b"not found\n")
+
+        def log_message(self, *args) -> None:
+            pass
+
+    server = ThreadingHTTPServer((host.strip("[]") or "127.0.0.1", int(port)), Health)
+    server.daemon_threads = True
+    return server

@@ -1,0 +1,1 @@
+"""BGP EVPN control plane: the node's gobgpd speaker, route codec, daemon configs."""

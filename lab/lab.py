@@ -1,0 +1,388 @@
+"""`vpcnictl lab up|check|down`: a simulated cluster with the real control plane.
+
+From a topology file: an underlay fabric, route reflectors (FRR bgpd or
+gobgpd), nodes each running gobgpd and the vpcni agent (or a plain FRR VTEP
+as the seed deploys it), VPCs and pods. Every pod is attached through the
+installed `vpcni` shim exactly as a runtime calls it. `check` measures the
+connectivity matrix with real traffic. Everything lives in namespaces and
+under one directory; the sandbox state file lets `down` (another process)
+remove it all, also after a failed `up`.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import ipaddress
+import json
+import os
+import shutil
+import subprocess
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Optional
+
+from vpcni.cni.shim import agent_call
+from vpcni.evpn import render
+
+from .cluster import Cluster, Node, Pod, installed_executable
+from .netns import Netns, Sandbox, run, wait_for
+from .topology import Topology
+from .traffic import start_ident_server, tcp_ident
+
+LAB_ROOT = Path("/run/vpcni-lab")
+FRR_DIR = Path("/usr/lib/frr")
+READY_TIMEOUT = 30.0
+
+
+class LabError(RuntimeError):
+    pass
+
+
+@dataclass
+class PodInfo:
+    name: str
+    node: str
+    vpc: str
+    vni: int
+    address: str  # CIDR
+    netns: str
+    container_id: str
+    mac: str = ""
+
+    @property
+    def ip(self) -> str:
+        return self.address.split("/")[0]
+
+
+def _tail(path: Path, lines: int = 15) -> str:
+    try:
+        return "\n".join(path.read_text(errors="replace").splitlines()[-lines:])
+    except OSError:
+        return "(no log)"
+
+
+class Lab:
+    """One lab instance, by name; its files live under /run/vpcni-lab/<name>."""
+
+    def __init__(self, topo: Topology, root: Path = LAB_ROOT):
+        self.topo = topo
+        self.dir = Path(root) / topo.name
+        self.box: Optional[Sandbox] = None
+        self.cluster: Optional[Cluster] = None
+        self.pods: dict[str, PodInfo] = {}
+
+    # ------------------------------------------------------------ paths
+
+    @property
+    def state_file(self) -> Path:
+        return self.dir.parent / f"{self.topo.name}.sandbox.json"
+
+    @property
+    def lab_file(self) -> Path:
+        return self.dir / "lab.json"
+
+    def node_dir(self, name: str) -> Path:
+        return self.box.dir(name)
+
+    # ------------------------------------------------------------ up
+
+    def up(self) -> None:
+        if self.state_file.exists():
+            raise LabError(f"lab {self.topo.name!r} is already up (or was not taken down): "
+                           f"run `vpcnictl lab down {self.topo.name}` first")
+        self.dir.parent.mkdir(parents=True, exist_ok=True)
+        self.box = Sandbox(prefix=f"vl{os.urandom(2).hex()}", root_dir=self.dir,
+                           state_file=self.state_file)
+        try:
+            self.cluster = Cluster(self.box, str(self.topo.underlay))
+            for rr in self.topo.reflectors:
+                self._start_reflector(rr)
+            for node in self.topo.nodes:
+                self._start_node(node)
+            for node in self.topo.nodes:
+                if node.kind == "vpcni":
+                    self._wait_agent_ready(node.name)
+            for pod in self.topo.pods:
+                self.add_pod(pod.name, pod.node, pod.vpc, str(pod.address))
+            self._save()
+        except BaseException:
+            self.down()
+            raise
+
+    def _save(self) -> None:
+        data = {"topology": self.topo.model_dump(mode="json"), "prefix": self.box.prefix,
+                "pods": {n: vars(p) for n, p in self.pods.items()}}
+        tmp = self.lab_file.with_suffix(".tmp")
+        tmp.write_text(json.dumps(data, indent=1))
+        os.replace(tmp, self.lab_file)
+
+    @classmethod
+    def load(cls, name: str, root: Path = LAB_ROOT) -> "Lab":
+        """The lab `name` as `up` left it (for check, down and tests in another process)."""
+        path = Path(root) / name / "lab.json"
+        try:
+            data = json.loads(path.read_text())
+        except OSError:
+            raise LabError(f"lab {name!r} is not up (no {path})") from None
+        lab = cls(Topology.model_validate(data["topology"]), root)
+        lab.box = Sandbox.restore(lab.state_file)
+        lab.pods = {n: PodInfo(**p) for n, p in data["pods"].items()}
+        return lab
+
+    # ------------------------------------------------------------ reflectors
+
+    def _start_reflector(self, rr) -> None:
+        ns = self.box.netns(rr.name)
+        self.cluster.fabric.connect(ns, str(rr.address))
+        d = self.node_dir(rr.name)
+        prefix = str(self.topo.underlay)
+        if rr.daemon == "frr":
+            conf = render.frr_route_reflector(asn=self.topo.asn, router_id=str(rr.address),
+                                              listen_range=prefix)
+            self._start_frr(ns, d, rr.name, conf)
+        else:
+            conf = render.gobgpd_route_reflector(asn=self.topo.asn, router_id=str(rr.address),
+                                                 listen_range=prefix)
+            self._start_gobgpd(ns, d, conf)
+
+    def _start_frr(self, ns: Netns, d: Path, hostname: str, bgpd_conf: str) -> None:
+        (d / "zebra.conf").write_text(render.frr_zebra(hostname))
+        (d / "bgpd.conf").write_text(bgpd_conf)
+        shutil.chown(d, "frr", "frr")
+        for f in d.iterdir():
+            shutil.chown(f, "frr", "frr")
+        for daemon in ("zebra", "bgpd"):
+            pid_file = d / f"{daemon}.pid"
+            ns.exec(str(FRR_DIR / daemon), "-d", "-P", "0", "-f", str(d / f"{daemon}.conf"),
+                    "-i", str(pid_file), "--vty_socket", str(d), "-z", str(d / "zserv.api"),
+                    "--log", f"file:{d / f'{daemon}.log'}")
+            pid = wait_for(lambda: pid_file.exists() and pid_file.read_text().strip(),
+                           timeout=10, what=f"{daemon} pid file in {d}")
+            self.box.adopt(int(pid), ns.name)
+
+    def _start_gobgpd(self, ns: Netns, d: Path, conf: str) -> None:
+        (d / "gobgpd.toml").write_text(conf)
+        sock = d / "gobgp.sock"
+        sock.unlink(missing_ok=True)
+        log = open(d / "gobgpd.log", "ab")
+        ns.spawn("gobgpd", "-f", str(d / "gobgpd.toml"), "-p", "--api-hosts", f"unix://{sock}",
+                 "--pprof-disable", "-l", "info", stdout=log, stderr=log)
+        log.close()
+        wait_for(sock.exists, timeout=10, what=f"gobgpd socket {sock}")
+
+    # ------------------------------------------------------------ nodes
+
+    def _start_node(self, spec) -> None:
+        reflectors = [str(rr.address) for rr in self.topo.reflectors]
+        if spec.kind == "frr":
+            ns = self.box.netns(spec.name)
+            self.cluster.fabric.connect(ns, str(spec.address))
+            d = self.node_dir(spec.name)
+            conf = render.frr_vtep(asn=self.topo.asn, router_id=str(spec.address),
+                                   reflectors=reflectors)
+            self._start_frr(ns, d, spec.name, conf)
+            return
+        node_cfg = {"mode": "agent", "reconcileInterval": 10}
+        if spec.backend:
+            node_cfg["backend"] = spec.backend
+        node = self.cluster.add_node(spec.name, str(spec.address), **node_cfg)
+        d = node.dir
+        node.write_node_config(**node_cfg, agentSocket=str(d / "agent.sock"),
+                               evpn={"gobgpdSocket": str(d / "gobgp.sock"),
+                                     "asn": self.topo.asn})
+        self._start_gobgpd(node.ns, d, render.gobgpd_node(
+            asn=self.topo.asn, router_id=str(spec.address), reflectors=reflectors))
+        self.start_agent(spec.name)
+
+    def node(self, name: str) -> Node:
+        """The vpcni node `name` (works after load() too)."""
+        if self.cluster is not None and name in self.cluster.nodes:
+            return self.cluster.nodes[name]
+        spec = self.topo.node(name)
+        ns = self.box.namespaces[name]
+        d = self.box.root_dir / name
+        return Node(name=name, ns=ns, address=str(spec.address), dir=d,
+                    cni_bin=self.box.root_dir / "cni-bin",
+                    node_config=json.loads((d / "node.json").read_text()))
+
+    def start_agent(self, name: str) -> None:
+        node = self.node(name)
+        log = open(node.dir / "agent.log", "ab")
+        node.ns.spawn(installed_executable("vpcnictl"), "agent", "--node-config",
+                      str(node.config_path), stdout=log, stderr=log)
+        log.close()
+
+    def _wait_agent_ready(self, name: str, timeout: float = READY_TIMEOUT) -> dict:
+        node = self.node(name)
+        sock = str(node.dir / "agent.sock")
+
+        def ready():
+            try:
+                status = json.loads(agent_call(sock, {"op": "status"}, timeout=2)["stdout"])
+            except (OSError, ValueError, KeyError):
+                return None
+            return status if status.get("ready") else None
+        try:
+            return wait_for(ready, timeout=timeout, interval=0.05, what=f"agent on {name} ready")
+        except TimeoutError:
+            raise LabError(f"agent on {name} not ready after {timeout}s; its log:\n"
+                           f"{_tail(node.dir / 'agent.log')}") from None
+
+    def _pids_of(self, netns: str, exe: str) -> list[int]:
+        out = []
+        for pid, (_, ns) in self.box.processes.items():
+            if ns != netns:
+                continue
+            try:
+                cmd = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+            except OSError:
+                continue
+            if any(exe.encode() in part for part in cmd[:2]):
+                out.append(pid)
+        return out
+
+    def stop_process(self, netns_short: str, exe: str) -> None:
+        """Stop our process `exe` in a namespace, by its recorded pid."""
+        ns = self.box.namespaces[netns_short].name
+        for pid in self._pids_of(ns, exe):
+            self.box.kill_pid(pid)
+
+    def restart_agent(self, name: str) -> None:
+        self.stop_process(name, "vpcnictl")
+        self.start_agent(name)
+        self._wait_agent_ready(name)
+
+    def restart_gobgpd(self, name: str) -> None:
+        d = self.box.root_dir / name
+        self.stop_process(name, "gobgpd")
+        self._start_gobgpd(self.box.namespaces[name], d, (d / "gobgpd.toml").read_text())
+
+    def stop_reflector(self, name: str) -> None:
+        for exe in ("gobgpd", "bgpd", "zebra"):
+            self.stop_process(name, exe)
+
+    # ------------------------------------------------------------ pods
+
+    def network_config(self, vpc: str, version: str = "1.1.0") -> dict:
+        v = self.topo.vpc(vpc)
+        return {"cniVersion": version, "name": f"vpc-{v.name}", "type": "vpcni", "vni": v.vni}
+
+    def add_pod(self, name: str, node: str, vpc: str, address: str) -> PodInfo:
+        spec = self.topo.node(node)
+        ns = self.box.netns(f"pod-{name}")
+        info = PodInfo(name=name, node=node, vpc=vpc, vni=self.topo.vpc(vpc).vni,
+                       address=address, netns=ns.name, container_id=f"{self.box.prefix}-{name}")
+        if spec.kind == "frr":
+            self._attach_frr_pod(ns, info)
+        else:
+            conf = self.network_config(vpc) | {"addr": address}
+            res = self.node(node).cni("ADD", conf, info.container_id, ns.path, "eth1")
+            if not res.ok:
+                raise LabError(f"ADD of pod {name} on {node} failed: {res.stdout or res.stderr}")
+            result = res.json
+            info.mac = result["interfaces"][result["ips"][0]["interface"]]["mac"]
+        start_ident_server(ns, name)
+        self.pods[name] = info
+        self._save()
+        return info
+
+    def remove_pod(self, name: str) -> None:
+        info = self.pods.pop(name)
+        if self.topo.node(info.node).kind == "vpcni":
+            conf = self.network_config(info.vpc) | {"addr": info.address}
+            res = self.node(info.node).cni("DEL", conf, info.container_id,
+                                           str(Path("/var/run/netns") / info.netns), "eth1")
+            if not res.ok:
+                raise LabError(f"DEL of pod {name} failed: {res.stdout or res.stderr}")
+        short = info.netns.removeprefix(self.box.prefix + "-")
+        self.box.namespaces[short].delete()
+        self._save()
+
+    def _attach_frr_pod(self, ns: Netns, info: PodInfo) -> None:
+        """The seed's plain-FRR VTEP: vxlan<VNI> + br<VNI> built with ip, a veth per pod."""
+        host = self.box.namespaces[info.node]
+        spec = self.topo.node(info.node)
+        br, vx = f"br{info.vni}", f"vxlan{info.vni}"
+        if host.ip("link", "show", br, check=False).returncode != 0:
+            host.ip("link", "add", br, "type", "bridge")
+            host.ip("link", "add", vx, "type", "vxlan", "id", str(info.vni), "dstport", "4789",
+                    "local", str(spec.address), "nolearning")
+            host.ip("link", "set", vx, "master", br, "addrgenmode", "none")
+            host.ip("link", "set", vx, "type", "bridge_slave", "neigh_suppress", "off",
+                    "learning", "off")
+            host.ip("link", "set", vx, "up")
+            host.ip("link", "set", br, "up")
+        veth = f"h{len(self.pods)}{info.name}"[:15]
+        self.box.veth(host, veth, ns, "eth1")
+        host.ip("link", "set", veth, "master", br, "up")
+        ns.ip("link", "set", "eth1", "mtu", "1450", "up")
+        ns.ip("addr", "add", info.address, "dev", "eth1")
+        info.mac = json.loads(ns.ip("-j", "link", "show", "eth1").stdout)[0]["address"]
+
+    # ------------------------------------------------------------ check
+
+    def matrix(self, workers: int = 8) -> list[tuple[str, str, bool, bool, Optional[str]]]:
+        """(src, dst, expected, reached, who answered) for every ordered pair of pods.
+
+        Reached means a TCP connection from src to dst's address was answered
+        by dst itself: with two VPCs on one CIDR, the same address may answer
+        from the caller's own VPC, which is not dst.
+        """
+        pairs = [(a, b) for a in self.pods.values() for b in self.pods.values() if a is not b]
+
+        def probe(pair):
+            src, dst = pair
+            ns = Netns(src.netns, self.box, create=False)
+            who = tcp_ident(ns, dst.ip, timeout=1.5)
+            return (src.name, dst.name, src.vni == dst.vni, who == dst.name, who)
+        with concurrent.futures.ThreadPoolExecutor(workers) as pool:
+            return list(pool.map(probe, pairs))
+
+    def check(self, out=print) -> bool:
+        rows = self.matrix()
+        names = sorted(self.pods)
+        cell = {(s, d): (e, r) for s, d, e, r, _ in rows}
+        width = max(len(n) for n in names) + 1
+        out("connectivity matrix (row reaches column): ok = reached as expected, "
+            "-- = isolated as expected, MISSING / LEAK = differs")
+        out(" " * width + " ".join(f"{n:>{width}}" for n in names))
+        bad = 0
+        for s in names:
+            line = f"{s:<{width}}"
+            for d in names:
+                if s == d:
+                    mark = "."
+                else:
+                    expected, reached = cell[(s, d)]
+                    mark = {(True, True): "ok", (False, False): "--",
+                            (True, False): "MISSING", (False, True): "LEAK"}[(expected, reached)]
+                    bad += expected != reached
+                line += f" {mark:>{width}}"
+            out(line)
+        same = sum(1 for _, _, e, _, _ in rows if e)
+        out(f"{len(rows)} pairs: {same} inside a VPC, {len(rows) - same} across VPCs; "
+            f"{bad} differ from expected")
+        return bad == 0
+
+    # ------------------------------------------------------------ down
+
+    def down(self) -> None:
+        if self.box is None:
+            if not self.state_file.exists():
+                return
+            self.box = Sandbox.restore(self.state_file)
+        self.box.cleanup()
+        shutil.rmtree(self.dir, ignore_errors=True)
+        self.box = None
+
+
+def down_by_name(name: str, root: Path = LAB_ROOT) -> bool:
+    """Remove lab `name` whatever state it is in; False when there was nothing."""
+    state = Path(root) / f"{name}.sandbox.json"
+    if not state.exists():
+        shutil.rmtree(Path(root) / name, ignore_errors=True)
+        return False
+    Sandbox.restore(state).cleanup()
+    shutil.rmtree(Path(root) / name, ignore_errors=True)
+    return True

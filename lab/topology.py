@@ -1,0 +1,115 @@
+"""The lab's topology file (TOML): fabric, route reflectors, nodes, VPCs, pods.
+
+See docs/lab.md for the reference. Validated once with pydantic; errors
+name the table and key.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import tomllib
+from pathlib import Path
+from typing import Literal, Optional
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from vpcni.core.models import NAME_PATTERN, VNI_MAX, IPvAnyAddress, IPvAnyInterface, IPvAnyNetwork
+
+DEFAULT_TOPOLOGY = Path(__file__).with_name("topologies") / "default.toml"
+_SHORT = r"^[a-z0-9][a-z0-9-]{0,11}$"  # becomes part of namespace and interface names
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class Reflector(_Strict):
+    name: str = Field(pattern=_SHORT)
+    address: IPvAnyAddress
+    daemon: Literal["frr", "gobgpd"] = "frr"
+
+
+class Node(_Strict):
+    name: str = Field(pattern=_SHORT)
+    address: IPvAnyAddress
+    # vpcni: agent + gobgpd; frr: a plain FRR VTEP as the seed deploys it.
+    kind: Literal["vpcni", "frr"] = "vpcni"
+    backend: Optional[str] = Field(default=None, pattern=NAME_PATTERN)
+
+
+class Vpc(_Strict):
+    name: str = Field(pattern=_SHORT)
+    vni: int = Field(ge=1, le=VNI_MAX)
+    cidr: IPvAnyNetwork
+
+
+class Pod(_Strict):
+    name: str = Field(pattern=_SHORT)
+    node: str
+    vpc: str
+    address: Optional[IPvAnyInterface] = None
+
+
+class Topology(_Strict):
+    name: str = Field(default="lab", pattern=_SHORT)
+    asn: int = Field(default=65000, ge=1, le=4294967295)
+    underlay: IPvAnyNetwork = ipaddress.ip_network("198.51.100.0/24")
+    reflectors: list[Reflector] = Field(min_length=1)
+    nodes: list[Node] = Field(min_length=1)
+    vpcs: list[Vpc] = []
+    pods: list[Pod] = []
+
+    @model_validator(mode="after")
+    def _consistent(self) -> "Topology":
+        names = [x.name for x in (*self.reflectors, *self.nodes)]
+        dup = {n for n in names if names.count(n) > 1}
+        if dup:
+            raise ValueError(f"names used twice among reflectors and nodes: {sorted(dup)}")
+        addresses = [x.address for x in (*self.reflectors, *self.nodes)]
+        for a in addresses:
+            if a not in self.underlay:
+                raise ValueError(f"address {a} is outside the underlay {self.underlay}")
+        if len(set(addresses)) != len(addresses):
+            raise ValueError("underlay addresses must be unique")
+        vnis = [v.vni for v in self.vpcs]
+        if len(set(vnis)) != len(vnis):
+            raise ValueError("two VPCs share a VNI")
+        nodes = {n.name: n for n in self.nodes}
+        vpcs = {v.name: v for v in self.vpcs}
+        seen = set()
+        for p in self.pods:
+            if p.name in seen:
+                raise ValueError(f"pod {p.name} defined twice")
+            seen.add(p.name)
+            if p.node not in nodes:
+                raise ValueError(f"pod {p.name}: no node {p.node!r}")
+            if p.vpc not in vpcs:
+                raise ValueError(f"pod {p.name}: no vpc {p.vpc!r}")
+            if p.address is None:
+                raise ValueError(f"pod {p.name}: 'address' is required (e.g. "
+                                 f"{next(vpcs[p.vpc].cidr.hosts())}/{vpcs[p.vpc].cidr.prefixlen})")
+            if p.address.ip not in vpcs[p.vpc].cidr:
+                raise ValueError(f"pod {p.name}: {p.address} is outside VPC {p.vpc} "
+                                 f"({vpcs[p.vpc].cidr})")
+        return self
+
+    def vpc(self, name: str) -> Vpc:
+        return next(v for v in self.vpcs if v.name == name)
+
+    def node(self, name: str) -> Node:
+        return next(n for n in self.nodes if n.name == name)
+
+    @classmethod
+    def load(cls, path: Optional[Path] = None) -> "Topology":
+        path = Path(path or DEFAULT_TOPOLOGY)
+        try:
+            raw = tomllib.loads(path.read_text())
+        except (OSError, tomllib.TOMLDecodeError) as exc:
+            raise ValueError(f"topology {path}: {exc}") from None
+        try:
+            return cls.model_validate(raw)
+        except ValidationError as exc:
+            err = exc.errors(include_url=False)[0]
+            where = ".".join(str(p) for p in err["loc"]) or "(top level)"
+            msg = err["msg"].removeprefix("Value error, ")
+            raise ValueError(f"topology {path}: {where}: {msg}") from None
