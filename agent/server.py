@@ -87,7 +87,7 @@ class Agent:
         if node.evpn is not None:
             from vpcni.evpn.speaker import EvpnSpeaker
 
-            self.speaker = EvpnSpeaker(str(node.evpn.gobgpdSocket), vtep=self._vtep(),
+            self.speaker = EvpnSpeaker(f"unix://{node.evpn.gobgpdSocket}", vtep=self._vtep(),
                                        asn=node.evpn.asn, on_change=self._remote_changed)
             self.handler.remote_source = self.speaker.remote_state
         self.handler.listeners.append(self._local_changed)
@@ -252,7 +252,7 @@ class Agent:
             if self._stop.is_set():
                 return
             # Never converge the FDB on a partial picture: wait for gobgpd's initial dump.
-            if self.speaker is not None and not self.speaker.synced:
+            if self.speaker is not None and not getattr(self.speaker, "synced", self.speaker.connected):
                 continue
             with self._dirty_lock:
                 dirty, self._dirty = self._dirty, set()
@@ -292,12 +292,15 @@ class Agent:
         for vni, n in counts.items():
             self.metrics.attachments.labels(str(vni)).set(n)
         if self.speaker is not None:
-            stats = self.speaker.stats()
             self.metrics.speaker_up.set(1 if self.speaker.connected else 0)
-            for kind, n in stats.get("announced", {}).items():
+            announced = {"type2": 0, "type3": 0}
+            for route in self.speaker.local_routes():
+                announced[f"type{route.route_type}"] += 1
+            for kind, n in announced.items():
                 self.metrics.routes_announced.labels(kind).set(n)
-            for kind, n in stats.get("received", {}).items():
-                self.metrics.routes_received.labels(kind).set(n)
+            counts = self.speaker.counters()
+            for kind in ("type2", "type3"):
+                self.metrics.routes_received.labels(kind).set(counts.get(f"remote_{kind}", 0))
 
     def ready(self) -> tuple[bool, str]:
         if self._server is None:
@@ -307,7 +310,7 @@ class Agent:
         if self.speaker is not None:
             if not self.speaker.connected:
                 return False, f"gobgpd not reachable at {self.node.evpn.gobgpdSocket}"
-            if not self.speaker.synced:
+            if not getattr(self.speaker, "synced", self.speaker.connected):
                 return False, "waiting for gobgpd's initial route dump"
         return True, "ready"
 
@@ -327,8 +330,9 @@ class Agent:
                "uptime": round(time.time() - self.started, 1), "ready": ready,
                "readyReason": why, "backend": self.choice, "attachmentsPerVni": vnis}
         if self.speaker is not None:
-            out["evpn"] = {"connected": self.speaker.connected, "synced": self.speaker.synced,
-                           **self.speaker.stats()}
+            out["evpn"] = {"connected": self.speaker.connected, "synced": getattr(self.speaker, "synced", self.speaker.connected),
+                           "gobgpd": self.speaker.target, "announcing": len(self.speaker.local_routes()),
+                           **self.speaker.counters()}
         return out
 
 

@@ -19,6 +19,8 @@ def setup_logging(node, stderr_level: int = logging.WARNING) -> None:
     stderr.setLevel(stderr_level)
     stderr.setFormatter(logging.Formatter("vpcni: %(levelname)s %(message)s"))
     root.addHandler(stderr)
+    # pyroute2 logs every netlink message at DEBUG: keep it to warnings.
+    logging.getLogger("pyroute2").setLevel(logging.WARNING)
     if node is not None and node.logFile:
         try:
             node.logFile.parent.mkdir(parents=True, exist_ok=True)

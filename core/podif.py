@@ -13,6 +13,7 @@ import errno
 import ipaddress
 import os
 import socket
+import struct
 import threading
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -87,8 +88,8 @@ def netns_fd(path: Optional[str]) -> Iterator[int]:
         os.close(fd)
 
 
-def _netlink_socket_in(fd: int) -> socket.socket:
-    """A NETLINK_ROUTE socket living in the namespace `fd` refers to.
+def _socket_in(fd: int, family: int, kind: int, proto: int) -> socket.socket:
+    """A socket living in the namespace `fd` refers to.
 
     A short-lived thread enters the namespace (setns moves only the calling
     thread) and creates the socket there; a socket keeps its namespace for
@@ -100,8 +101,7 @@ def _netlink_socket_in(fd: int) -> socket.socket:
     def enter_and_create() -> None:
         try:
             setns(fd, flags=0)
-            made["socket"] = socket.socket(socket.AF_NETLINK, socket.SOCK_DGRAM,
-                                           NETLINK_ROUTE)
+            made["socket"] = socket.socket(family, kind, proto)
         except OSError as exc:
             made["error"] = exc
 
@@ -111,6 +111,39 @@ def _netlink_socket_in(fd: int) -> socket.socket:
     if "error" in made:
         raise made["error"]
     return made["socket"]
+
+
+def _netlink_socket_in(fd: int) -> socket.socket:
+    return _socket_in(fd, socket.AF_NETLINK, socket.SOCK_DGRAM, NETLINK_ROUTE)
+
+
+ETH_P_ARP = 0x0806
+
+
+def gratuitous_arp(mac: str, ip: ipaddress.IPv4Address) -> bytes:
+    """An Ethernet broadcast ARP request for `ip` from `ip` (RFC 5227 announcement)."""
+    hw = bytes.fromhex(mac.replace(":", ""))
+    arp = struct.pack("!HHBBH6s4s6s4s", 1, 0x0800, 6, 4, 1, hw, ip.packed, b"\0" * 6, ip.packed)
+    return b"\xff" * 6 + hw + struct.pack("!H", ETH_P_ARP) + arp
+
+
+def announce(path: str, ifname: str, mac: str, ips: list[IPConfig]) -> None:
+    """Send a gratuitous ARP for each IPv4 address from `ifname` in the pod.
+
+    As the reference bridge plugin does: pods that cached the MAC an earlier
+    holder of the address had (a pod moved or was recreated) update their
+    ARP entry now instead of after it ages out. Best effort: a failure here
+    never fails the ADD.
+    """
+    v4 = [ip.address.ip for ip in ips if ip.address.version == 4]
+    if not v4:
+        return
+    with netns_fd(path) as fd:
+        sock = _socket_in(fd, socket.AF_PACKET, socket.SOCK_RAW, socket.htons(ETH_P_ARP))
+    with sock:
+        sock.bind((ifname, ETH_P_ARP))
+        for ip in v4:
+            sock.send(gratuitous_arp(mac, ip))
 
 
 @dataclass(frozen=True)

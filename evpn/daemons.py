@@ -128,8 +128,13 @@ class Frr:
         """Kill exactly the pids this instance started, bgpd first, and wait for them."""
         for daemon in reversed(FRR_DAEMONS):
             pid = self.pids.pop(daemon, None)
-            if pid is not None:
-                _kill_pid(pid)
+            if pid is None:  # started, but start() gave up before reading its pid file
+                try:
+                    pid = int(self.pid_file(daemon).read_text().strip())
+                except (OSError, ValueError):
+                    continue
+            _kill_pid(pid)
+            self.pid_file(daemon).unlink(missing_ok=True)  # never kill a reused pid later
 
     def vtysh(self, *commands: str) -> str:
         args = ["vtysh", "--vty_socket", str(self.dir)]

@@ -54,6 +54,14 @@ def _reflectors(reflectors: Sequence[Address]) -> list[str]:
     return out
 
 
+def _reflector(router_id: Address, asn: int, vtep_prefix: str,
+               cluster_id: Optional[Address]) -> tuple[str, int, str, str]:
+    """Checked router-id, ASN, cluster-id (default: the router-id) and client prefix."""
+    router_id = _router_id(router_id)
+    return (router_id, _asn(asn), _router_id(cluster_id or router_id, "cluster-id"),
+            _prefix(vtep_prefix, "vtep_prefix"))
+
+
 def _toml_str(value: str) -> str:
     return json.dumps(value)  # a TOML basic string for these ASCII values
 
@@ -89,9 +97,7 @@ def gobgpd_node_toml(vtep: Address, asn: int, reflectors: Sequence[Address]) -> 
 def gobgpd_reflector_toml(router_id: Address, asn: int, vtep_prefix: str,
                           cluster_id: Optional[Address] = None) -> str:
     """A gobgpd route reflector accepting every VTEP of `vtep_prefix` as a client."""
-    router_id, asn = _router_id(router_id), _asn(asn)
-    cluster = _router_id(cluster_id or router_id, "cluster-id")
-    prefix = _prefix(vtep_prefix, "vtep_prefix")
+    router_id, asn, cluster, prefix = _reflector(router_id, asn, vtep_prefix, cluster_id)
     return "\n".join([
         "[global.config]",
         f"  as = {asn}",
@@ -121,9 +127,7 @@ def gobgpd_reflector_toml(router_id: Address, asn: int, vtep_prefix: str,
 def frr_reflector_bgpd(router_id: Address, asn: int, vtep_prefix: str,
                        cluster_id: Optional[Address] = None) -> str:
     """FRR bgpd.conf of a route reflector for every VTEP of `vtep_prefix` (l2vpn evpn only)."""
-    router_id, asn = _router_id(router_id), _asn(asn)
-    cluster = _router_id(cluster_id or router_id, "cluster-id")
-    prefix = _prefix(vtep_prefix, "vtep_prefix")
+    router_id, asn, cluster, prefix = _reflector(router_id, asn, vtep_prefix, cluster_id)
     return "\n".join([
         f"router bgp {asn}",
         f" bgp router-id {router_id}",

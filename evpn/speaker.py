@@ -85,8 +85,9 @@ class EvpnSpeaker:
         self._local_lock = threading.Lock()
         self._desired: Optional[set[LocalRoute]] = None
         self._pushed: set[LocalRoute] = set()
-        self._synced = False  # gobgpd holds _pushed (listed and reconciled on this connection)
+        self._local_synced = False  # gobgpd holds _pushed: listed, reconciled on this connection
         self._connected = threading.Event()
+        self._dumped = threading.Event()  # this connection's table dump is in the table
 
         # Remote side: the table, and the VNIs the consumer has not been told about.
         self._table = RemoteTable(self.vtep, asn)
@@ -131,6 +132,13 @@ class EvpnSpeaker:
 
     def wait_connected(self, timeout: Optional[float] = None) -> bool:
         return self._connected.wait(timeout)
+
+    @property
+    def synced(self) -> bool:
+        """Connected, and the remote table holds gobgpd's table as of this
+        connection (its initial dump applied): remote state is not partial
+        because of us. (A gobgpd that just started is still empty.)"""
+        return self._connected.is_set() and self._dumped.is_set()
 
     def counters(self) -> dict[str, int]:
         """For metrics: announced, withdrawn, disconnects, and the table's
@@ -186,9 +194,14 @@ class EvpnSpeaker:
         try:
             self._reconcile_local()
         except _Disconnected:
-            # The watch thread sees the broken stream too and reconnects.
+            self._count("disconnects")
             self._connected.clear()
-            self._synced = False
+            self._local_synced = False
+            # Make the watch thread reconnect and list again, even if its
+            # stream survived (an RPC that timed out on a live gobgpd).
+            stream = self._stream
+            if stream is not None:
+                stream.cancel()
             return False
         return True
 
@@ -196,7 +209,7 @@ class EvpnSpeaker:
         """Converge gobgpd to _desired; the caller holds _local_lock."""
         if self._desired is None:
             return
-        if not self._synced:
+        if not self._local_synced:
             self._full_sync()
         else:
             self._push(self._desired - self._pushed, self._pushed - self._desired)
@@ -210,7 +223,8 @@ class EvpnSpeaker:
             try:
                 got = routes.decode(path, self.asn)
             except RouteError as exc:
-                log.warning("gobgpd holds a local EVPN path we did not make (%s): deleting", exc)
+                log.warning("evpn: gobgpd holds a local EVPN path we did not make (%s): "
+                            "replacing or deleting it", exc)
                 got = None
             if got is not None and self._is_ours(got) and got.local_route() in desired:
                 present.add(got.local_route())
@@ -221,50 +235,43 @@ class EvpnSpeaker:
         log.info("evpn: reconciling with gobgpd: %d kept, %d to add, %d stale to delete",
                  len(present), len(desired - present), len(gone))
         self._pushed = present
-        self._synced = True
+        self._local_synced = True
         # Adding first replaces a stale path of the same NLRI in place, without
         # a withdraw; only stale paths nobody replaces are deleted.
-        self._push(desired - present, ())
-        failed = []
-        for path in gone:
-            try:
-                self._rpc("DeletePath", api.DeletePathRequest(
-                    table_type=api.GLOBAL, family=routes.EVPN_FAMILY, path=path))
-                self._count("withdrawn")
-            except SpeakerError as exc:
-                failed.append(str(exc))
-        if failed:
-            raise SpeakerError("; ".join(failed))
+        self._push(add=desired - present, stale=gone)
 
     def _is_ours(self, got: Received) -> bool:
         """A local path exactly as we would encode it now (same RD, next hop, VTEP)."""
         want = routes.nlri_key(routes.encode(got.local_route(), self.vtep, self.asn))
         return got.key == want and got.nexthop == self.vtep and got.vtep == self.vtep
 
-    def _push(self, add: Iterable[LocalRoute], remove: Iterable[LocalRoute]) -> None:
-        """AddPath/DeletePath each route; one rejected route does not stop the others."""
+    def _push(self, add: Iterable[LocalRoute] = (), remove: Iterable[LocalRoute] = (),
+              stale: Iterable[api.Path] = ()) -> None:
+        """AddPath `add`, then DeletePath `remove` and the `stale` paths gobgpd listed.
+
+        One rejected route does not stop the others; SpeakerError names them all.
+        """
+        steps = ([(r, True, routes.encode(r, self.vtep, self.asn)) for r in sorted(add, key=_order)]
+                 + [(r, False, routes.encode(r, self.vtep, self.asn))
+                    for r in sorted(remove, key=_order)]
+                 + [(None, False, path) for path in stale])
         failed = []
-        for route in sorted(add, key=_order):
+        for route, adding, path in steps:
             try:
-                self._rpc("AddPath", api.AddPathRequest(
-                    table_type=api.GLOBAL, path=routes.encode(route, self.vtep, self.asn)))
+                if adding:
+                    self._rpc("AddPath", api.AddPathRequest(table_type=api.GLOBAL, path=path))
+                else:
+                    self._rpc("DeletePath", api.DeletePathRequest(
+                        table_type=api.GLOBAL, family=routes.EVPN_FAMILY, path=path))
             except SpeakerError as exc:
-                failed.append(f"{route}: {exc}")
+                failed.append(f"{route or 'stale path'}: {exc}")
                 continue
-            self._pushed.add(route)
-            self._count("announced")
-            log.debug("evpn: announced %s", route)
-        for route in sorted(remove, key=_order):
-            try:
-                self._rpc("DeletePath", api.DeletePathRequest(
-                    table_type=api.GLOBAL, family=routes.EVPN_FAMILY,
-                    path=routes.encode(route, self.vtep, self.asn)))
-            except SpeakerError as exc:
-                failed.append(f"{route}: {exc}")
-                continue
-            self._pushed.discard(route)
-            self._count("withdrawn")
-            log.debug("evpn: withdrew %s", route)
+            if adding:
+                self._pushed.add(route)
+            else:
+                self._pushed.discard(route)
+            self._count("announced" if adding else "withdrawn")
+            log.debug("evpn: %s %s", "announced" if adding else "withdrew", route or path)
         if failed:
             raise SpeakerError("; ".join(failed))
 
@@ -328,7 +335,8 @@ class EvpnSpeaker:
                     self._count("disconnects")
                     delay, quiet = self.backoff[0], False
                 self._connected.clear()
-                self._synced = False
+                self._dumped.clear()
+                self._local_synced = False
             if gone is not None and not self._stop.is_set():
                 log.log(logging.DEBUG if quiet else logging.WARNING,
                         "evpn: gobgpd %s unreachable (%s): retrying", self.target, gone)
@@ -358,7 +366,7 @@ class EvpnSpeaker:
             if self._stop.is_set():
                 return
             with self._local_lock:
-                self._synced = False
+                self._local_synced = False
                 try:
                     self._reconcile_local()
                 except SpeakerError as exc:
@@ -370,6 +378,8 @@ class EvpnSpeaker:
             for resp in stream:
                 if resp.HasField("table"):
                     self._apply(resp.table.paths, snapshot=first)
+                    if first:
+                        self._dumped.set()
                     first = False
             raise _Disconnected("watch stream ended")
         except grpc.RpcError as exc:

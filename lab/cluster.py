@@ -18,7 +18,9 @@ from typing import Any, Optional
 
 from vpcni.cni.install import install_shim
 
-from .netns import Fabric, Netns, Sandbox, run
+from vpcni.cni.shim import agent_call
+
+from .netns import Fabric, Netns, Sandbox, run, wait_for
 
 REFERENCE_PLUGINS = Path("/usr/lib/cni")
 
@@ -32,6 +34,13 @@ def installed_executable(name: str) -> str:
     if not found:
         raise FileNotFoundError(f"{name} is not installed (run scripts/setup.sh)")
     return found
+
+
+def tail(path: Path, lines: int = 20) -> str:
+    try:
+        return "\n".join(path.read_text(errors="replace").splitlines()[-lines:])
+    except OSError:
+        return "(no log)"
 
 
 @dataclass
@@ -86,6 +95,48 @@ class Node:
         self.node_config = cfg
         self.config_path.write_text(json.dumps(cfg, indent=1))
 
+    # ------------------------------------------------------------ agent
+
+    @property
+    def agent_socket(self) -> str:
+        return str(self.node_config.get("agentSocket", self.dir / "agent.sock"))
+
+    def start_agent(self) -> None:
+        """Start `vpcnictl agent` in this node's namespace (killed by pid at cleanup)."""
+        with open(self.dir / "agent.log", "ab") as log:
+            self.ns.spawn(installed_executable("vpcnictl"), "agent", "--node-config",
+                          str(self.config_path), stdout=log, stderr=log)
+
+    def agent_status(self) -> Optional[dict]:
+        try:
+            reply = agent_call(self.agent_socket, {"op": "status"}, timeout=2)
+            return json.loads(reply["stdout"])
+        except (OSError, ValueError, KeyError):
+            return None
+
+    def wait_agent_ready(self, timeout: float = 30.0) -> dict:
+        def ready():
+            status = self.agent_status()
+            return status if status and status.get("ready") else None
+        try:
+            return wait_for(ready, timeout=timeout, interval=0.05,
+                            what=f"agent on {self.name} ready")
+        except TimeoutError:
+            raise TimeoutError(f"agent on {self.name} not ready after {timeout}s "
+                               f"(status {self.agent_status()}); its log:\n"
+                               f"{tail(self.dir / 'agent.log')}") from None
+
+    def stop_agent(self) -> None:
+        for pid in self.ns.sandbox.pids(self.ns.name, "vpcnictl"):
+            self.ns.sandbox.kill_pid(pid)
+
+    def restart_agent(self) -> dict:
+        self.stop_agent()
+        self.start_agent()
+        return self.wait_agent_ready()
+
+    # ------------------------------------------------------------ CNI
+
     def cni_env(self, command: str, container_id: str = "", netns: str = "",
                 ifname: str = "", args: str = "", path: Optional[str] = None) -> dict:
         env = {
@@ -133,13 +184,20 @@ class Cluster:
                 (self.cni_bin / p.name).symlink_to(p)
         install_shim(self.cni_bin, standalone_python=installed_executable("python"))
 
-    def add_node(self, name: str, address: str, **node_config) -> Node:
+    def add_node(self, name: str, address: str, agent: bool = False, **node_config) -> Node:
+        """A node on the fabric; with `agent`, served by its own running `vpcnictl agent`."""
         ns = self.sandbox.netns(name)
         self.fabric.connect(ns, address)
         node = Node(name=name, ns=ns, address=address, dir=self.sandbox.dir(name),
                     cni_bin=self.cni_bin)
+        if agent:
+            node_config = {"mode": "agent", "agentSocket": str(node.dir / "agent.sock"),
+                           "healthAddress": "127.0.0.1:9471"} | node_config
         node.write_node_config(**node_config)
         self.nodes[name] = node
+        if agent and node_config.get("evpn") is None:
+            node.start_agent()
+            node.wait_agent_ready()
         return node
 
     def add_pod(self, node: Node, name: str) -> Pod:

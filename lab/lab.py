@@ -22,17 +22,15 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
 
-from vpcni.cni.shim import agent_call
 from vpcni.evpn import render
 
-from .cluster import Cluster, Node, Pod, installed_executable
+from .cluster import Cluster, Node
 from .netns import Netns, Sandbox, run, wait_for
 from .topology import Topology
 from .traffic import start_ident_server, tcp_ident
 
 LAB_ROOT = Path("/run/vpcni-lab")
 FRR_DIR = Path("/usr/lib/frr")
-READY_TIMEOUT = 30.0
 
 
 class LabError(RuntimeError):
@@ -53,13 +51,6 @@ class PodInfo:
     @property
     def ip(self) -> str:
         return self.address.split("/")[0]
-
-
-def _tail(path: Path, lines: int = 15) -> str:
-    try:
-        return "\n".join(path.read_text(errors="replace").splitlines()[-lines:])
-    except OSError:
-        return "(no log)"
 
 
 class Lab:
@@ -102,10 +93,11 @@ class Lab:
                 self._start_node(node)
             for node in self.topo.nodes:
                 if node.kind == "vpcni":
-                    self._wait_agent_ready(node.name)
+                    self.node(node.name).wait_agent_ready()
             for pod in self.topo.pods:
                 self.add_pod(pod.name, pod.node, pod.vpc, str(pod.address))
             self._save()
+            self.converged_after = self.wait_converged()
         except BaseException:
             self.down()
             raise
@@ -138,12 +130,10 @@ class Lab:
         d = self.node_dir(rr.name)
         prefix = str(self.topo.underlay)
         if rr.daemon == "frr":
-            conf = render.frr_route_reflector(asn=self.topo.asn, router_id=str(rr.address),
-                                              listen_range=prefix)
+            conf = render.frr_reflector_bgpd(rr.address, self.topo.asn, prefix)
             self._start_frr(ns, d, rr.name, conf)
         else:
-            conf = render.gobgpd_route_reflector(asn=self.topo.asn, router_id=str(rr.address),
-                                                 listen_range=prefix)
+            conf = render.gobgpd_reflector_toml(rr.address, self.topo.asn, prefix)
             self._start_gobgpd(ns, d, conf)
 
     def _start_frr(self, ns: Netns, d: Path, hostname: str, bgpd_conf: str) -> None:
@@ -179,79 +169,37 @@ class Lab:
             ns = self.box.netns(spec.name)
             self.cluster.fabric.connect(ns, str(spec.address))
             d = self.node_dir(spec.name)
-            conf = render.frr_vtep(asn=self.topo.asn, router_id=str(spec.address),
-                                   reflectors=reflectors)
+            conf = render.frr_vtep_bgpd(spec.address, self.topo.asn, reflectors)
             self._start_frr(ns, d, spec.name, conf)
             return
-        node_cfg = {"mode": "agent", "reconcileInterval": 10}
+        node_cfg = {"reconcileInterval": 10,
+                    "evpn": {"gobgpdSocket": str(self.node_dir(spec.name) / "gobgp.sock"),
+                             "asn": self.topo.asn}}
         if spec.backend:
             node_cfg["backend"] = spec.backend
-        node = self.cluster.add_node(spec.name, str(spec.address), **node_cfg)
-        d = node.dir
-        node.write_node_config(**node_cfg, agentSocket=str(d / "agent.sock"),
-                               evpn={"gobgpdSocket": str(d / "gobgp.sock"),
-                                     "asn": self.topo.asn})
-        self._start_gobgpd(node.ns, d, render.gobgpd_node(
-            asn=self.topo.asn, router_id=str(spec.address), reflectors=reflectors))
-        self.start_agent(spec.name)
+        node = self.cluster.add_node(spec.name, str(spec.address), agent=True, **node_cfg)
+        self._start_gobgpd(node.ns, node.dir, render.gobgpd_node_toml(spec.address, self.topo.asn,
+                                                                      reflectors))
+        node.start_agent()
 
     def node(self, name: str) -> Node:
         """The vpcni node `name` (works after load() too)."""
         if self.cluster is not None and name in self.cluster.nodes:
             return self.cluster.nodes[name]
         spec = self.topo.node(name)
-        ns = self.box.namespaces[name]
         d = self.box.root_dir / name
-        return Node(name=name, ns=ns, address=str(spec.address), dir=d,
+        return Node(name=name, ns=self.box.namespaces[name], address=str(spec.address), dir=d,
                     cni_bin=self.box.root_dir / "cni-bin",
                     node_config=json.loads((d / "node.json").read_text()))
-
-    def start_agent(self, name: str) -> None:
-        node = self.node(name)
-        log = open(node.dir / "agent.log", "ab")
-        node.ns.spawn(installed_executable("vpcnictl"), "agent", "--node-config",
-                      str(node.config_path), stdout=log, stderr=log)
-        log.close()
-
-    def _wait_agent_ready(self, name: str, timeout: float = READY_TIMEOUT) -> dict:
-        node = self.node(name)
-        sock = str(node.dir / "agent.sock")
-
-        def ready():
-            try:
-                status = json.loads(agent_call(sock, {"op": "status"}, timeout=2)["stdout"])
-            except (OSError, ValueError, KeyError):
-                return None
-            return status if status.get("ready") else None
-        try:
-            return wait_for(ready, timeout=timeout, interval=0.05, what=f"agent on {name} ready")
-        except TimeoutError:
-            raise LabError(f"agent on {name} not ready after {timeout}s; its log:\n"
-                           f"{_tail(node.dir / 'agent.log')}") from None
-
-    def _pids_of(self, netns: str, exe: str) -> list[int]:
-        out = []
-        for pid, (_, ns) in self.box.processes.items():
-            if ns != netns:
-                continue
-            try:
-                cmd = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
-            except OSError:
-                continue
-            if any(exe.encode() in part for part in cmd[:2]):
-                out.append(pid)
-        return out
 
     def stop_process(self, netns_short: str, exe: str) -> None:
         """Stop our process `exe` in a namespace, by its recorded pid."""
         ns = self.box.namespaces[netns_short].name
-        for pid in self._pids_of(ns, exe):
+        for pid in self.box.pids(ns, exe):
             self.box.kill_pid(pid)
 
-    def restart_agent(self, name: str) -> None:
-        self.stop_process(name, "vpcnictl")
-        self.start_agent(name)
-        self._wait_agent_ready(name)
+    def restart_agent(self, name: str) -> dict:
+        return self.node(name).restart_agent()
 
     def restart_gobgpd(self, name: str) -> None:
         d = self.box.root_dir / name
@@ -319,6 +267,37 @@ class Lab:
         ns.ip("link", "set", "eth1", "mtu", "1450", "up")
         ns.ip("addr", "add", info.address, "dev", "eth1")
         info.mac = json.loads(ns.ip("-j", "link", "show", "eth1").stdout)[0]["address"]
+
+    # ------------------------------------------------------------ convergence
+
+    def missing_routes(self) -> list[str]:
+        """Remote endpoints not yet in a vpcni node's FDB (what EVPN still has to deliver)."""
+        missing = []
+        for node in self.topo.nodes:
+            if node.kind != "vpcni":
+                continue
+            local_vnis = {p.vni for p in self.pods.values() if p.node == node.name}
+            ns = self.box.namespaces[node.name]
+            for vni in sorted(local_vnis):
+                fdb = ns.exec("bridge", "fdb", "show", "dev", f"vpvx{vni}", check=False).stdout
+                for pod in self.pods.values():
+                    if pod.vni != vni or pod.node == node.name:
+                        continue
+                    vtep = self.topo.node(pod.node).address
+                    if f"{pod.mac} dst {vtep}" not in fdb:
+                        missing.append(f"{node.name}: {pod.name} ({pod.mac} via {vtep})")
+        return missing
+
+    def wait_converged(self, timeout: float = 30.0) -> float:
+        """Wait until every vpcni node knows every remote endpoint of its VNIs; seconds taken."""
+        t0 = time.monotonic()
+        try:
+            wait_for(lambda: not self.missing_routes(), timeout=timeout, interval=0.05,
+                     what="EVPN convergence")
+        except TimeoutError:
+            raise LabError(f"not converged after {timeout}s; missing: "
+                           f"{'; '.join(self.missing_routes())}") from None
+        return time.monotonic() - t0
 
     # ------------------------------------------------------------ check
 

@@ -171,6 +171,20 @@ class Sandbox:
             self.processes[pid] = (start, netns)
             self._save()
 
+    def pids(self, netns: str, exe: str) -> list[int]:
+        """Our live processes in `netns` whose command (after `ip netns exec NS`) is `exe`."""
+        out = []
+        for pid, (start, ns) in self.processes.items():
+            if ns != netns or _start_time(pid) != start:
+                continue
+            try:
+                argv = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+            except OSError:
+                continue
+            if any(Path(a.decode(errors="replace")).name == exe for a in argv[:2]):
+                out.append(pid)
+        return out
+
     def kill_pid(self, pid: int) -> None:
         """Stop one of our processes (SIGTERM, then SIGKILL) and wait until it is gone."""
         self.kill_processes(pids=[pid])

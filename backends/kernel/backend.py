@@ -15,6 +15,7 @@ from __future__ import annotations
 import logging
 import os
 import re
+import socket
 import time
 from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
@@ -218,7 +219,7 @@ class KernelBackend(Backend):
             if link.get("IFLA_MASTER") != bridge["index"]:
                 netlink.set_link(self.ipr, index, master=bridge["index"])
                 link = netlink.link_by_index(self.ipr, index)
-            if netlink.port_settings(link) != {"learning": 0, "neigh_suppress": 0}:
+            if netlink.port_settings(link) != {"learning": 0, "neigh_suppress": 1}:
                 netlink.set_port_flags(self.ipr, index)
         with netlink_errors(f"could not configure {name}"):
             if link.get("IFLA_MTU") != underlay.pod_mtu:
@@ -298,6 +299,10 @@ class KernelBackend(Backend):
                 pod = podif.configure_interface(pod_ns, att.ifname, att.ips, att.routes,
                                                 alias=alias)
             undo.pop_all()
+        try:
+            podif.announce(att.netns, att.ifname, pod.mac, att.ips)
+        except (OSError, InvalidEnvironment) as exc:
+            LOG.warning("attach %s: gratuitous ARP not sent: %s", att.key, exc)
         return att.model_copy(update={"host_ifname": host, "mac": pod.mac, "mtu": pod.mtu})
 
     def detach(self, att: Attachment) -> None:
@@ -392,7 +397,8 @@ class KernelBackend(Backend):
         with netlink_errors(f"could not converge the FDB of {vxlan_name(vni)}"):
             self._converge_fdb(vxlan["index"], endpoints, flood)
         with netlink_errors(f"could not converge the neighbours of {bridge_name(vni)}"):
-            self._converge_neighbours(bridge["index"], endpoints)
+            changed = self._converge_neighbours(bridge["index"], endpoints)
+        self._refresh_pod_caches(bridge_name(vni), changed)
 
     def _converge_fdb(self, index: int, endpoints: list[RemoteEndpoint],
                       flood: set[IPAddress]) -> None:
@@ -409,14 +415,40 @@ class KernelBackend(Backend):
         for mac, vtep in current - desired:
             netlink.fdb_delete(self.ipr, index, mac, vtep)
 
-    def _converge_neighbours(self, index: int, endpoints: list[RemoteEndpoint]) -> None:
+    def _converge_neighbours(self, index: int,
+                             endpoints: list[RemoteEndpoint]) -> list[tuple[IPAddress, str]]:
+        """Converge the bridge's neighbour table; the (ip, mac) entries it set."""
         desired = {ep.ip: ep.mac.lower() for ep in endpoints if ep.ip is not None}
         current = netlink.permanent_neighbours(self.ipr, index)
+        changed = []
         for ip, mac in desired.items():
             if current.get(ip) != mac:
                 netlink.neigh_set(self.ipr, index, ip, mac)
+                changed.append((ip, mac))
         for ip in current.keys() - desired.keys():
             netlink.neigh_delete(self.ipr, index, ip)
+        return changed
+
+    @staticmethod
+    def _refresh_pod_caches(bridge: str, bindings: list[tuple[IPAddress, str]]) -> None:
+        """Tell local pods about a remote IP's (new) MAC with a gratuitous ARP.
+
+        With ARP suppression on the VXLAN port the kernel keeps gratuitous ARPs
+        from crossing VTEPs, so a pod that cached the MAC of an address's
+        earlier holder (a pod that moved or was recreated elsewhere) would keep
+        sending to it until the entry ages out, tens of seconds. The bridge
+        device floods this frame to the local pods only.
+        """
+        frames = [podif.gratuitous_arp(mac, ip) for ip, mac in bindings if ip.version == 4]
+        if not frames:
+            return
+        try:
+            with socket.socket(socket.AF_PACKET, socket.SOCK_RAW) as sock:
+                sock.bind((bridge, 0))
+                for frame in frames:
+                    sock.send(frame)
+        except OSError as exc:
+            LOG.warning("gratuitous ARP on %s not sent: %s", bridge, describe(exc))
 
     # ------------------------------------------------------------ inventory
 

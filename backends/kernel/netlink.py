@@ -150,8 +150,9 @@ def set_link(ipr: IPRoute, index: int, **attrs) -> None:
 
 
 def set_port_flags(ipr: IPRoute, index: int) -> None:
-    """No learning on the VXLAN port (remote MACs come from EVPN); no ARP suppression."""
-    ipr.brport("set", index=index, learning=0, neigh_suppress=0)
+    """No learning on the VXLAN port (remote MACs come from the control plane);
+    ARP/ND suppression: the bridge answers for remote IPs from its neighbour table."""
+    ipr.brport("set", index=index, learning=0, neigh_suppress=1)
 
 
 def fdb_remotes(ipr: IPRoute, index: int) -> set[tuple[str, IPAddress]]:

@@ -70,6 +70,7 @@ class EvpnLab:
         speaker = EvpnSpeaker(node.target, vtep, ASN, on_change=on_change).start()
         self.sandbox.on_cleanup(speaker.close)
         assert speaker.wait_connected(10), f"speaker never connected to {node.target}"
+        wait_for(lambda: speaker.synced, what=f"gobgpd's table dump from {node.target}")
         return speaker
 
     @staticmethod
@@ -177,6 +178,24 @@ def test_routes_propagate_and_withdraw(lab, record_property):
           f"(min {min(adds):.1f}, max {max(adds):.1f}), withdraw {statistics.median(dels):.1f} ms "
           f"(min {min(dels):.1f}, max {max(dels):.1f})")
 
+    # Concurrent ADDs: 200 routes from 8 threads, none lost on the way.
+    many = [LocalRoute.mac_ip(VNI, f"02:00:00:00:{i // 256:02x}:{i % 256:02x}",
+                              f"172.16.{10 + i // 250}.{1 + i % 250}") for i in range(200)]
+    start = time.monotonic()
+    threads = [threading.Thread(target=lambda part: [s1.update_local(add=[r]) for r in part],
+                                args=(many[k::8],)) for k in range(8)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    until(lambda: {seen(r, N1) for r in many} <= endpoints(s2), "200 routes on node2",
+          timeout=30, interval=0.01)
+    print(f"RR {lab.rr_kind}: 200 concurrent adds on node2 after "
+          f"{(time.monotonic() - start) * 1000:.0f} ms")
+    s1.update_local(remove=many)
+    until(lambda: endpoints(s2) == {seen(POD_A, N1), seen(POD_A_MAC, N1)}, "200 withdrawn",
+          timeout=30, interval=0.01)
+
     # Withdraw one type-2, then everything.
     assert s1.set_local({POD_A_MAC, T3}) is True
     until(lambda: endpoints(s2) == {seen(POD_A_MAC, N1)}, "POD_A's IP route withdrawn")
@@ -275,9 +294,9 @@ def test_gobgpd_restart_resends_and_rebuilds(lab):
 
     # node1's gobgpd dies and comes back empty: the speaker re-sends.
     n1.stop()
-    until(lambda: not s1.connected, "node1's speaker to notice")
+    until(lambda: not s1.connected and not s1.synced, "node1's speaker to notice")
     n1.start()
-    until(lambda: s1.connected, "node1's speaker to reconnect", timeout=15)
+    until(lambda: s1.synced, "node1's speaker to reconnect", timeout=15)
     assert s1.counters()["disconnects"] == 1
     assert s1.counters()["announced"] == 4
     lab.established(n1)

@@ -150,7 +150,7 @@ def test_ensure_network_builds_vxlan_in_bridge(nodes):
     assert (info["id"], info["local"], info["port"], info["learning"]) == (VNI, N1, 4789, False)
     assert vx["master"] == br["ifname"] and vx["mtu"] == 1450
     slave = vx["linkinfo"]["info_slave_data"]
-    assert slave["learning"] is False and slave["neigh_suppress"] is False
+    assert slave["learning"] is False and slave["neigh_suppress"] is True
     assert vx["inet6_addr_gen_mode"] == br["inet6_addr_gen_mode"] == "none"
     assert br["linkinfo"]["info_data"]["stp_state"] == 0
     assert br["linkinfo"]["info_data"]["mcast_snooping"] == 0

@@ -3,16 +3,18 @@
 from __future__ import annotations
 
 import ipaddress
+import shutil
 import tomllib
 
 import pytest
 from google.protobuf.any_pb2 import Any as AnyMsg
 from pydantic import ValidationError
 
-from vpcni.evpn import render, routes
+from vpcni.evpn import genstubs, render, routes
 from vpcni.evpn.gobgpapi import attribute_pb2 as attr
 from vpcni.evpn.gobgpapi import gobgp_pb2 as api
 from vpcni.evpn.routes import LocalRoute, RouteError
+from vpcni.evpn.speaker import EvpnSpeaker
 from vpcni.evpn.table import RemoteTable
 
 ASN = 65000
@@ -263,6 +265,28 @@ def test_a_moved_mac_follows_the_newest_vtep():
     assert [str(e.vtep) for e in table.state(300).endpoints] == [PEER]
 
 
+# ---------------------------------------------------------------- speaker, without gobgpd
+
+
+def test_speaker_keeps_the_desired_set_until_gobgpd_answers(tmp_path):
+    speaker = EvpnSpeaker(f"unix://{tmp_path}/absent.sock", ME, ASN)
+    try:
+        with pytest.raises(RuntimeError, match="set_local"):
+            speaker.update_local(add=[LocalRoute.inclusive_multicast(300)])
+        assert speaker.set_local({LocalRoute.inclusive_multicast(300)}) is False
+        assert speaker.update_local(add=[LocalRoute.mac_ip(300, MAC)]) is False
+        assert speaker.local_routes() == {LocalRoute.inclusive_multicast(300),
+                                          LocalRoute.mac_ip(300, MAC)}
+        assert not speaker.connected and speaker.counters()["announced"] == 0
+    finally:
+        speaker.close()
+
+
+def test_speaker_refuses_an_ipv6_vtep():
+    with pytest.raises(ValueError, match="IPv4"):
+        EvpnSpeaker("unix:///nonexistent", "2001:db8::1", ASN)
+
+
 # ---------------------------------------------------------------- renderers
 
 
@@ -329,3 +353,40 @@ def test_frr_vtep_config():
 def test_renderers_refuse_bad_input(call):
     with pytest.raises(ValueError):
         call()
+
+
+# ---------------------------------------------------------------- stub generation
+
+
+def fake_gobgpd(tmp_path, version: str) -> str:
+    exe = tmp_path / "gobgpd"
+    exe.write_text(f"#!/bin/sh\necho 'gobgpd version {version}'\n")
+    exe.chmod(0o755)
+    return str(exe)
+
+
+def test_genstubs_refuses_another_gobgpd_series(tmp_path):
+    with pytest.raises(genstubs.StubError,
+                       match=r"gobgpd is 3\.11\.0, vpcni is pinned to 3\.10\.x"):
+        genstubs.check_inputs(genstubs.PROTO_DIR, fake_gobgpd(tmp_path, "3.11.0"))
+
+
+def test_genstubs_refuses_missing_protos(tmp_path):
+    with pytest.raises(genstubs.StubError, match="golang-github-osrg-gobgp-dev"):
+        genstubs.check_inputs(tmp_path, fake_gobgpd(tmp_path, "3.10.0"))
+
+
+@pytest.mark.skipif(shutil.which("gobgpd") is None or not genstubs.PROTO_DIR.is_dir(),
+                    reason="needs Debian's gobgpd and golang-github-osrg-gobgp-dev")
+def test_genstubs_generates_relative_imports_once(tmp_path):
+    out = tmp_path / "gobgpapi"
+    assert genstubs.generate(out_dir=out) is True
+    assert genstubs.generate(out_dir=out) is False  # up to date: untouched
+    names = sorted(p.name for p in out.iterdir())
+    assert names == ["attribute_pb2.py", "capability_pb2.py", "gobgp_pb2.py", "gobgp_pb2_grpc.py"]
+    grpc_stub = (out / "gobgp_pb2_grpc.py").read_text()
+    assert "from . import gobgp_pb2 as gobgp__pb2" in grpc_stub
+    assert "\nimport gobgp_pb2" not in grpc_stub
+    stale = out / "attribute_pb2.py"
+    stale.write_text(stale.read_text().replace("sha256", "sha1", 1))
+    assert genstubs.generate(out_dir=out) is True

@@ -1,0 +1,206 @@
+"""The lab as the main job, and the EVPN control plane it runs (no static flood list anywhere).
+
+One default lab (3 nodes, 2 route reflectors: FRR and gobgpd, 2 VPCs on one
+CIDR) is brought up through `vpcnictl lab up` under a unique name and shared
+by the tests of this module; tests that disturb it put it back.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+from vpcni.lab.cluster import installed_executable
+from vpcni.lab.lab import Lab
+from vpcni.lab.netns import Netns, run, wait_for
+from vpcni.lab.topology import DEFAULT_TOPOLOGY
+from vpcni.lab.traffic import tcp_ident
+
+pytestmark = [pytest.mark.functional, pytest.mark.slow]
+
+
+def vpcnictl(*args: str, check: bool = True) -> subprocess.CompletedProcess:
+    proc = subprocess.run([installed_executable("vpcnictl"), *args], capture_output=True,
+                          text=True, timeout=300)
+    if check and proc.returncode != 0:
+        raise AssertionError(f"vpcnictl {' '.join(args)} -> {proc.returncode}\n"
+                             f"{proc.stdout}\n{proc.stderr}")
+    return proc
+
+
+@pytest.fixture(scope="module")
+def lab(tmp_path_factory):
+    name = f"t{os.urandom(3).hex()}"
+    topo = tmp_path_factory.mktemp("lab") / "topology.toml"
+    text = DEFAULT_TOPOLOGY.read_text().replace('name = "default"', f'name = "{name}"', 1)
+    topo.write_text(text)
+    try:
+        up = vpcnictl("lab", "up", str(topo))
+        assert f"lab {name} up" in up.stdout
+        yield Lab.load(name)
+    finally:
+        vpcnictl("lab", "down", name, check=False)
+
+
+def pod_ns(lab: Lab, pod: str) -> Netns:
+    return Netns(lab.pods[pod].netns, lab.box, create=False)
+
+
+def links(lab: Lab, node: str) -> set[str]:
+    out = lab.box.namespaces[node].ip("-j", "link", "show").stdout
+    return {l["ifname"] for l in json.loads(out)}
+
+
+def fdb(lab: Lab, node: str, dev: str) -> str:
+    return lab.box.namespaces[node].exec("bridge", "fdb", "show", "dev", dev, check=False).stdout
+
+
+def continuous_ping(ns: Netns, dst: str, seconds: float, interval: float = 0.1):
+    """Start `ping -i interval` for `seconds`; returns a thread whose .result is (sent, received)."""
+    count = int(seconds / interval)
+
+    def go():
+        proc = ns.exec("ping", "-n", "-q", "-i", str(interval), "-W", "1", "-c", str(count), dst,
+                       check=False, timeout=seconds + 30)
+        stats = [l for l in proc.stdout.splitlines() if "packets transmitted" in l][0].split()
+        t.result = (int(stats[0]), int(stats[3]))
+    t = threading.Thread(target=go)
+    t.result = None
+    t.start()
+    return t
+
+
+def test_lab_check_shows_full_connectivity_inside_and_none_across(lab):
+    check = vpcnictl("lab", "check", lab.topo.name)
+    assert "0 differ from expected" in check.stdout, check.stdout
+    rows = lab.matrix()
+    inside = [r for r in rows if r[2]]
+    across = [r for r in rows if not r[2]]
+    assert inside and across
+    assert all(reached for _, _, _, reached, _ in inside)
+    assert not any(reached for _, _, _, reached, _ in across)
+    # Same addresses in both VPCs: red-1 asking for blue-1's address gets red-1's twin? No:
+    # 172.16.32.11 in red is red-1 itself; red-2 reaching .11 must find red-1, not blue-1.
+    assert tcp_ident(pod_ns(lab, "red-2"), lab.pods["blue-1"].ip) == "red-1"
+    assert tcp_ident(pod_ns(lab, "blue-2"), lab.pods["blue-1"].ip) == "blue-1"
+
+
+def test_no_static_flood_list_anywhere(lab):
+    for name in ("node1", "node2", "node3"):
+        d = lab.box.root_dir / name
+        for att in (d / "state" / "attachments").rglob("*.json"):
+            assert json.loads(att.read_text())["vteps"] == []
+    # ...and yet each node floods to exactly the other nodes that have the VNI.
+    flood = {l.split()[2] for l in fdb(lab, "node1", "vpvx300").splitlines()
+             if l.startswith("00:00:00:00:00:00")}
+    assert flood == {"198.51.100.12", "198.51.100.13"}
+
+
+def test_only_vnis_present_on_a_node_are_programmed(lab):
+    # node3 has no red pod: nothing of VNI 301 there.
+    assert "vpvx301" not in links(lab, "node3") and "vpbr301" not in links(lab, "node3")
+    assert {"vpvx300", "vpbr300"} <= links(lab, "node3")
+    assert {"vpvx301", "vpbr301"} <= links(lab, "node1")
+    # node1's red VXLAN floods only to node2 (the other node with red pods).
+    flood = {l.split()[2] for l in fdb(lab, "node1", "vpvx301").splitlines()
+             if l.startswith("00:00:00:00:00:00")}
+    assert flood == {"198.51.100.12"}
+
+
+def test_remote_arp_is_answered_locally(lab):
+    """Type-2 MAC/IP routes become neighbour entries on the VNI's bridge (ARP suppression)."""
+    out = lab.box.namespaces["node1"].ip("-j", "neigh", "show", "dev", "vpbr300").stdout
+    neigh = {n["dst"]: n.get("lladdr") for n in json.loads(out)}
+    assert neigh.get(lab.pods["blue-2"].ip) == lab.pods["blue-2"].mac
+    assert neigh.get(lab.pods["blue-3"].ip) == lab.pods["blue-3"].mac
+
+
+def test_arp_for_remote_pods_is_answered_on_the_node(lab):
+    """ARP suppression: with its cache flushed, blue-1 resolves blue-2 without any ARP
+    frame leaving node1 through VXLAN (the bridge answers from the EVPN-fed table)."""
+    node1, src = lab.box.namespaces["node1"], pod_ns(lab, "blue-1")
+    cap = subprocess.Popen(["ip", "netns", "exec", node1.name, "tcpdump", "-l", "-n", "-i",
+                            "vpvx300", "arp"], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                           text=True)
+    try:
+        wait_for(lambda: "listening" in cap.stderr.readline(), timeout=10, what="tcpdump")
+        src.exec("ip", "neigh", "flush", "dev", "eth1")
+        assert src.ping(lab.pods["blue-2"].ip)
+        neigh = src.exec("ip", "neigh", "show", lab.pods["blue-2"].ip).stdout
+        assert lab.pods["blue-2"].mac in neigh
+    finally:
+        cap.terminate()
+        out, _ = cap.communicate(timeout=10)
+    assert "ARP" not in out, f"ARP crossed the overlay: {out}"
+
+
+def test_pod_moves_and_reachability_follows(lab):
+    """Remove blue-3 from node3, start it on node2 with the same address: blue-1 finds it."""
+    src = pod_ns(lab, "blue-1")
+    address = lab.pods["blue-3"].address
+    lab.remove_pod("blue-3")
+    # node3 had only blue-3: its VNI 300 state goes with it, and node1 stops flooding there.
+    wait_for(lambda: "vpvx300" not in links(lab, "node3"), timeout=10, what="VNI 300 off node3")
+    wait_for(lambda: "198.51.100.13" not in fdb(lab, "node1", "vpvx300"), timeout=10,
+             what="node1 forgets node3 in VNI 300")
+    lab.add_pod("blue-3", "node2", "blue", address)
+    t0 = time.monotonic()
+    wait_for(lambda: tcp_ident(src, address.split("/")[0], timeout=0.5) == "blue-3",
+             timeout=10, interval=0.0, what="blue-1 reaches the moved blue-3")
+    assert time.monotonic() - t0 < 10
+    mac = lab.pods["blue-3"].mac
+    assert f"{mac} dst 198.51.100.12" in fdb(lab, "node1", "vpvx300")
+    # Back where it was, for the other tests.
+    lab.remove_pod("blue-3")
+    lab.add_pod("blue-3", "node3", "blue", address)
+    wait_for(lambda: tcp_ident(src, address.split("/")[0], timeout=0.5) == "blue-3",
+             timeout=10, interval=0.0, what="blue-1 reaches blue-3 back on node3")
+
+
+def test_agent_restart_keeps_traffic_flowing(lab):
+    src, dst = pod_ns(lab, "blue-1"), lab.pods["blue-2"].ip
+    before = fdb(lab, "node1", "vpvx300")
+    ping = continuous_ping(src, dst, seconds=6, interval=0.1)
+    time.sleep(1)  # let the ping run before the restart
+    status = lab.restart_agent("node1")
+    ping.join()
+    sent, received = ping.result
+    assert status["ready"] and status["evpn"]["connected"]
+    assert sent - received <= 1, f"lost {sent - received} of {sent} probes across the restart"
+    assert fdb(lab, "node1", "vpvx300") == before
+
+
+def test_gobgpd_restart_restores_all_routes(lab):
+    """gobgpd restarts empty; the agent re-sends its routes and relearns the others."""
+    node2 = lab.node("node2")
+    lab.restart_gobgpd("node2")
+    mac = lab.pods["blue-2"].mac
+
+    def healed():
+        st = node2.agent_status()
+        return (st and st["evpn"]["connected"]
+                and f"{mac} dst 198.51.100.12" in fdb(lab, "node1", "vpvx300")
+                and lab.pods["blue-1"].mac in fdb(lab, "node2", "vpvx300"))
+    wait_for(healed, timeout=30, what="routes back after gobgpd restart on node2")
+    assert tcp_ident(pod_ns(lab, "blue-1"), lab.pods["blue-2"].ip) == "blue-2"
+    assert tcp_ident(pod_ns(lab, "red-2"), lab.pods["red-1"].ip) == "red-1"
+
+
+def test_one_reflector_down_keeps_traffic_and_learning(lab):
+    src = pod_ns(lab, "blue-1")
+    ping = continuous_ping(src, lab.pods["blue-2"].ip, seconds=4, interval=0.1)
+    lab.stop_reflector("rr1")
+    ping.join()
+    sent, received = ping.result
+    assert sent - received <= 1
+    # New endpoints are still learned through rr2 alone.
+    lab.add_pod("blue-4", "node3", "blue", "172.16.32.14/24")
+    wait_for(lambda: tcp_ident(src, "172.16.32.14", timeout=0.5) == "blue-4", timeout=15,
+             interval=0.0, what="blue-1 reaches blue-4 learned through rr2")
+    lab.remove_pod("blue-4")
