@@ -108,6 +108,9 @@ class Agent:
             if self._socket_alive(sock):
                 raise VpcniError(f"another agent already serves {sock}")
             sock.unlink()
+        # DELs spooled while no agent listened go first: a new request for the
+        # same attachment must find them done.
+        self._replay_pending()
         self._server = _RequestServer(str(sock), self)
         if self.speaker is not None:
             self.speaker.start()
@@ -116,7 +119,6 @@ class Agent:
         if self.node.healthAddress:
             self._http = _health_server(self.node.healthAddress, self)
             self._spawn("health", self._http.serve_forever)
-        self._replay_pending()
         self._local_changed()
         LOG.info("agent serving %s (backend %s: %s)", sock, self.choice.get("backend"),
                  self.choice.get("why"))

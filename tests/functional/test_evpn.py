@@ -249,8 +249,8 @@ def test_agent_restart_withdraws_nothing_still_wanted(lab):
     lab.established(n1)
     lab.established(n2)
     old.set_local({POD_A, POD_B, T3})
-    until(lambda: endpoints(s2) == {seen(POD_A, N1), seen(POD_B, N1)}, "node2 to see A and B",
-          timeout=15)
+    until(lambda: endpoints(s2) == {seen(POD_A, N1), seen(POD_B, N1)} and flood(s2) == [N1],
+          "node2 to see A, B and node1's type-3", timeout=15)
     armed.set()
     before = s2.counters()
 

@@ -1,0 +1,216 @@
+"""CNI call latency and throughput: vpcni (agent, standalone) against bridge + host-local.
+
+One lab Cluster holds three nodes, one per way of serving a call:
+
+- `agent`: vpcni through the shim and the node's `vpcnictl agent` (no EVPN);
+- `standalone`: vpcni with node config mode "standalone" (the shim re-executes
+  the whole plugin in-process for every call);
+- `bridge`: the reference `bridge` plugin with `host-local` IPAM, the baseline.
+
+Every call goes through `Node.cni` (`ip netns exec <node> <plugin>`, CNI
+environment, config on stdin), each ADD into a fresh pod namespace created
+beforehand (not timed). vpcni nodes keep one resident pod in the VNI, as the
+bridge plugin keeps its bridge: a cycle measures attaching a pod, not building
+the VNI (that case has its own row).
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import re
+import time
+from typing import Callable, Optional
+
+from vpcni.lab.cluster import Cluster, Node, Pod, installed_executable
+
+from . import breakdown
+from .stats import ratio, summarize, time_ms
+
+CNI_VERSION = "1.0.0"
+STANDALONE_STACK = "import vpcni.cni.plugin, vpcni.core.handler, vpcni.backends.kernel"
+
+
+class Variant:
+    """One way of serving CNI calls on one node, with its network config."""
+
+    def __init__(self, name: str, node: Node, plugin: str, config: Callable[[int], dict]):
+        self.name = name
+        self.node = node
+        self.plugin = plugin
+        self.config = config
+
+    def call(self, command: str, pod: Pod, i: int) -> float:
+        """One timed call (ms); raises with the plugin's answer when it fails."""
+        ms, res = time_ms(lambda: self.node.cni(command, self.config(i), pod.container_id,
+                                                pod.netns, "eth1", plugin=self.plugin))
+        if not res.ok:
+            raise RuntimeError(f"{self.name}: {command} of {pod.name} failed: "
+                               f"{res.stdout.strip() or res.stderr.strip()}")
+        return ms
+
+
+def vpcni_config(network: str, vni: int, subnet: str) -> Callable[[int], dict]:
+    """Static addresses `subnet`.(10 + i) (i < 240) in VNI `vni`."""
+    return lambda i: {"cniVersion": CNI_VERSION, "name": network, "type": "vpcni", "vni": vni,
+                      "addr": f"{subnet}.{10 + i % 240}/24"}
+
+
+def agent_latency(node: Node) -> dict[str, tuple[float, float]]:
+    """The agent's own service time per command from its metrics: {command: (sum s, count)}."""
+    address = node.node_config["healthAddress"]
+    text = node.ns.exec("curl", "-sf", f"http://{address}/metrics").stdout
+    out: dict[str, list[float]] = {}
+    for kind, command, value in re.findall(
+            r'^vpcni_cni_request_duration_seconds_(sum|count)\{command="(\w+)"\} (\S+)$', text,
+            re.MULTILINE):
+        out.setdefault(command, [0.0, 0.0])[kind == "count"] = float(value)
+    return {c: (s, n) for c, (s, n) in out.items()}
+
+
+def agent_mean_ms(before: dict, after: dict, command: str) -> Optional[float]:
+    s0, n0 = before.get(command, (0.0, 0.0))
+    s1, n1 = after.get(command, (0.0, 0.0))
+    return round((s1 - s0) * 1000 / (n1 - n0), 1) if n1 > n0 else None
+
+
+class CniBench:
+    """The cluster for benchmarks 1 and 3; build it inside a Sandbox that the caller cleans."""
+
+    def __init__(self, sandbox, log=print):
+        self.log = log
+        self.cluster = Cluster(sandbox, "198.51.100.0/24")
+        c = self.cluster
+        self.python = installed_executable("python")
+        agent = c.add_node("agent", "198.51.100.11", agent=True)
+        standalone = c.add_node("standalone", "198.51.100.12", mode="standalone")
+        bridge = c.add_node("bridge", "198.51.100.13")
+        hostlocal_dir = sandbox.dir("host-local")
+        self.agent = Variant("vpcni-agent", agent, "vpcni",
+                             vpcni_config("bench-agent", 4001, "172.16.40"))
+        self.standalone = Variant("vpcni-standalone", standalone, "vpcni",
+                                  vpcni_config("bench-standalone", 4002, "172.16.40"))
+        self.bridge = Variant("bridge", bridge, "bridge", lambda i: {
+            "cniVersion": CNI_VERSION, "name": "bench-bridge", "type": "bridge",
+            "bridge": "bbr0", "ipam": {"type": "host-local", "subnet": "172.16.41.0/24",
+                                       "dataDir": str(hostlocal_dir)}})
+        self._pods = 0
+        for v in (self.agent, self.standalone):
+            v.call("ADD", self.pods(v.node, 1, "resident")[0], 238)
+
+    def pods(self, node: Node, n: int, tag: str = "p") -> list[Pod]:
+        """`n` fresh pod namespaces (created now, before any timing)."""
+        out = []
+        for _ in range(n):
+            self._pods += 1
+            out.append(self.cluster.add_pod(node, f"{tag}{self._pods}"))
+        return out
+
+    # ------------------------------------------------------------ 1: floors
+
+    def floors(self, reps: int) -> dict:
+        """What any call costs before a plugin does anything, interleaved `reps` times."""
+        agent, bridge = self.agent.node, self.bridge.node
+        probes = {
+            "ip netns exec true": lambda: agent.ns.exec("true"),
+            "python3 -S -c pass (the shim's interpreter)":
+                lambda: agent.ns.exec("/usr/bin/python3", "-S", "-c", "pass"),
+            "vpcni shim VERSION": lambda: agent.cni("VERSION", {"cniVersion": CNI_VERSION}),
+            "bridge VERSION": lambda: bridge.cni("VERSION", {"cniVersion": CNI_VERSION},
+                                                 plugin="bridge"),
+            "venv python -c pass": lambda: agent.ns.exec(self.python, "-c", "pass"),
+            "venv python importing the standalone stack":
+                lambda: agent.ns.exec(self.python, "-c", STANDALONE_STACK),
+        }
+        samples: dict[str, list[float]] = {k: [] for k in probes}
+        for _ in range(reps):
+            for name, fn in probes.items():
+                samples[name].append(time_ms(fn)[0])
+        return {k: summarize(v) for k, v in samples.items()}
+
+    # ------------------------------------------------------------ 1: sequential cycles
+
+    def sequential(self, cycles: int) -> dict:
+        """`cycles` ADD+DEL cycles per variant, round-robin so that load hits all alike."""
+        variants = (self.agent, self.standalone, self.bridge)
+        pods = {v.name: self.pods(v.node, cycles) for v in variants}
+        times = {v.name: {"ADD": [], "DEL": []} for v in variants}
+        before = agent_latency(self.agent.node)
+        for i in range(cycles):
+            for v in variants:
+                pod = pods[v.name][i]
+                times[v.name]["ADD"].append(v.call("ADD", pod, i))
+                times[v.name]["DEL"].append(v.call("DEL", pod, i))
+            if (i + 1) % 10 == 0:
+                self.log(f"  sequential: {i + 1}/{cycles} cycles")
+        after = agent_latency(self.agent.node)
+        out = {name: {cmd: summarize(t) for cmd, t in per.items()} for name, per in times.items()}
+        out["vpcni-agent"]["agent_service_ms"] = {
+            cmd: agent_mean_ms(before, after, cmd) for cmd in ("ADD", "DEL")}
+        return out
+
+    def cold_vni(self, cycles: int) -> dict:
+        """The agent's ADD+DEL when the pod is the VNI's only one on the node: each ADD
+        builds the bridge and VXLAN device, each DEL removes them."""
+        v = Variant("vpcni-agent-cold-vni", self.agent.node, "vpcni",
+                    vpcni_config("bench-cold", 4011, "172.16.43"))
+        times = {"ADD": [], "DEL": []}
+        for i, pod in enumerate(self.pods(v.node, cycles)):
+            times["ADD"].append(v.call("ADD", pod, i))
+            times["DEL"].append(v.call("DEL", pod, i))
+        return {cmd: summarize(t) for cmd, t in times.items()}
+
+    def crowded(self, residents: int, cycles: int) -> dict:
+        """The agent's ADD+DEL with `residents` more attachments on the node."""
+        v = Variant("vpcni-agent-crowded", self.agent.node, "vpcni",
+                    vpcni_config("bench-crowded", 4012, "172.16.44"))
+        for i, pod in enumerate(self.pods(v.node, residents, "r")):
+            v.call("ADD", pod, i)
+        times = {"ADD": [], "DEL": []}
+        for i, pod in enumerate(self.pods(v.node, cycles), start=residents):
+            times["ADD"].append(v.call("ADD", pod, i))
+            times["DEL"].append(v.call("DEL", pod, i))
+        out = {cmd: summarize(t) for cmd, t in times.items()}
+        out["attachments_on_node"] = residents + 1
+        return out
+
+    def breakdown(self, cycles: int) -> dict:
+        """The handler's steps, timed in-process inside the standalone node."""
+        node = self.standalone.node
+        config = vpcni_config("bench-breakdown", 4021, "172.16.45")
+        resident, *pods = self.pods(node, cycles + 1, "k")
+
+        def spec(pod: Pod, i: int) -> dict:
+            return {"containerId": pod.container_id, "netns": pod.netns, "config": config(i)}
+        return breakdown.in_node(node, self.python, spec(resident, 239),
+                                 [spec(p, i) for i, p in enumerate(pods)])
+
+    # ------------------------------------------------------------ 3: parallel callers
+
+    def parallel(self, variant: Variant, callers: int, cycles: int) -> dict:
+        """`callers` threads, each `cycles` ADD+DEL cycles of its own pods, at once."""
+        pods = [self.pods(variant.node, cycles) for _ in range(callers)]
+
+        def worker(k: int) -> dict:
+            times: dict[str, list[float]] = {"ADD": [], "DEL": []}
+            for j, pod in enumerate(pods[k]):
+                i = k * cycles + j
+                times["ADD"].append(variant.call("ADD", pod, i))
+                times["DEL"].append(variant.call("DEL", pod, i))
+            return times
+
+        t0 = time.perf_counter()
+        with concurrent.futures.ThreadPoolExecutor(callers) as pool:
+            results = list(pool.map(worker, range(callers)))
+        wall = time.perf_counter() - t0
+        ops = 2 * callers * cycles
+        merged = {cmd: [t for r in results for t in r[cmd]] for cmd in ("ADD", "DEL")}
+        return {"callers": callers, "cycles_per_caller": cycles, "ops": ops,
+                "wall_s": round(wall, 2), "ops_per_s": round(ops / wall, 1),
+                "ADD": summarize(merged["ADD"]), "DEL": summarize(merged["DEL"]),
+                "all": summarize(merged["ADD"] + merged["DEL"])}
+
+    def throughput(self, callers: int, cycles: int) -> dict:
+        out = {v.name: self.parallel(v, callers, cycles) for v in (self.bridge, self.agent)}
+        out["ratio_ops_per_s_agent_over_bridge"] = ratio(out["vpcni-agent"]["ops_per_s"],
+                                                         out["bridge"]["ops_per_s"])
+        return out

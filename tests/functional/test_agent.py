@@ -1,0 +1,121 @@
+"""The node agent behind the thin shim: unreachable agent, spooled DEL, socket, health, metrics."""
+
+from __future__ import annotations
+
+import json
+import os
+import stat
+import subprocess
+
+import pytest
+
+from vpcni.lab.cluster import installed_executable, seed_network
+from vpcni.lab.netns import wait_for
+
+pytestmark = pytest.mark.functional
+
+
+def http_get(node, path: str) -> tuple[int, str]:
+    """GET from the agent's health server inside the node namespace."""
+    code = ("import sys, urllib.request, urllib.error\n"
+            "try:\n"
+            "    r = urllib.request.urlopen('http://127.0.0.1:9471' + sys.argv[1], timeout=5)\n"
+            "    print(r.status); print(r.read().decode())\n"
+            "except urllib.error.HTTPError as e:\n"
+            "    print(e.code); print(e.read().decode())\n")
+    out = node.ns.exec("/usr/bin/python3", "-S", "-c", code, path).stdout
+    status, _, body = out.partition("\n")
+    return int(status), body
+
+
+def host_links(node) -> list[str]:
+    return [l.split()[0].split("@")[0] for l in node.ns.ip("-br", "link").stdout.splitlines()
+            if l.startswith("vp")]
+
+
+def test_socket_is_private_and_status_says_which_backend_and_why(cluster):
+    node = cluster.add_node("n1", "198.51.100.1", agent=True)
+    mode = os.stat(node.agent_socket).st_mode
+    assert stat.S_ISSOCK(mode) and stat.S_IMODE(mode) == 0o600
+    out = subprocess.run([installed_executable("vpcnictl"), "status", "--node-config",
+                          str(node.config_path)], capture_output=True, text=True, timeout=30)
+    assert out.returncode == 0, out.stderr
+    status = json.loads(out.stdout)
+    assert status["ready"] is True
+    assert status["backend"]["backend"] == "kernel"
+    assert status["backend"]["why"] == "best available probe"
+    assert "VTEP 198.51.100.1" in status["backend"]["reason"]
+
+
+def test_second_agent_on_the_same_socket_refuses(cluster):
+    node = cluster.add_node("n1", "198.51.100.1", agent=True)
+    proc = node.ns.exec(installed_executable("vpcnictl"), "agent", "--node-config",
+                        str(node.config_path), check=False, timeout=30)
+    assert proc.returncode != 0
+    assert "already serves" in proc.stderr
+    assert node.agent_status()["ready"]
+
+
+def test_agent_down_add_fails_with_11_naming_the_socket(cluster):
+    node = cluster.add_node("n1", "198.51.100.1", agent=True)
+    pod = cluster.add_pod(node, "p1")
+    node.stop_agent()
+    res = node.cni("ADD", seed_network("net", 300, "172.16.32.1/24"), pod.container_id,
+                   pod.netns)
+    assert res.rc != 0 and res.json["code"] == 11
+    assert node.agent_socket in res.json["msg"] and "vpcnictl agent" in res.json["msg"]
+    assert "Traceback" not in res.stderr
+    assert host_links(node) == []
+    # VERSION needs no agent.
+    ver = node.cni("VERSION", {"cniVersion": "1.0.0"})
+    assert ver.ok and "1.1.0" in ver.json["supportedVersions"]
+
+
+def test_del_while_agent_is_down_is_done_when_it_returns(cluster):
+    node = cluster.add_node("n1", "198.51.100.1", agent=True)
+    pod = cluster.add_pod(node, "p1")
+    net = seed_network("net", 300, "172.16.32.1/24")
+    cluster.attach(pod, net)
+    assert any(l.startswith("vpbr300") for l in host_links(node))
+    node.stop_agent()
+    res = node.cni("DEL", net, pod.container_id, pod.netns)
+    assert res.ok, res.stdout
+    assert "recorded" in res.stderr
+    spooled = list((node.state_dir / "pending-del").glob("*.json"))
+    assert len(spooled) == 1
+    node.start_agent()
+    node.wait_agent_ready()
+    wait_for(lambda: host_links(node) == [], timeout=10, what="spooled DEL replayed")
+    assert list((node.state_dir / "pending-del").glob("*.json")) == []
+    assert not list((node.state_dir / "attachments").rglob("*.json"))
+    assert pod.ns.ip("link", "show", "eth1", check=False).returncode != 0
+
+
+def test_health_and_metrics(cluster):
+    node = cluster.add_node("n1", "198.51.100.1", agent=True)
+    pod = cluster.add_pod(node, "p1")
+    assert http_get(node, "/healthz")[0] == 200
+    code, body = http_get(node, "/readyz")
+    assert code == 200 and body.strip() == "ready"
+    cluster.attach(pod, seed_network("net", 300, "172.16.32.1/24"))
+    bad = node.cni("ADD", seed_network("net", 300, "nope"), "c2", pod.netns, "eth2")
+    assert not bad.ok
+    code, metrics = http_get(node, "/metrics")
+    assert code == 200
+    assert 'vpcni_cni_requests_total{command="ADD",result="ok"} 1.0' in metrics
+    assert 'vpcni_cni_requests_total{command="ADD",result="error"} 1.0' in metrics
+    assert 'vpcni_cni_request_duration_seconds_count{command="ADD"} 2.0' in metrics
+    assert 'vpcni_attachments{vni="300"} 1.0' in metrics
+    assert http_get(node, "/nope")[0] == 404
+
+
+def test_agent_not_ready_without_gobgpd(cluster, tmp_path):
+    """An agent configured for EVPN whose gobgpd is absent serves, but is not ready."""
+    node = cluster.add_node("n1", "198.51.100.1", agent=True,
+                            evpn={"gobgpdSocket": str(tmp_path / "none.sock")})
+    node.start_agent()
+    wait_for(lambda: node.agent_status(), timeout=20, what="agent answers")
+    status = node.agent_status()
+    assert status["ready"] is False and "gobgpd" in status["readyReason"]
+    code, body = http_get(node, "/readyz")
+    assert code == 503 and "gobgpd" in body
