@@ -254,7 +254,7 @@ class Agent:
             if self._stop.is_set():
                 return
             # Never converge the FDB on a partial picture: wait for gobgpd's initial dump.
-            if self.speaker is not None and not getattr(self.speaker, "synced", self.speaker.connected):
+            if self.speaker is not None and not self.speaker.synced:
                 continue
             with self._dirty_lock:
                 dirty, self._dirty = self._dirty, set()
@@ -312,7 +312,7 @@ class Agent:
         if self.speaker is not None:
             if not self.speaker.connected:
                 return False, f"gobgpd not reachable at {self.node.evpn.gobgpdSocket}"
-            if not getattr(self.speaker, "synced", self.speaker.connected):
+            if not self.speaker.synced:
                 return False, "waiting for gobgpd's initial route dump"
         return True, "ready"
 
@@ -332,7 +332,7 @@ class Agent:
                "uptime": round(time.time() - self.started, 1), "ready": ready,
                "readyReason": why, "backend": self.choice, "attachmentsPerVni": vnis}
         if self.speaker is not None:
-            out["evpn"] = {"connected": self.speaker.connected, "synced": getattr(self.speaker, "synced", self.speaker.connected),
+            out["evpn"] = {"connected": self.speaker.connected, "synced": self.speaker.synced,
                            "gobgpd": self.speaker.target, "announcing": len(self.speaker.local_routes()),
                            **self.speaker.counters()}
         return out

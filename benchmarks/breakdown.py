@@ -31,6 +31,7 @@ STEPS = [
     ("attach (veth, pod config, GARP)", "vpcni.backends.kernel.backend:KernelBackend.attach"),
     ("pod interface config", "vpcni.core.podif:configure_interface"),
     ("gratuitous ARP (AF_PACKET socket)", "vpcni.core.podif:announce"),
+    ("socket made inside a netns (thread + setns)", "vpcni.core.podif:_socket_in"),
     ("detach", "vpcni.backends.kernel.backend:KernelBackend.detach"),
     ("release_network", "vpcni.backends.kernel.backend:KernelBackend.release_network"),
     ("result conversion", "vpcni.cni.versions:convert"),

@@ -81,8 +81,10 @@ class CniBench:
         self.cluster = Cluster(sandbox, "198.51.100.0/24")
         c = self.cluster
         self.python = installed_executable("python")
-        agent = c.add_node("agent", "198.51.100.11", agent=True)
-        standalone = c.add_node("standalone", "198.51.100.12", mode="standalone")
+        # logLevel INFO, the product's default (the lab's own nodes log at DEBUG).
+        agent = c.add_node("agent", "198.51.100.11", agent=True, logLevel="INFO")
+        standalone = c.add_node("standalone", "198.51.100.12", mode="standalone",
+                                logLevel="INFO")
         bridge = c.add_node("bridge", "198.51.100.13")
         hostlocal_dir = sandbox.dir("host-local")
         self.agent = Variant("vpcni-agent", agent, "vpcni",
@@ -146,6 +148,28 @@ class CniBench:
         out = {name: {cmd: summarize(t) for cmd, t in per.items()} for name, per in times.items()}
         out["vpcni-agent"]["agent_service_ms"] = {
             cmd: agent_mean_ms(before, after, cmd) for cmd in ("ADD", "DEL")}
+        return out
+
+    def debug_logging(self, cycles: int) -> dict:
+        """The agent at logLevel INFO against a second agent node at DEBUG (as the lab
+        runs its nodes), round-robin."""
+        debug_node = self.cluster.add_node("agentdebug", "198.51.100.14", agent=True,
+                                           logLevel="DEBUG")
+        debug = Variant("vpcni-agent-debug", debug_node, "vpcni",
+                        vpcni_config("bench-debug", 4013, "172.16.46"))
+        debug.call("ADD", self.pods(debug_node, 1, "resident")[0], 238)
+        pods = {v.name: self.pods(v.node, cycles) for v in (self.agent, debug)}
+        times = {v.name: {"ADD": [], "DEL": []} for v in (self.agent, debug)}
+        for i in range(cycles):
+            for v in (self.agent, debug):
+                times[v.name]["ADD"].append(v.call("ADD", pods[v.name][i], i))
+                times[v.name]["DEL"].append(v.call("DEL", pods[v.name][i], i))
+        out = {name: {cmd: summarize(t) for cmd, t in per.items()} for name, per in times.items()}
+        log_file = debug_node.dir / "vpcni.log"
+        lines = log_file.read_text(errors="replace").splitlines()
+        out["debug_log_lines_per_call"] = round(len(lines) / (2 * cycles + 1))
+        out["pyroute2_share_of_lines"] = round(
+            sum(" pyroute2." in line for line in lines) / max(1, len(lines)), 2)
         return out
 
     def cold_vni(self, cycles: int) -> dict:

@@ -108,6 +108,22 @@ class VpcniFirstReply:
         self.watch = NeighbourWatch(self.node2_ns.path)
         return time.monotonic() - t0
 
+    def warm_up(self) -> float:
+        """One ADD+DEL, not a sample: `Lab.up` waits for the routes of the topology's pods,
+        and node1 has none, so its BGP session may still be opening. Seconds until node2
+        had node1's route."""
+        cid, ns, address = self._new_pod()
+        self._cni("ADD", cid, ns, address)
+        t0 = time.monotonic()
+        wait_for(self._node2_knows_node1, timeout=120, interval=0.01,
+                 what="node1's first route reaching node2")
+        took = time.monotonic() - t0
+        self._cni("DEL", cid, ns, address)
+        ns.delete()
+        wait_for(lambda: not self._node2_knows_node1(), timeout=10, interval=0.01,
+                 what="node1's withdrawal reaching node2")
+        return took
+
     def close_probes(self) -> None:
         """Close the probe sockets (before iperf3: a packet socket copies every frame)."""
         for probe in (self.prober, self.watch):

@@ -12,6 +12,12 @@ import os
 import sys
 
 
+def _quiet_pyroute2(record: logging.LogRecord) -> bool:
+    """pyroute2 logs every netlink message at DEBUG (and resets its logger's
+    level on import): keep its warnings only."""
+    return record.levelno >= logging.WARNING or not record.name.startswith(("pyroute2", "asyncio"))
+
+
 def setup_logging(node, stderr_level: int = logging.WARNING) -> None:
     root = logging.getLogger()
     root.setLevel(logging.DEBUG)
@@ -19,8 +25,7 @@ def setup_logging(node, stderr_level: int = logging.WARNING) -> None:
     stderr.setLevel(stderr_level)
     stderr.setFormatter(logging.Formatter("vpcni: %(levelname)s %(message)s"))
     root.addHandler(stderr)
-    # pyroute2 logs every netlink message at DEBUG: keep it to warnings.
-    logging.getLogger("pyroute2").setLevel(logging.WARNING)
+    stderr.addFilter(_quiet_pyroute2)
     if node is not None and node.logFile:
         try:
             node.logFile.parent.mkdir(parents=True, exist_ok=True)
@@ -29,6 +34,7 @@ def setup_logging(node, stderr_level: int = logging.WARNING) -> None:
             root.warning("cannot open log file %s: %s", node.logFile, exc)
         else:
             fh.setLevel(getattr(logging, node.logLevel))
+            fh.addFilter(_quiet_pyroute2)
             fh.setFormatter(logging.Formatter(
                 f"%(asctime)s {os.getpid()} %(levelname)s %(name)s: %(message)s"))
             root.addHandler(fh)

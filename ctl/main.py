@@ -129,6 +129,27 @@ def cmd_lab(args) -> int:
     return 2
 
 
+def cmd_render(args) -> int:
+    from vpcni.evpn import render
+
+    try:
+        if args.what == "gobgpd-node":
+            text = render.gobgpd_node_toml(args.router_id, args.asn, args.reflector)
+        elif args.what == "gobgpd-rr":
+            text = render.gobgpd_reflector_toml(args.router_id, args.asn, args.vtep_prefix,
+                                                args.cluster_id)
+        elif args.what == "frr-rr":
+            text = render.frr_reflector_bgpd(args.router_id, args.asn, args.vtep_prefix,
+                                             args.cluster_id)
+        else:
+            text = render.frr_vtep_bgpd(args.router_id, args.asn, args.reflector)
+    except ValueError as exc:
+        print(f"vpcnictl render {args.what}: {exc}", file=sys.stderr)
+        return 2
+    sys.stdout.write(text)
+    return 0
+
+
 def cmd_demo(args) -> int:
     from vpcni.lab.demo import run_demo
 
@@ -159,6 +180,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("topology", nargs="?",
                    help="topology file (up; default: the shipped default.toml) or lab name")
     p.set_defaults(func=cmd_lab)
+    p = sub.add_parser("render", help="configuration for the BGP daemons of the control plane",
+                       description="gobgpd-node: a node's speaker (router-id = its VTEP); "
+                                   "gobgpd-rr / frr-rr: a route reflector for every VTEP of a "
+                                   "prefix (dynamic neighbours, l2vpn evpn only); frr-vtep: a "
+                                   "plain FRR VTEP as the seed deploys it")
+    p.add_argument("what", choices=["gobgpd-node", "gobgpd-rr", "frr-rr", "frr-vtep"])
+    p.add_argument("--router-id", required=True, help="router id (a node's VTEP address)")
+    p.add_argument("--asn", type=int, default=65000)
+    p.add_argument("--reflector", action="append", default=[],
+                   help="route reflector address (gobgpd-node, frr-vtep; repeat for each)")
+    p.add_argument("--vtep-prefix", help="the VTEP range reflectors accept (gobgpd-rr, frr-rr)")
+    p.add_argument("--cluster-id", help="route reflector cluster id (default: router id)")
+    p.set_defaults(func=cmd_render)
     p = sub.add_parser("demo", help="the seed's two-node test in network namespaces, step by step")
     p.set_defaults(func=cmd_demo)
     return parser

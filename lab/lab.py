@@ -12,11 +12,9 @@ remove it all, also after a failed `up`.
 from __future__ import annotations
 
 import concurrent.futures
-import ipaddress
 import json
 import os
 import shutil
-import subprocess
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -25,12 +23,12 @@ from typing import Optional
 from vpcni.evpn import render
 
 from .cluster import Cluster, Node
+from .daemons import Frr, Gobgpd
 from .netns import Netns, Sandbox, run, wait_for
 from .topology import Topology
 from .traffic import start_ident_server, tcp_ident
 
 LAB_ROOT = Path("/run/vpcni-lab")
-FRR_DIR = Path("/usr/lib/frr")
 
 
 class LabError(RuntimeError):
@@ -60,6 +58,7 @@ class Lab:
         self.topo = topo
         self.dir = Path(root) / topo.name
         self.box: Optional[Sandbox] = None
+        self.prefix = ""
         self.cluster: Optional[Cluster] = None
         self.pods: dict[str, PodInfo] = {}
 
@@ -83,8 +82,8 @@ class Lab:
             raise LabError(f"lab {self.topo.name!r} is already up (or was not taken down): "
                            f"run `vpcnictl lab down {self.topo.name}` first")
         self.dir.parent.mkdir(parents=True, exist_ok=True)
-        self.box = Sandbox(prefix=f"vl{os.urandom(2).hex()}", root_dir=self.dir,
-                           state_file=self.state_file)
+        self.prefix = f"vl{os.urandom(2).hex()}"
+        self.box = Sandbox(prefix=self.prefix, root_dir=self.dir, state_file=self.state_file)
         try:
             self.cluster = Cluster(self.box, str(self.topo.underlay))
             for rr in self.topo.reflectors:
@@ -119,6 +118,7 @@ class Lab:
             raise LabError(f"lab {name!r} is not up (no {path})") from None
         lab = cls(Topology.model_validate(data["topology"]), root)
         lab.box = Sandbox.restore(lab.state_file)
+        lab.prefix = lab.box.prefix
         lab.pods = {n: PodInfo(**p) for n, p in data["pods"].items()}
         return lab
 
@@ -130,36 +130,11 @@ class Lab:
         d = self.node_dir(rr.name)
         prefix = str(self.topo.underlay)
         if rr.daemon == "frr":
-            conf = render.frr_reflector_bgpd(rr.address, self.topo.asn, prefix)
-            self._start_frr(ns, d, rr.name, conf)
+            Frr(ns, d, render.frr_reflector_bgpd(rr.address, self.topo.asn, prefix),
+                render.frr_zebra(rr.name)).start()
         else:
-            conf = render.gobgpd_reflector_toml(rr.address, self.topo.asn, prefix)
-            self._start_gobgpd(ns, d, conf)
-
-    def _start_frr(self, ns: Netns, d: Path, hostname: str, bgpd_conf: str) -> None:
-        (d / "zebra.conf").write_text(render.frr_zebra(hostname))
-        (d / "bgpd.conf").write_text(bgpd_conf)
-        shutil.chown(d, "frr", "frr")
-        for f in d.iterdir():
-            shutil.chown(f, "frr", "frr")
-        for daemon in ("zebra", "bgpd"):
-            pid_file = d / f"{daemon}.pid"
-            ns.exec(str(FRR_DIR / daemon), "-d", "-P", "0", "-f", str(d / f"{daemon}.conf"),
-                    "-i", str(pid_file), "--vty_socket", str(d), "-z", str(d / "zserv.api"),
-                    "--log", f"file:{d / f'{daemon}.log'}")
-            pid = wait_for(lambda: pid_file.exists() and pid_file.read_text().strip(),
-                           timeout=10, what=f"{daemon} pid file in {d}")
-            self.box.adopt(int(pid), ns.name)
-
-    def _start_gobgpd(self, ns: Netns, d: Path, conf: str) -> None:
-        (d / "gobgpd.toml").write_text(conf)
-        sock = d / "gobgp.sock"
-        sock.unlink(missing_ok=True)
-        log = open(d / "gobgpd.log", "ab")
-        ns.spawn("gobgpd", "-f", str(d / "gobgpd.toml"), "-p", "--api-hosts", f"unix://{sock}",
-                 "--pprof-disable", "-l", "info", stdout=log, stderr=log)
-        log.close()
-        wait_for(sock.exists, timeout=10, what=f"gobgpd socket {sock}")
+            Gobgpd(ns, d, render.gobgpd_reflector_toml(rr.address, self.topo.asn,
+                                                       prefix)).start()
 
     # ------------------------------------------------------------ nodes
 
@@ -169,17 +144,17 @@ class Lab:
             ns = self.box.netns(spec.name)
             self.cluster.fabric.connect(ns, str(spec.address))
             d = self.node_dir(spec.name)
-            conf = render.frr_vtep_bgpd(spec.address, self.topo.asn, reflectors)
-            self._start_frr(ns, d, spec.name, conf)
+            Frr(ns, d, render.frr_vtep_bgpd(spec.address, self.topo.asn, reflectors),
+                render.frr_zebra(spec.name)).start()
             return
         node_cfg = {"reconcileInterval": 10,
-                    "evpn": {"gobgpdSocket": str(self.node_dir(spec.name) / "gobgp.sock"),
+                    "evpn": {"gobgpdSocket": str(self.node_dir(spec.name) / "gobgpd.sock"),
                              "asn": self.topo.asn}}
         if spec.backend:
             node_cfg["backend"] = spec.backend
         node = self.cluster.add_node(spec.name, str(spec.address), agent=True, **node_cfg)
-        self._start_gobgpd(node.ns, node.dir, render.gobgpd_node_toml(spec.address, self.topo.asn,
-                                                                      reflectors))
+        Gobgpd(node.ns, node.dir, render.gobgpd_node_toml(spec.address, self.topo.asn,
+                                                          reflectors)).start()
         node.start_agent()
 
     def node(self, name: str) -> Node:
@@ -192,23 +167,25 @@ class Lab:
                     cni_bin=self.box.root_dir / "cni-bin",
                     node_config=json.loads((d / "node.json").read_text()))
 
-    def stop_process(self, netns_short: str, exe: str) -> None:
-        """Stop our process `exe` in a namespace, by its recorded pid."""
-        ns = self.box.namespaces[netns_short].name
-        for pid in self.box.pids(ns, exe):
-            self.box.kill_pid(pid)
+    def gobgpd(self, name: str) -> Gobgpd:
+        """The gobgpd of node or reflector `name`."""
+        return Gobgpd(self.box.namespaces[name], self.box.root_dir / name)
 
     def restart_agent(self, name: str) -> dict:
         return self.node(name).restart_agent()
 
     def restart_gobgpd(self, name: str) -> None:
-        d = self.box.root_dir / name
-        self.stop_process(name, "gobgpd")
-        self._start_gobgpd(self.box.namespaces[name], d, (d / "gobgpd.toml").read_text())
+        self.gobgpd(name).restart()
 
     def stop_reflector(self, name: str) -> None:
-        for exe in ("gobgpd", "bgpd", "zebra"):
-            self.stop_process(name, exe)
+        ns, d = self.box.namespaces[name], self.box.root_dir / name
+        rr = next(r for r in self.topo.reflectors if r.name == name)
+        (Frr(ns, d) if rr.daemon == "frr" else Gobgpd(ns, d)).stop()
+
+    def start_reflector(self, name: str) -> None:
+        ns, d = self.box.namespaces[name], self.box.root_dir / name
+        rr = next(r for r in self.topo.reflectors if r.name == name)
+        (Frr(ns, d) if rr.daemon == "frr" else Gobgpd(ns, d)).start()
 
     # ------------------------------------------------------------ pods
 

@@ -19,7 +19,7 @@ from typing import Callable, Optional
 import pytest
 
 from vpcni.evpn import render
-from vpcni.evpn.daemons import Frr, Gobgpd
+from vpcni.lab.daemons import Frr, Gobgpd
 from vpcni.evpn.routes import LocalRoute
 from vpcni.evpn.speaker import EvpnSpeaker
 from vpcni.lab.netns import Fabric, Netns, Sandbox, wait_for
@@ -52,7 +52,7 @@ class EvpnLab:
         rr = sandbox.netns("rr")
         self.fabric.connect(rr, RR)
         if rr_kind == "frr":
-            Frr(sandbox, rr, sandbox.dir("rr"), render.frr_reflector_bgpd(RR, ASN, PREFIX),
+            Frr(rr, sandbox.dir("rr"), render.frr_reflector_bgpd(RR, ASN, PREFIX),
                 render.frr_zebra("rr")).start()
         else:
             Gobgpd(rr, sandbox.dir("rr"), render.gobgpd_reflector_toml(RR, ASN, PREFIX)).start()
@@ -95,7 +95,7 @@ class EvpnLab:
         fv.ip("link", "set", "vpod", "master", "br300", "up")
         pod.ip("link", "set", "eth0", "address", FRR_POD_MAC, "mtu", "1450", "up")
         pod.ip("addr", "add", "172.16.0.3/24", "dev", "eth0")
-        frr = Frr(self.sandbox, fv, self.sandbox.dir("fv"),
+        frr = Frr(fv, self.sandbox.dir("fv"),
                   render.frr_vtep_bgpd(FRR_VTEP, ASN, [RR]), render.frr_zebra("fv")).start()
         return frr, fv, pod
 

@@ -204,3 +204,4 @@ def test_one_reflector_down_keeps_traffic_and_learning(lab):
     wait_for(lambda: tcp_ident(src, "172.16.32.14", timeout=0.5) == "blue-4", timeout=15,
              interval=0.0, what="blue-1 reaches blue-4 learned through rr2")
     lab.remove_pod("blue-4")
+    lab.start_reflector("rr1")

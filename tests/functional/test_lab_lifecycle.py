@@ -73,7 +73,7 @@ def traces(prefix: str, lab_dir: Path, state_file: Path) -> list[str]:
 
 
 def test_up_then_down_leaves_nothing(tmp_path):
-    lab = Lab(topology(tmp_path), root=tmp_path / "labs")
+    lab = Lab(topology(tmp_path))
     lab.up()
     prefix, lab_dir, state = lab.box.prefix, lab.dir, lab.state_file
     try:
@@ -81,25 +81,24 @@ def test_up_then_down_leaves_nothing(tmp_path):
         sockets = list(lab_dir.rglob("*.sock"))
         assert sockets, "agents and gobgpd serve unix sockets under the lab dir"
     finally:
-        assert down_by_name(lab.topo.name, root=tmp_path / "labs")
+        assert down_by_name(lab.topo.name)
     assert traces(prefix, lab_dir, state) == []
 
 
 def test_failed_up_cleans_everything(tmp_path):
     topo = topology(tmp_path, node1_extra='backend = "nosuch"')
-    lab = Lab(topo, root=tmp_path / "labs")
+    lab = Lab(topo)
     with pytest.raises((LabError, TimeoutError)) as info:
         lab.up()
     assert "nosuch" in str(info.value)
-    assert not lab.state_file.exists()
-    assert not any(n.startswith(f"vl") and (tmp_path.name in n) for n in os.listdir("/var/run/netns"))
-    assert traces(lab.box.prefix if lab.box else "vl-none", lab.dir, lab.state_file) == []
+    assert lab.box is None and not lab.state_file.exists()
+    assert traces(lab.prefix, lab.dir, lab.state_file) == []
 
 
 @pytest.mark.parametrize("rr", ["frr", "gobgpd"])
 def test_plain_frr_vtep_and_vpcni_share_a_vni(tmp_path, rr):
     """node2 runs the seed's deployment (FRR with advertise-all-vni); node1 runs vpcni."""
-    lab = Lab(topology(tmp_path, rr=rr, node2_kind="frr"), root=tmp_path / "labs")
+    lab = Lab(topology(tmp_path, rr=rr, node2_kind="frr"))
     lab.up()
     try:
         b1 = Netns(lab.pods["blue-1"].netns, lab.box, create=False)

@@ -1,0 +1,354 @@
+"""Run every benchmark once, against its baseline in the same run; print tables, write JSON.
+
+    .venv/bin/python -m benchmarks.run [--quick] [--json results.json]
+
+Needs root (network namespaces). Everything is built with the lab code in
+namespaces under unique prefixes and removed at the end, also after a failure
+or Ctrl-C / SIGTERM. A benchmark that fails is reported as such; the others
+still run. docs/benchmarks.md explains the method and discusses the results.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import signal
+import sys
+import time
+import traceback
+from pathlib import Path
+
+if __package__ in (None, ""):  # run as a file (benchmarks/run.py): make the package importable
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from vpcni.lab.cluster import environment_ok  # noqa: E402
+from vpcni.lab.netns import Sandbox, run  # noqa: E402
+
+from benchmarks.cni import CniBench  # noqa: E402
+from benchmarks.first_reply import PlainVxlan, VpcniFirstReply, iperf_compare  # noqa: E402
+from benchmarks.stats import ratio  # noqa: E402
+
+FULL = {"cycles": 100, "floor_reps": 30, "cold_vni_cycles": 30, "crowded_residents": 100,
+        "crowded_cycles": 30, "breakdown_cycles": 30, "callers": 8, "parallel_cycles": 10,
+        "first_reply_pods": 30, "reflectors": ["frr", "gobgpd"], "iperf_seconds": 4,
+        "iperf_rounds": 3}
+QUICK = {"cycles": 30, "floor_reps": 10, "cold_vni_cycles": 10, "crowded_residents": 30,
+         "crowded_cycles": 10, "breakdown_cycles": 10, "callers": 8, "parallel_cycles": 3,
+         "first_reply_pods": 10, "reflectors": ["frr", "gobgpd"], "iperf_seconds": 2,
+         "iperf_rounds": 1}
+ADD_GOAL = 1.5       # vpcni-agent ADD p50 / bridge ADD p50
+REPLY_GOAL_MS = 150  # p50 from ADD returning to the first reply from another node
+
+
+def log(msg: str) -> None:
+    print(f"[{time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
+
+
+# ------------------------------------------------------------ the machine
+
+def _cpu_times() -> tuple[int, int]:
+    fields = [int(x) for x in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
+    idle = fields[3] + fields[4]
+    return sum(fields) - idle, sum(fields)
+
+
+def _other_test_runs() -> int:
+    """pytest processes on the machine (other engineers' tests share these two cores)."""
+    n = 0
+    for d in Path("/proc").iterdir():
+        if d.name.isdigit():
+            try:
+                n += b"pytest" in (d / "cmdline").read_bytes()
+            except OSError:
+                pass
+    return n
+
+
+def _source_state() -> str:
+    """The commit measured, and how many files differ from it (others edit the tree too)."""
+    root = str(Path(__file__).resolve().parent.parent)
+    head = run(["git", "-C", root, "rev-parse", "--short", "HEAD"], check=False).stdout.strip()
+    dirty = run(["git", "-C", root, "status", "--porcelain"], check=False).stdout.splitlines()
+    return f"{head or 'unknown'} + {len(dirty)} changed/untracked paths"
+
+
+def machine() -> dict:
+    return {"source": _source_state(), "nproc": os.cpu_count(), "kernel": platform.release(),
+            "python": platform.python_version(), "python_executable": sys.executable,
+            "shim_python": run(["/usr/bin/python3", "-V"]).stdout.strip(),
+            "loadavg_start": Path("/proc/loadavg").read_text().split()[:3]}
+
+
+class Section:
+    """Runs one benchmark: its result, or its error; CPU busy share and foreign test runs."""
+
+    def __init__(self, results: dict, name: str):
+        self.results, self.name = results, name
+
+    def __call__(self, fn, *args):
+        log(f"{self.name} ...")
+        busy0, total0 = _cpu_times()
+        others = _other_test_runs()
+        t0 = time.monotonic()
+        try:
+            value = fn(*args)
+        except (KeyboardInterrupt, SystemExit):
+            raise
+        except Exception as exc:
+            traceback.print_exc()
+            value = {"error": f"{type(exc).__name__}: {exc}"}
+        busy1, total1 = _cpu_times()
+        if isinstance(value, dict):
+            value["_section"] = {"seconds": round(time.monotonic() - t0, 1),
+                                 "cpu_busy_pct": round(100 * (busy1 - busy0) /
+                                                       max(1, total1 - total0)),
+                                 "pytest_processes_seen": others}
+        self.results[self.name] = value
+        log(f"{self.name} done in {time.monotonic() - t0:.1f}s")
+        return value
+
+
+# ------------------------------------------------------------ the runs
+
+def run_cni(p: dict, results: dict) -> None:
+    box = Sandbox()
+    try:
+        bench = CniBench(box, log=log)
+        Section(results, "floors")(bench.floors, p["floor_reps"])
+        Section(results, "sequential")(bench.sequential, p["cycles"])
+        Section(results, "cold_vni")(bench.cold_vni, p["cold_vni_cycles"])
+        Section(results, "debug_logging")(bench.debug_logging, p["cold_vni_cycles"])
+        Section(results, "breakdown")(bench.breakdown, p["breakdown_cycles"])
+        Section(results, "throughput")(bench.throughput, p["callers"], p["parallel_cycles"])
+        Section(results, "crowded")(bench.crowded, p["crowded_residents"], p["crowded_cycles"])
+    finally:
+        box.cleanup()
+
+
+def run_dataplane(p: dict, results: dict) -> None:
+    box = Sandbox()
+    plain = None
+    try:
+        plain = PlainVxlan(box)
+        first = results.setdefault("first_reply", {})
+        Section(first, "plain-vxlan")(plain.first_reply, p["first_reply_pods"])
+        for daemon in p["reflectors"]:
+            run_lab(p, daemon, first, plain, results)
+    finally:
+        if plain is not None:
+            plain.close_probes()
+        box.cleanup()
+
+
+def run_lab(p: dict, daemon: str, first: dict, plain: PlainVxlan, results: dict) -> None:
+    bench = VpcniFirstReply(daemon)
+    out = first.setdefault(f"vpcni-{daemon}-rr", {})
+    try:
+        out["lab_up_s"] = round(bench.up(), 1)
+        out["first_route_after_up_s"] = round(bench.warm_up(), 2)
+        Section(out, "cold")(bench.cold, p["first_reply_pods"])
+        Section(out, "warm")(bench.warm, p["first_reply_pods"])
+        if "iperf" not in results and p["iperf_rounds"]:
+            bench.close_probes()
+            plain.close_probes()
+            Section(results, "iperf")(iperf_compare, bench.perf_pair(), plain.perf_pair(),
+                                      p["iperf_seconds"], p["iperf_rounds"])
+            results["iperf"]["vpcni_reflector"] = daemon
+        Section(out, "remove_warm")(bench.remove_warm)
+    finally:
+        bench.down()
+
+
+# ------------------------------------------------------------ the report
+
+def _f(x, unit: str = "") -> str:
+    return "n/a" if x is None else f"{x:g}{unit}"
+
+
+def _get(d: dict, *keys):
+    for k in keys:
+        if not isinstance(d, dict) or k not in d:
+            return None
+        d = d[k]
+    return d
+
+
+def render(r: dict) -> str:
+    """The results as the markdown tables docs/benchmarks.md shows."""
+    m = r["machine"]
+    lines = [f"Machine: {m['nproc']} CPUs, kernel {m['kernel']}, Python {m['python']} "
+             f"(shim: {m['shim_python']}); source {m['source']}; mode {r['mode']}; total "
+             f"{r['duration_s']} s; load average at start {' '.join(m['loadavg_start'])}, at end "
+             f"{' '.join(m.get('loadavg_end', []))}.", ""]
+    seq = r.get("sequential", {})
+    n = _get(seq, "bridge", "ADD", "n")
+    lines += [f"### 1. CNI latency, {n} sequential ADD+DEL cycles each (ms)", "",
+              "| plugin | ADD p50 | ADD p99 | ADD mean | DEL p50 | DEL p99 | DEL mean |",
+              "|---|---:|---:|---:|---:|---:|---:|"]
+    rows = [("vpcni via shim + agent", seq.get("vpcni-agent")),
+            ("vpcni standalone", seq.get("vpcni-standalone")),
+            ("bridge + host-local (baseline)", seq.get("bridge")),
+            ("vpcni agent, pod alone in its VNI (builds/removes the VNI)", r.get("cold_vni")),
+            (f"vpcni agent with {_get(r, 'crowded', 'attachments_on_node')} attachments on the "
+             "node", r.get("crowded")),
+            ("vpcni agent, logLevel INFO (paired with the next row)",
+             _get(r, "debug_logging", "vpcni-agent")),
+            ("vpcni agent, logLevel DEBUG (the lab's setting)",
+             _get(r, "debug_logging", "vpcni-agent-debug"))]
+    for name, d in rows:
+        if not d or "error" in d:
+            lines.append(f"| {name} | {'error' if d else 'not run'} | | | | | |")
+            continue
+        lines.append(f"| {name} | " + " | ".join(_f(_get(d, c, k)) for c in ("ADD", "DEL")
+                                                  for k in ("p50", "p99", "mean")) + " |")
+    add_ratio = ratio(_get(seq, "vpcni-agent", "ADD", "p50"), _get(seq, "bridge", "ADD", "p50"))
+    del_ratio = ratio(_get(seq, "vpcni-agent", "DEL", "p50"), _get(seq, "bridge", "DEL", "p50"))
+    sa_ratio = ratio(_get(seq, "vpcni-standalone", "ADD", "p50"),
+                     _get(seq, "bridge", "ADD", "p50"))
+    service = _get(seq, "vpcni-agent", "agent_service_ms") or {}
+    dbg = r.get("debug_logging") or {}
+    lines += ["", f"- vpcni-agent / bridge, ADD p50: **{_f(add_ratio, '×')}** (goal ≤ {ADD_GOAL}×: "
+              f"{'met' if add_ratio is not None and add_ratio <= ADD_GOAL else 'NOT met'}); "
+              f"DEL p50: **{_f(del_ratio, '×')}**; standalone / bridge, ADD p50: {_f(sa_ratio, '×')}",
+              f"- time inside the agent (its own histogram, mean): ADD {_f(service.get('ADD'))} ms, "
+              f"DEL {_f(service.get('DEL'))} ms (end-to-end means: "
+              f"{_f(_get(seq, 'vpcni-agent', 'ADD', 'mean'))} / "
+              f"{_f(_get(seq, 'vpcni-agent', 'DEL', 'mean'))} ms)",
+              f"- at DEBUG the agent writes {_f(dbg.get('debug_log_lines_per_call'))} log lines per "
+              f"call, {_f(dbg.get('pyroute2_share_of_lines'))} of them pyroute2's", ""]
+    floors = r.get("floors", {})
+    lines += ["Floors (what a call costs before any plugin work), ms:", "",
+              "| exec | p50 | p99 |", "|---|---:|---:|"]
+    for name, d in floors.items():
+        if not name.startswith("_") and isinstance(d, dict):
+            lines.append(f"| {name} | {_f(d.get('p50'))} | {_f(d.get('p99'))} |")
+    bd = r.get("breakdown", {})
+    if "steps" in bd:
+        lines += ["", f"In-process handler, {bd['calls']} warm ADD+DEL cycles, inclusive ms per "
+                  "call (calls per call):", "",
+                  "| step | ADD ms | ADD calls | DEL ms | DEL calls |", "|---|---:|---:|---:|---:|"]
+        steps: dict = {}
+        for command in ("ADD", "DEL"):
+            for s in bd["steps"][command]:
+                steps.setdefault(s["step"], {})[command] = s
+        for name, per in steps.items():
+            cells = []
+            for command in ("ADD", "DEL"):
+                s = per.get(command)
+                cells += [_f(s["ms_per_op"]), _f(s["calls_per_op"])] if s else ["", ""]
+            lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    first = r.get("first_reply", {})
+    lines += ["", "### 2. ADD returning → first reply from a pod on the other node (ms)", "",
+              "| setup | samples | reply p50 | p90 | p99 | max | ARP answered p50 | EVPN route "
+              "applied on node2 p50 | reply after ADD *start* p50 | ADD p50 |",
+              "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    goal_rows = []
+    for name, d in first.items():
+        if name == "plain-vxlan":
+            cases = [("plain ip VXLAN, static FDB (baseline; times from the attach's last `ip`)", d,
+                      "reply_after_attach_ms", "arp_after_attach_ms", None, None, "attach_ms")]
+        else:
+            cases = [(f"vpcni, {name.split('-')[1]} reflector, {c}",
+                      d.get(c, {}), "reply_after_add_ms", "arp_after_add_ms",
+                      "evpn_after_add_ms", "reply_after_add_start_ms", "add_ms")
+                     for c in ("cold", "warm")]
+        for label, c, reply, arp, evpn, start, add in cases:
+            if not c or "error" in c:
+                lines.append(f"| {label} | {'error' if c else 'not run'} | | | | | | | | |")
+                continue
+            rep = c[reply]
+            lines.append(f"| {label} | {rep['n']} (+{rep['missing']} no reply) | "
+                         f"{_f(rep.get('p50'))} | {_f(rep.get('p90'))} | {_f(rep.get('p99'))} | "
+                         f"{_f(rep.get('max'))} | {_f(_get(c, arp, 'p50'))} | "
+                         f"{_f(_get(c, evpn, 'p50')) if evpn else '—'} | "
+                         f"{_f(_get(c, start, 'p50')) if start else '—'} | "
+                         f"{_f(_get(c, add, 'p50'))} |")
+            if evpn:
+                goal_rows.append((label, rep.get("p50")))
+    for name, d in first.items():
+        if name == "plain-vxlan" or not isinstance(d, dict):
+            continue
+        lines.append(
+            f"- {name}: lab up {_f(d.get('lab_up_s'))} s; after it, node1's first route took "
+            f"{_f(d.get('first_route_after_up_s'))} s to reach node2 (warm-up, not a sample); "
+            f"time inside node1's agent with EVPN, mean: ADD "
+            f"{_f(_get(d, 'warm', 'agent_service_ms', 'ADD'))} ms, DEL "
+            f"{_f(_get(d, 'remove_warm', 'agent_service_ms', 'DEL'))} ms; end-to-end DEL p50 "
+            f"{_f(_get(d, 'remove_warm', 'del_ms', 'p50'))} ms")
+    for label, p50 in goal_rows:
+        ok = p50 is not None and p50 <= REPLY_GOAL_MS
+        lines.append(f"- {label}: p50 {_f(p50)} ms — goal ≤ {REPLY_GOAL_MS} ms "
+                     f"{'met' if ok else 'NOT met'}")
+    tp = r.get("throughput", {})
+    lines += ["", f"### 3. {_get(tp, 'bridge', 'callers')} parallel callers, "
+              f"{_get(tp, 'bridge', 'cycles_per_caller')} ADD+DEL cycles each", "",
+              "| plugin | ops/s | ADD p50 | ADD p99 | DEL p50 | DEL p99 | wall s |",
+              "|---|---:|---:|---:|---:|---:|---:|"]
+    for name in ("vpcni-agent", "bridge"):
+        d = tp.get(name)
+        if not d:
+            continue
+        lines.append(f"| {name} | {d['ops_per_s']} | {_f(d['ADD']['p50'])} | "
+                     f"{_f(d['ADD']['p99'])} | {_f(d['DEL']['p50'])} | {_f(d['DEL']['p99'])} | "
+                     f"{d['wall_s']} |")
+    lines.append(f"- ops/s vpcni-agent / bridge: **{_f(tp.get('ratio_ops_per_s_agent_over_bridge'), '×')}**")
+    ip = r.get("iperf", {})
+    if "median_gbps" in ip:
+        lines += ["", f"### 4. iperf3 TCP between pods on two nodes ({ip['seconds_per_run']} s runs, "
+                  "alternating)", "", "| dataplane | runs Gbit/s | median |", "|---|---|---:|"]
+        for name in ("plain-vxlan", "vpcni"):
+            lines.append(f"| {name} | {', '.join(map(str, ip['runs_gbps'][name]))} | "
+                         f"{ip['median_gbps'][name]} |")
+        lines.append(f"- vpcni / plain: **{ip['ratio_vpcni_over_plain']}×**")
+    errors = [f"{k}: {v['error']}" for k, v in _walk(r) if isinstance(v, dict) and "error" in v]
+    if errors:
+        lines += ["", "Errors:"] + [f"- {e}" for e in errors]
+    busy = [(k, v["_section"]["cpu_busy_pct"], v["_section"]["pytest_processes_seen"])
+            for k, v in _walk(r) if isinstance(v, dict) and "_section" in v]
+    lines += ["", "Machine busy during each section (all processes, ours included; pytest "
+              "processes of others seen at its start): " +
+              ", ".join(f"{k} {b}% ({o})" for k, b, o in busy)]
+    return "\n".join(lines)
+
+
+def _walk(d: dict, prefix: str = ""):
+    for k, v in d.items():
+        if isinstance(v, dict):
+            yield prefix + k, v
+            yield from _walk(v, prefix + k + ".")
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n", 1)[0])
+    ap.add_argument("--quick", action="store_true", help="fewer samples (about 3 minutes)")
+    ap.add_argument("--json", type=Path, help="also write the results (with samples) here")
+    ap.add_argument("--only", choices=["cni", "dataplane"], help="run one half only")
+    args = ap.parse_args(argv)
+    problem = environment_ok()
+    if problem:
+        print(f"benchmarks: {problem}", file=sys.stderr)
+        return 2
+    # SIGTERM unwinds like Ctrl-C, through every cleanup.
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
+    p = QUICK if args.quick else FULL
+    results: dict = {"mode": "quick" if args.quick else "full", "params": p,
+                     "machine": machine(), "started": time.strftime("%Y-%m-%d %H:%M:%S")}
+    t0 = time.monotonic()
+    try:
+        if args.only in (None, "cni"):
+            run_cni(p, results)
+        if args.only in (None, "dataplane"):
+            run_dataplane(p, results)
+    finally:
+        results["duration_s"] = round(time.monotonic() - t0)
+        results["machine"]["loadavg_end"] = Path("/proc/loadavg").read_text().split()[:3]
+        if args.json:
+            args.json.write_text(json.dumps(results, indent=1))
+    print(render(results))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
