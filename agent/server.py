@@ -30,12 +30,13 @@ from vpcni.core import backend as backends
 from vpcni.core.config import NodeConfig
 from vpcni.core.errors import VpcniError
 from vpcni.core.handler import Handler
-from vpcni.core.models import Attachment
+from vpcni.core.models import Attachment, RemoteState
 
 from .metrics import Metrics
 
 LOG = logging.getLogger("vpcni.agent")
 MAX_REQUEST = 4 * 1024 * 1024
+GOBGPD_RESTART_GRACE = 20.0
 
 
 class _RequestServer(socketserver.ThreadingMixIn, socketserver.UnixStreamServer):
@@ -84,12 +85,18 @@ class Agent:
         self._http: Optional[ThreadingHTTPServer] = None
         self._threads: list[threading.Thread] = []
         self.choice: dict[str, Any] = {}
+        # After gobgpd restarts, its table is empty until its BGP sessions are
+        # back (5-10 s): keep what was learned before, like BGP graceful
+        # restart's stale paths, instead of wiping the FDB meanwhile.
+        self._grace_until = 0.0
+        self._seen_disconnects = 0
+        self._last_remote: dict[int, RemoteState] = {}
         if node.evpn is not None:
             from vpcni.evpn.speaker import EvpnSpeaker
 
             self.speaker = EvpnSpeaker(f"unix://{node.evpn.gobgpdSocket}", vtep=self._vtep(),
                                        asn=node.evpn.asn, on_change=self._remote_changed)
-            self.handler.remote_source = self.speaker.remote_state
+            self.handler.remote_source = self._remote_state
         self.handler.listeners.append(self._local_changed)
 
     def _vtep(self):
@@ -244,6 +251,33 @@ class Agent:
             return self.handler.backend_named(att.backend)
         return None
 
+    def _remote_state(self, vni: int) -> RemoteState:
+        self._note_gobgpd_restart()
+        learned = self.speaker.remote_state(vni)
+        kept = self._last_remote.get(vni)
+        if kept is not None and time.monotonic() < self._grace_until:
+            fresh = {ep.mac for ep in learned.endpoints}
+            learned = RemoteState(
+                endpoints=learned.endpoints + [ep for ep in kept.endpoints if ep.mac not in fresh],
+                flood=list(dict.fromkeys([*learned.flood, *kept.flood])))
+        self._last_remote[vni] = learned
+        return learned
+
+    def _note_gobgpd_restart(self) -> None:
+        """Start the grace period when the speaker has lost gobgpd since last seen."""
+        disconnects = self.speaker.counters()["disconnects"]
+        if disconnects != self._seen_disconnects:
+            self._seen_disconnects = disconnects
+            self._grace_until = time.monotonic() + GOBGPD_RESTART_GRACE
+            LOG.warning("lost gobgpd: keeping learned remote entries for %.0fs while its "
+                        "sessions come back", GOBGPD_RESTART_GRACE)
+
+    def _grace_ended(self) -> bool:
+        if self._grace_until and time.monotonic() >= self._grace_until:
+            self._grace_until = 0.0
+            return True
+        return False
+
     def _reconcile_loop(self) -> None:
         interval = self.node.reconcileInterval
         last_full = 0.0
@@ -253,12 +287,16 @@ class Agent:
             self._heartbeat = time.monotonic()
             if self._stop.is_set():
                 return
+            grace_ended = False
+            if self.speaker is not None:
+                self._note_gobgpd_restart()
+                grace_ended = self._grace_ended()
             # Never converge the FDB on a partial picture: wait for gobgpd's initial dump.
             if self.speaker is not None and not self.speaker.synced:
                 continue
             with self._dirty_lock:
                 dirty, self._dirty = self._dirty, set()
-            full = time.monotonic() - last_full >= interval
+            full = grace_ended or time.monotonic() - last_full >= interval
             try:
                 if full:
                     self._sync_local()

@@ -1,11 +1,14 @@
 """CNI call latency and throughput: vpcni (agent, standalone) against bridge + host-local.
 
-One lab Cluster holds three nodes, one per way of serving a call:
+One lab Cluster holds a node per way of serving a call:
 
 - `agent`: vpcni through the shim and the node's `vpcnictl agent` (no EVPN);
 - `standalone`: vpcni with node config mode "standalone" (the shim re-executes
   the whole plugin in-process for every call);
-- `bridge`: the reference `bridge` plugin with `host-local` IPAM, the baseline.
+- `bridge`: the reference `bridge` plugin with `host-local` IPAM, the baseline;
+
+and further agent nodes that are each compared with `agent` in the same
+rounds: a pod alone in its VNI, a node with many attachments, DEBUG logging.
 
 Every call goes through `Node.cni` (`ip netns exec <node> <plugin>`, CNI
 environment, config on stdin), each ADD into a fresh pod namespace created
@@ -27,6 +30,7 @@ from . import breakdown
 from .stats import ratio, summarize, time_ms
 
 CNI_VERSION = "1.0.0"
+SHIM_IMPORTS = "import json, os, socket, sys, time"
 STANDALONE_STACK = "import vpcni.cni.plugin, vpcni.core.handler, vpcni.backends.kernel"
 
 
@@ -39,13 +43,20 @@ class Variant:
         self.plugin = plugin
         self.config = config
 
-    def call(self, command: str, pod: Pod, i: int) -> float:
-        """One timed call (ms); raises with the plugin's answer when it fails."""
+    def try_call(self, command: str, pod: Pod, i: int) -> tuple[float, Optional[str]]:
+        """One timed call: (ms, None) or (ms, the plugin's error)."""
         ms, res = time_ms(lambda: self.node.cni(command, self.config(i), pod.container_id,
                                                 pod.netns, "eth1", plugin=self.plugin))
-        if not res.ok:
-            raise RuntimeError(f"{self.name}: {command} of {pod.name} failed: "
-                               f"{res.stdout.strip() or res.stderr.strip()}")
+        if res.ok:
+            return ms, None
+        return ms, (f"{self.name}: {command} of {pod.name} failed: "
+                    f"{res.stdout.strip() or res.stderr.strip()}")
+
+    def call(self, command: str, pod: Pod, i: int) -> float:
+        """One timed call (ms); raises with the plugin's answer when it fails."""
+        ms, error = self.try_call(command, pod, i)
+        if error:
+            raise RuntimeError(error)
         return ms
 
 
@@ -116,6 +127,8 @@ class CniBench:
             "ip netns exec true": lambda: agent.ns.exec("true"),
             "python3 -S -c pass (the shim's interpreter)":
                 lambda: agent.ns.exec("/usr/bin/python3", "-S", "-c", "pass"),
+            "python3 -S importing the shim's modules (json, socket, os, sys, time)":
+                lambda: agent.ns.exec("/usr/bin/python3", "-S", "-c", SHIM_IMPORTS),
             "vpcni shim VERSION": lambda: agent.cni("VERSION", {"cniVersion": CNI_VERSION}),
             "bridge VERSION": lambda: bridge.cni("VERSION", {"cniVersion": CNI_VERSION},
                                                  plugin="bridge"),
@@ -131,105 +144,110 @@ class CniBench:
 
     # ------------------------------------------------------------ 1: sequential cycles
 
-    def sequential(self, cycles: int) -> dict:
-        """`cycles` ADD+DEL cycles per variant, round-robin so that load hits all alike."""
-        variants = (self.agent, self.standalone, self.bridge)
+    def round_robin(self, variants: tuple[Variant, ...], cycles: int, what: str) -> dict:
+        """`cycles` ADD+DEL cycles per variant, one variant after the other in every round,
+        so that load from elsewhere on the machine hits them all alike."""
         pods = {v.name: self.pods(v.node, cycles) for v in variants}
         times = {v.name: {"ADD": [], "DEL": []} for v in variants}
-        before = agent_latency(self.agent.node)
         for i in range(cycles):
             for v in variants:
                 pod = pods[v.name][i]
                 times[v.name]["ADD"].append(v.call("ADD", pod, i))
                 times[v.name]["DEL"].append(v.call("DEL", pod, i))
-            if (i + 1) % 10 == 0:
-                self.log(f"  sequential: {i + 1}/{cycles} cycles")
+            if (i + 1) % 25 == 0:
+                self.log(f"  {what}: {i + 1}/{cycles} rounds")
+        return {name: {cmd: summarize(t) for cmd, t in per.items()} for name, per in times.items()}
+
+    def sequential(self, cycles: int) -> dict:
+        """The three ways of serving a call, and the agent's own view of its time."""
+        before = agent_latency(self.agent.node)
+        out = self.round_robin((self.agent, self.standalone, self.bridge), cycles, "sequential")
         after = agent_latency(self.agent.node)
-        out = {name: {cmd: summarize(t) for cmd, t in per.items()} for name, per in times.items()}
         out["vpcni-agent"]["agent_service_ms"] = {
             cmd: agent_mean_ms(before, after, cmd) for cmd in ("ADD", "DEL")}
         return out
 
+    def _agent_node(self, name: str, address: str, vni: int, subnet: str, resident: bool = True,
+                    **node_config) -> Variant:
+        """Another agent node (logLevel INFO unless given), optionally with a resident pod."""
+        node = self.cluster.add_node(name, address, agent=True,
+                                     **({"logLevel": "INFO"} | node_config))
+        v = Variant(f"vpcni-agent-{name}", node, "vpcni", vpcni_config(f"bench-{name}", vni,
+                                                                       subnet))
+        if resident:
+            v.call("ADD", self.pods(node, 1, "resident")[0], 238)
+        return v
+
     def debug_logging(self, cycles: int) -> dict:
-        """The agent at logLevel INFO against a second agent node at DEBUG (as the lab
-        runs its nodes), round-robin."""
-        debug_node = self.cluster.add_node("agentdebug", "198.51.100.14", agent=True,
-                                           logLevel="DEBUG")
-        debug = Variant("vpcni-agent-debug", debug_node, "vpcni",
-                        vpcni_config("bench-debug", 4013, "172.16.46"))
-        debug.call("ADD", self.pods(debug_node, 1, "resident")[0], 238)
-        pods = {v.name: self.pods(v.node, cycles) for v in (self.agent, debug)}
-        times = {v.name: {"ADD": [], "DEL": []} for v in (self.agent, debug)}
-        for i in range(cycles):
-            for v in (self.agent, debug):
-                times[v.name]["ADD"].append(v.call("ADD", pods[v.name][i], i))
-                times[v.name]["DEL"].append(v.call("DEL", pods[v.name][i], i))
-        out = {name: {cmd: summarize(t) for cmd, t in per.items()} for name, per in times.items()}
-        log_file = debug_node.dir / "vpcni.log"
-        lines = log_file.read_text(errors="replace").splitlines()
+        """The agent at logLevel INFO against one at DEBUG (as the lab runs its nodes)."""
+        debug = self._agent_node("debug", "198.51.100.14", 4013, "172.16.46", logLevel="DEBUG")
+        out = self.round_robin((self.agent, debug), cycles, "debug logging")
+        lines = (debug.node.dir / "vpcni.log").read_text(errors="replace").splitlines()
         out["debug_log_lines_per_call"] = round(len(lines) / (2 * cycles + 1))
         out["pyroute2_share_of_lines"] = round(
             sum(" pyroute2." in line for line in lines) / max(1, len(lines)), 2)
         return out
 
     def cold_vni(self, cycles: int) -> dict:
-        """The agent's ADD+DEL when the pod is the VNI's only one on the node: each ADD
-        builds the bridge and VXLAN device, each DEL removes them."""
-        v = Variant("vpcni-agent-cold-vni", self.agent.node, "vpcni",
-                    vpcni_config("bench-cold", 4011, "172.16.43"))
-        times = {"ADD": [], "DEL": []}
-        for i, pod in enumerate(self.pods(v.node, cycles)):
-            times["ADD"].append(v.call("ADD", pod, i))
-            times["DEL"].append(v.call("DEL", pod, i))
-        return {cmd: summarize(t) for cmd, t in times.items()}
+        """Against the agent's usual cycle: the pod alone in its VNI on its node, so that
+        each ADD builds the bridge and VXLAN device and each DEL removes them."""
+        cold = self._agent_node("cold", "198.51.100.15", 4011, "172.16.43", resident=False)
+        return self.round_robin((self.agent, cold), cycles, "cold VNI")
 
     def crowded(self, residents: int, cycles: int) -> dict:
-        """The agent's ADD+DEL with `residents` more attachments on the node."""
-        v = Variant("vpcni-agent-crowded", self.agent.node, "vpcni",
-                    vpcni_config("bench-crowded", 4012, "172.16.44"))
-        for i, pod in enumerate(self.pods(v.node, residents, "r")):
-            v.call("ADD", pod, i)
-        times = {"ADD": [], "DEL": []}
-        for i, pod in enumerate(self.pods(v.node, cycles), start=residents):
-            times["ADD"].append(v.call("ADD", pod, i))
-            times["DEL"].append(v.call("DEL", pod, i))
-        out = {cmd: summarize(t) for cmd, t in times.items()}
+        """Against the agent's usual cycle: a node with `residents` more attachments."""
+        crowded = self._agent_node("crowded", "198.51.100.16", 4012, "172.16.44")
+        for i, pod in enumerate(self.pods(crowded.node, residents, "r")):
+            crowded.call("ADD", pod, i)
+        out = self.round_robin((self.agent, crowded), cycles, "crowded")
         out["attachments_on_node"] = residents + 1
         return out
 
-    def breakdown(self, cycles: int) -> dict:
-        """The handler's steps, timed in-process inside the standalone node."""
+    def breakdown(self, cycles: int, residents: int) -> dict:
+        """The handler's steps, timed in-process inside the standalone node, with one and
+        with `residents` + 1 attachments on the node."""
         node = self.standalone.node
         config = vpcni_config("bench-breakdown", 4021, "172.16.45")
-        resident, *pods = self.pods(node, cycles + 1, "k")
+        resident, *pods = self.pods(node, 2 * cycles + 1, "k")
+        crowd = self.pods(node, residents, "kr")
 
         def spec(pod: Pod, i: int) -> dict:
             return {"containerId": pod.container_id, "netns": pod.netns, "config": config(i)}
         return breakdown.in_node(node, self.python, spec(resident, 239),
-                                 [spec(p, i) for i, p in enumerate(pods)])
+                                 [spec(p, i) for i, p in enumerate(pods[:cycles])],
+                                 [spec(p, 100 + i) for i, p in enumerate(crowd)],
+                                 [spec(p, i) for i, p in enumerate(pods[cycles:])])
 
     # ------------------------------------------------------------ 3: parallel callers
 
     def parallel(self, variant: Variant, callers: int, cycles: int) -> dict:
-        """`callers` threads, each `cycles` ADD+DEL cycles of its own pods, at once."""
+        """`callers` threads, each `cycles` ADD+DEL cycles of its own pods, at once.
+
+        A failed call is counted and kept (as a runtime would, the DEL follows a
+        failed ADD); ops/s counts the calls that succeeded.
+        """
         pods = [self.pods(variant.node, cycles) for _ in range(callers)]
 
         def worker(k: int) -> dict:
-            times: dict[str, list[float]] = {"ADD": [], "DEL": []}
+            out: dict[str, list] = {"ADD": [], "DEL": [], "errors": []}
             for j, pod in enumerate(pods[k]):
-                i = k * cycles + j
-                times["ADD"].append(variant.call("ADD", pod, i))
-                times["DEL"].append(variant.call("DEL", pod, i))
-            return times
+                for command in ("ADD", "DEL"):
+                    ms, error = variant.try_call(command, pod, k * cycles + j)
+                    if error:
+                        out["errors"].append(error)
+                    else:
+                        out[command].append(ms)
+            return out
 
         t0 = time.perf_counter()
         with concurrent.futures.ThreadPoolExecutor(callers) as pool:
             results = list(pool.map(worker, range(callers)))
         wall = time.perf_counter() - t0
-        ops = 2 * callers * cycles
-        merged = {cmd: [t for r in results for t in r[cmd]] for cmd in ("ADD", "DEL")}
-        return {"callers": callers, "cycles_per_caller": cycles, "ops": ops,
-                "wall_s": round(wall, 2), "ops_per_s": round(ops / wall, 1),
+        merged = {key: [x for r in results for x in r[key]] for key in ("ADD", "DEL", "errors")}
+        done = len(merged["ADD"]) + len(merged["DEL"])
+        return {"callers": callers, "cycles_per_caller": cycles, "calls": 2 * callers * cycles,
+                "failed": len(merged["errors"]), "errors": merged["errors"][:5],
+                "wall_s": round(wall, 2), "ops_per_s": round(done / wall, 1),
                 "ADD": summarize(merged["ADD"]), "DEL": summarize(merged["DEL"]),
                 "all": summarize(merged["ADD"] + merged["DEL"])}
 

@@ -57,11 +57,23 @@ def _distributions(samples: list[dict], keys: tuple[str, ...]) -> dict:
 
 # ------------------------------------------------------------------ iperf3
 
+def _listening(ns: Netns) -> bool:
+    return f":{IPERF_PORT}" in ns.exec("ss", "-Hltn").stdout
+
+
 def iperf_server(ns: Netns) -> None:
-    """An iperf3 server in `ns` (killed by pid with the sandbox)."""
+    """An iperf3 server in `ns` unless one listens already (killed by pid with the sandbox)."""
+    if _listening(ns):
+        return
     ns.spawn("iperf3", "-s", "-p", str(IPERF_PORT))
-    wait_for(lambda: f":{IPERF_PORT}" in ns.exec("ss", "-Hltn").stdout, timeout=10,
-             what=f"iperf3 listening in {ns.name}")
+    wait_for(lambda: _listening(ns), timeout=10, what=f"iperf3 listening in {ns.name}")
+
+
+def rx_packets(ns: Optional[Netns]) -> Optional[int]:
+    """Packets eth1 in `ns` received so far."""
+    if ns is None:
+        return None
+    return int(ns.exec("cat", "/sys/class/net/eth1/statistics/rx_packets").stdout)
 
 
 def iperf_gbps(client: Netns, server_ip: str, seconds: int) -> float:
@@ -88,9 +100,8 @@ def lab_topology(daemon: str) -> Topology:
 class VpcniFirstReply:
     """A Lab for one reflector daemon; `up()` then `cold()`, `warm()`; `down()` always."""
 
-    def __init__(self, daemon: str, log=print):
+    def __init__(self, daemon: str):
         self.daemon = daemon
-        self.log = log
         self.lab = Lab(lab_topology(daemon))
         self.prober: Optional[FirstReply] = None
         self.watch: Optional[NeighbourWatch] = None
@@ -103,8 +114,8 @@ class VpcniFirstReply:
         anchor = self.lab.pods["anchor"]
         self.node1 = self.lab.node("node1")
         self.node2_ns = self.lab.box.namespaces["node2"]
-        self.prober = FirstReply(str(Netns(anchor.netns, self.lab.box, create=False).path),
-                                 "eth1", anchor.ip)
+        self.prober = FirstReply(Netns(anchor.netns, self.lab.box, create=False).path, "eth1",
+                                 anchor.ip)
         self.watch = NeighbourWatch(self.node2_ns.path)
         return time.monotonic() - t0
 
@@ -191,9 +202,8 @@ class VpcniFirstReply:
         samples = []
         for _ in range(n):
             pod = self._new_pod()
-            samples.append(self._sample(*pod))
+            samples.append(self._sample(*pod))  # returns once node2 applied the route
             self.warm_pods.append(pod)
-            time.sleep(0.05)  # let the announcement settle before the next ADD
         after = agent_latency(self.node1)
         out = _distributions(samples, ("add_ms", "reply_after_add_ms", "arp_after_add_ms",
                                        "evpn_after_add_ms", "reply_after_add_start_ms"))
@@ -213,11 +223,13 @@ class VpcniFirstReply:
         self.warm_pods = self.warm_pods[:1]
         return out
 
-    def perf_pair(self) -> tuple[Netns, str, Netns]:
-        """(client netns on node1, server address, server netns) for iperf3."""
-        cid, ns, _ = self.warm_pods[0]
+    def perf_pair(self) -> tuple[Netns, str, Netns, Optional[Netns]]:
+        """(client netns on node1, server address, server netns, a bystander pod's netns on
+        node1 or None) for iperf3."""
         anchor = self.lab.pods["anchor"]
-        return ns, anchor.ip, Netns(anchor.netns, self.lab.box, create=False)
+        bystander = self.warm_pods[1][1] if len(self.warm_pods) > 1 else None
+        return (self.warm_pods[0][1], anchor.ip, Netns(anchor.netns, self.lab.box, create=False),
+                bystander)
 
 
 # ------------------------------------------------------------------ plain ip VXLAN
@@ -242,6 +254,7 @@ class PlainVxlan:
         self.anchor = self.cluster.add_pod(self.nodes[1], "anchor")
         self.attach(self.anchor, f"{PLAIN_SUBNET}.2/24")
         self.prober = FirstReply(self.anchor.netns, "eth1", f"{PLAIN_SUBNET}.2")
+        self.first: Optional[Pod] = None
         self.last: Optional[Pod] = None
 
     def close_probes(self) -> None:
@@ -272,21 +285,29 @@ class PlainVxlan:
                             "reply_after_attach_ms": _ms(reply.get("reply"), t1),
                             "arp_after_attach_ms": _ms(reply.get("arp"), t1)})
             self.last = pod
+            self.first = self.first or pod
         return _distributions(samples, ("attach_ms", "reply_after_attach_ms",
                                         "arp_after_attach_ms"))
 
-    def perf_pair(self) -> tuple[Netns, str, Netns]:
-        return self.last.ns, f"{PLAIN_SUBNET}.2", self.anchor.ns
+    def perf_pair(self) -> tuple[Netns, str, Netns, Optional[Netns]]:
+        bystander = self.first.ns if self.first is not self.last else None
+        return self.last.ns, f"{PLAIN_SUBNET}.2", self.anchor.ns, bystander
 
 
 def iperf_compare(vpcni_pair, plain_pair, seconds: int, rounds: int) -> dict:
-    """Alternating runs plain, vpcni, plain, ... ; Gbit/s per run and the ratio of medians."""
-    for _, _, server in (vpcni_pair, plain_pair):
+    """Alternating runs plain, vpcni, plain, ...: Gbit/s per run, the ratio of medians, and
+    how many packets a bystander pod on the client's node received meanwhile."""
+    for _, _, server, _ in (vpcni_pair, plain_pair):
         iperf_server(server)
     runs: dict[str, list[float]] = {"plain-vxlan": [], "vpcni": []}
+    bystander: dict[str, Optional[int]] = {}
     for _ in range(rounds):
-        for name, (client, ip, _) in (("plain-vxlan", plain_pair), ("vpcni", vpcni_pair)):
+        for name, (client, ip, _, other) in (("plain-vxlan", plain_pair), ("vpcni", vpcni_pair)):
+            before = rx_packets(other)
             runs[name].append(round(iperf_gbps(client, ip, seconds), 2))
+            if before is not None:
+                bystander[name] = (bystander.get(name) or 0) + rx_packets(other) - before
     med = {k: sorted(v)[len(v) // 2] for k, v in runs.items()}
     return {"seconds_per_run": seconds, "runs_gbps": runs, "median_gbps": med,
-            "ratio_vpcni_over_plain": round(med["vpcni"] / med["plain-vxlan"], 2)}
+            "ratio_vpcni_over_plain": round(med["vpcni"] / med["plain-vxlan"], 2),
+            "bystander_rx_packets": bystander}

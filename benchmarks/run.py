@@ -14,6 +14,7 @@ import argparse
 import json
 import os
 import platform
+import secrets
 import signal
 import sys
 import time
@@ -32,7 +33,7 @@ from benchmarks.stats import ratio  # noqa: E402
 
 FULL = {"cycles": 100, "floor_reps": 30, "cold_vni_cycles": 30, "crowded_residents": 100,
         "crowded_cycles": 30, "breakdown_cycles": 30, "callers": 8, "parallel_cycles": 10,
-        "first_reply_pods": 30, "reflectors": ["frr", "gobgpd"], "iperf_seconds": 4,
+        "first_reply_pods": 30, "reflectors": ["frr", "gobgpd"], "iperf_seconds": 3,
         "iperf_rounds": 3}
 QUICK = {"cycles": 30, "floor_reps": 10, "cold_vni_cycles": 10, "crowded_residents": 30,
          "crowded_cycles": 10, "breakdown_cycles": 10, "callers": 8, "parallel_cycles": 3,
@@ -112,15 +113,21 @@ class Section:
 
 # ------------------------------------------------------------ the runs
 
+def sandbox() -> Sandbox:
+    """A sandbox whose namespaces tell they are the benchmarks' (tests use 'vpt...')."""
+    return Sandbox(prefix=f"bm{secrets.token_hex(3)}")
+
+
 def run_cni(p: dict, results: dict) -> None:
-    box = Sandbox()
+    box = sandbox()
     try:
         bench = CniBench(box, log=log)
         Section(results, "floors")(bench.floors, p["floor_reps"])
         Section(results, "sequential")(bench.sequential, p["cycles"])
         Section(results, "cold_vni")(bench.cold_vni, p["cold_vni_cycles"])
         Section(results, "debug_logging")(bench.debug_logging, p["cold_vni_cycles"])
-        Section(results, "breakdown")(bench.breakdown, p["breakdown_cycles"])
+        Section(results, "breakdown")(bench.breakdown, p["breakdown_cycles"],
+                                      p["crowded_residents"])
         Section(results, "throughput")(bench.throughput, p["callers"], p["parallel_cycles"])
         Section(results, "crowded")(bench.crowded, p["crowded_residents"], p["crowded_cycles"])
     finally:
@@ -128,7 +135,7 @@ def run_cni(p: dict, results: dict) -> None:
 
 
 def run_dataplane(p: dict, results: dict) -> None:
-    box = Sandbox()
+    box = sandbox()
     plain = None
     try:
         plain = PlainVxlan(box)
@@ -150,13 +157,17 @@ def run_lab(p: dict, daemon: str, first: dict, plain: PlainVxlan, results: dict)
         out["first_route_after_up_s"] = round(bench.warm_up(), 2)
         Section(out, "cold")(bench.cold, p["first_reply_pods"])
         Section(out, "warm")(bench.warm, p["first_reply_pods"])
-        if "iperf" not in results and p["iperf_rounds"]:
+        perf = "iperf" not in results and p["iperf_rounds"]
+        if perf:
             bench.close_probes()
             plain.close_probes()
-            Section(results, "iperf")(iperf_compare, bench.perf_pair(), plain.perf_pair(),
+            iperf = results["iperf"] = {"vpcni_reflector": daemon}
+            Section(iperf, "crowded")(iperf_compare, bench.perf_pair(), plain.perf_pair(),
                                       p["iperf_seconds"], p["iperf_rounds"])
-            results["iperf"]["vpcni_reflector"] = daemon
         Section(out, "remove_warm")(bench.remove_warm)
+        if perf:
+            Section(iperf, "alone")(iperf_compare, bench.perf_pair(), plain.perf_pair(),
+                                    p["iperf_seconds"], p["iperf_rounds"])
     finally:
         bench.down()
 
@@ -189,14 +200,7 @@ def render(r: dict) -> str:
               "|---|---:|---:|---:|---:|---:|---:|"]
     rows = [("vpcni via shim + agent", seq.get("vpcni-agent")),
             ("vpcni standalone", seq.get("vpcni-standalone")),
-            ("bridge + host-local (baseline)", seq.get("bridge")),
-            ("vpcni agent, pod alone in its VNI (builds/removes the VNI)", r.get("cold_vni")),
-            (f"vpcni agent with {_get(r, 'crowded', 'attachments_on_node')} attachments on the "
-             "node", r.get("crowded")),
-            ("vpcni agent, logLevel INFO (paired with the next row)",
-             _get(r, "debug_logging", "vpcni-agent")),
-            ("vpcni agent, logLevel DEBUG (the lab's setting)",
-             _get(r, "debug_logging", "vpcni-agent-debug"))]
+            ("bridge + host-local (baseline)", seq.get("bridge"))]
     for name, d in rows:
         if not d or "error" in d:
             lines.append(f"| {name} | {'error' if d else 'not run'} | | | | | |")
@@ -209,15 +213,36 @@ def render(r: dict) -> str:
                      _get(seq, "bridge", "ADD", "p50"))
     service = _get(seq, "vpcni-agent", "agent_service_ms") or {}
     dbg = r.get("debug_logging") or {}
-    lines += ["", f"- vpcni-agent / bridge, ADD p50: **{_f(add_ratio, '×')}** (goal ≤ {ADD_GOAL}×: "
-              f"{'met' if add_ratio is not None and add_ratio <= ADD_GOAL else 'NOT met'}); "
-              f"DEL p50: **{_f(del_ratio, '×')}**; standalone / bridge, ADD p50: {_f(sa_ratio, '×')}",
-              f"- time inside the agent (its own histogram, mean): ADD {_f(service.get('ADD'))} ms, "
-              f"DEL {_f(service.get('DEL'))} ms (end-to-end means: "
+    met = add_ratio is not None and add_ratio <= ADD_GOAL
+    lines += ["", f"- vpcni-agent / bridge, ADD p50: **{_f(add_ratio, '×')}** "
+              f"(goal ≤ {ADD_GOAL}×: {'met' if met else 'NOT met'}); DEL p50: "
+              f"**{_f(del_ratio, '×')}**; standalone / bridge, ADD p50: {_f(sa_ratio, '×')}",
+              f"- time inside the agent (its own histogram, mean): ADD "
+              f"{_f(service.get('ADD'))} ms, DEL {_f(service.get('DEL'))} ms (end-to-end means: "
               f"{_f(_get(seq, 'vpcni-agent', 'ADD', 'mean'))} / "
               f"{_f(_get(seq, 'vpcni-agent', 'DEL', 'mean'))} ms)",
-              f"- at DEBUG the agent writes {_f(dbg.get('debug_log_lines_per_call'))} log lines per "
-              f"call, {_f(dbg.get('pyroute2_share_of_lines'))} of them pyroute2's", ""]
+              f"- at DEBUG the agent writes {_f(dbg.get('debug_log_lines_per_call'))} log lines "
+              f"per call, {_f(dbg.get('pyroute2_share_of_lines'))} of them pyroute2's", ""]
+    lines += ["Paired against the agent's usual cycle (round-robin, same run), p50 ms:", "",
+              "| agent variant | cycles | usual ADD | variant ADD | ratio | usual DEL | "
+              "variant DEL | ratio |", "|---|---:|---:|---:|---:|---:|---:|---:|"]
+    for section, key, label in (
+            ("cold_vni", "vpcni-agent-cold", "pod alone in its VNI (ADD builds, DEL removes "
+                                             "the bridge and VXLAN device)"),
+            ("crowded", "vpcni-agent-crowded",
+             f"{_get(r, 'crowded', 'attachments_on_node')} attachments on the node"),
+            ("debug_logging", "vpcni-agent-debug", "logLevel DEBUG (the lab's setting)")):
+        d = r.get(section) or {}
+        if key not in d:
+            lines.append(f"| {label} | {'error' if 'error' in d else 'not run'} | | | | | | |")
+            continue
+        usual, var = d["vpcni-agent"], d[key]
+        cells = [str(usual["ADD"]["n"])]
+        for cmd in ("ADD", "DEL"):
+            cells += [_f(usual[cmd].get("p50")), _f(var[cmd].get("p50")),
+                      _f(ratio(var[cmd].get("p50"), usual[cmd].get("p50")), "×")]
+        lines.append(f"| {label} | " + " | ".join(cells) + " |")
+    lines.append("")
     floors = r.get("floors", {})
     lines += ["Floors (what a call costs before any plugin work), ms:", "",
               "| exec | p50 | p99 |", "|---|---:|---:|"]
@@ -226,19 +251,29 @@ def render(r: dict) -> str:
             lines.append(f"| {name} | {_f(d.get('p50'))} | {_f(d.get('p99'))} |")
     bd = r.get("breakdown", {})
     if "steps" in bd:
+        many = _get(bd, "crowded", "attachments_on_node")
         lines += ["", f"In-process handler, {bd['calls']} warm ADD+DEL cycles, inclusive ms per "
-                  "call (calls per call):", "",
-                  "| step | ADD ms | ADD calls | DEL ms | DEL calls |", "|---|---:|---:|---:|---:|"]
+                  f"call (calls per call); then with {many} attachments on the node:", "",
+                  f"| step | ADD ms | ADD calls | DEL ms | DEL calls | ADD ms, {many} att. | "
+                  f"DEL ms, {many} att. |", "|---|---:|---:|---:|---:|---:|---:|"]
         steps: dict = {}
-        for command in ("ADD", "DEL"):
-            for s in bd["steps"][command]:
-                steps.setdefault(s["step"], {})[command] = s
+        for where, data in (("one", bd), ("many", bd.get("crowded", {}))):
+            for command in ("ADD", "DEL"):
+                for s in data.get("steps", {}).get(command, []):
+                    steps.setdefault(s["step"], {})[(where, command)] = s
         for name, per in steps.items():
             cells = []
             for command in ("ADD", "DEL"):
-                s = per.get(command)
+                s = per.get(("one", command))
                 cells += [_f(s["ms_per_op"]), _f(s["calls_per_op"])] if s else ["", ""]
+            for command in ("ADD", "DEL"):
+                s = per.get(("many", command))
+                cells.append(_f(s["ms_per_op"]) if s else "")
             lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    if "micro_us" in bd:
+        lines += ["", "Single operations inside a node namespace (median µs):", "",
+                  "| operation | µs |", "|---|---:|"]
+        lines += [f"| {k} | {v} |" for k, v in bd["micro_us"].items()]
     first = r.get("first_reply", {})
     lines += ["", "### 2. ADD returning → first reply from a pod on the other node (ms)", "",
               "| setup | samples | reply p50 | p90 | p99 | max | ARP answered p50 | EVPN route "
@@ -282,26 +317,42 @@ def render(r: dict) -> str:
         lines.append(f"- {label}: p50 {_f(p50)} ms — goal ≤ {REPLY_GOAL_MS} ms "
                      f"{'met' if ok else 'NOT met'}")
     tp = r.get("throughput", {})
-    lines += ["", f"### 3. {_get(tp, 'bridge', 'callers')} parallel callers, "
-              f"{_get(tp, 'bridge', 'cycles_per_caller')} ADD+DEL cycles each", "",
-              "| plugin | ops/s | ADD p50 | ADD p99 | DEL p50 | DEL p99 | wall s |",
-              "|---|---:|---:|---:|---:|---:|---:|"]
+    lines += ["", f"### 3. {_f(_get(tp, 'bridge', 'callers'))} parallel callers, "
+              f"{_f(_get(tp, 'bridge', 'cycles_per_caller'))} ADD+DEL cycles each", "",
+              "| plugin | ops/s | ADD p50 | ADD p99 | DEL p50 | DEL p99 | wall s | failed calls |",
+              "|---|---:|---:|---:|---:|---:|---:|---:|"]
     for name in ("vpcni-agent", "bridge"):
         d = tp.get(name)
         if not d:
             continue
         lines.append(f"| {name} | {d['ops_per_s']} | {_f(d['ADD']['p50'])} | "
                      f"{_f(d['ADD']['p99'])} | {_f(d['DEL']['p50'])} | {_f(d['DEL']['p99'])} | "
-                     f"{d['wall_s']} |")
-    lines.append(f"- ops/s vpcni-agent / bridge: **{_f(tp.get('ratio_ops_per_s_agent_over_bridge'), '×')}**")
+                     f"{d['wall_s']} | {d['failed']} of {d['calls']} |")
+    tp_ratio = tp.get("ratio_ops_per_s_agent_over_bridge")
+    lines.append(f"- ops/s vpcni-agent / bridge: **{_f(tp_ratio, '×')}**")
+    for name in ("vpcni-agent", "bridge"):
+        for error in (tp.get(name) or {}).get("errors", []):
+            lines.append(f"- failed call ({name}): `{error[:300]}`")
     ip = r.get("iperf", {})
-    if "median_gbps" in ip:
-        lines += ["", f"### 4. iperf3 TCP between pods on two nodes ({ip['seconds_per_run']} s runs, "
-                  "alternating)", "", "| dataplane | runs Gbit/s | median |", "|---|---|---:|"]
-        for name in ("plain-vxlan", "vpcni"):
-            lines.append(f"| {name} | {', '.join(map(str, ip['runs_gbps'][name]))} | "
-                         f"{ip['median_gbps'][name]} |")
-        lines.append(f"- vpcni / plain: **{ip['ratio_vpcni_over_plain']}×**")
+    if ip:
+        lines += ["", "### 4. iperf3 TCP, pod on node1 → pod on node2 (alternating runs, "
+                  "Gbit/s)", "",
+                  "| situation | plain ip VXLAN runs | median | vpcni runs | median | "
+                  "vpcni / plain | packets a bystander pod on node1 received (plain / vpcni) |",
+                  "|---|---|---:|---|---:|---:|---|"]
+        for case, label in (("crowded", "node1 has the warm pods of benchmark 2 too"),
+                            ("alone", "vpcni's node1 has only the client pod")):
+            d = ip.get(case)
+            if not d or "error" in d:
+                lines.append(f"| {label} | {'error' if d else 'not run'} | | | | | |")
+                continue
+            by = d.get("bystander_rx_packets", {})
+            lines.append(f"| {label} ({d['seconds_per_run']} s runs) | "
+                         f"{', '.join(map(str, d['runs_gbps']['plain-vxlan']))} | "
+                         f"{d['median_gbps']['plain-vxlan']} | "
+                         f"{', '.join(map(str, d['runs_gbps']['vpcni']))} | "
+                         f"{d['median_gbps']['vpcni']} | **{d['ratio_vpcni_over_plain']}×** | "
+                         f"{_f(by.get('plain-vxlan'))} / {_f(by.get('vpcni'))} |")
     errors = [f"{k}: {v['error']}" for k, v in _walk(r) if isinstance(v, dict) and "error" in v]
     if errors:
         lines += ["", "Errors:"] + [f"- {e}" for e in errors]

@@ -133,7 +133,7 @@ class Dispatcher:
                 raise IncompatibleVersion(f"{command} needs cniVersion {since} or later "
                                           f"(config has {version})")
             fields = validate_env(command, env)
-            cfg = NetworkConfig.parse(raw)
+            cfg = self.parse_config(raw)
             if command == "GC" and cfg.gc_valid() is None:
                 raise InvalidConfig("network config: GC needs 'cni.dev/valid-attachments'")
             from vpcni.core.handler import Request
@@ -147,6 +147,10 @@ class Dispatcher:
             LOG.exception("internal error")
             err = VpcniError(f"internal error: {type(exc).__name__}: {exc}")
             return error_json(err, version), 1
+
+    def parse_config(self, raw: dict):
+        """The network config model; vpcni-ipam's executable has its own."""
+        return NetworkConfig.parse(raw)
 
     def _call(self, req, version: str) -> tuple[str, int]:
         handler = self.handler()

@@ -138,6 +138,26 @@ class EvpnConfig(BaseModel):
     asn: int = Field(default=65000, ge=1, le=4294967295)
 
 
+class OvsConfig(BaseModel):
+    """The node's Open vSwitch, as the ovs backend uses it (docs/backends/ovs.md)."""
+
+    model_config = ConfigDict(extra="forbid")
+    # OVS_RUNDIR: ovs-vswitchd's pid file and each bridge's OpenFlow socket
+    # (<bridge>.mgmt) are here, and by default the OVSDB socket (db.sock).
+    runDir: Path = Path("/run/openvswitch")
+    ovsdbSocket: Optional[Path] = None
+    # The integration bridge: created if missing, shared with others if it exists
+    # (vpcni only touches its own ports and flows).
+    bridge: str = Field(default="br-int", pattern=NAME_PATTERN, max_length=15)
+    # system: the kernel datapath (production); netdev: the userspace datapath,
+    # for nodes without the openvswitch kernel module.
+    datapathType: Literal["system", "netdev"] = "system"
+
+    @property
+    def db_socket(self) -> Path:
+        return self.ovsdbSocket or self.runDir / "db.sock"
+
+
 class NodeConfig(BaseModel):
     """Settings of one node; a JSON file at $VPCNI_NODE_CONFIG or /etc/vpcni/node.json."""
 
@@ -159,6 +179,8 @@ class NodeConfig(BaseModel):
     evpn: Optional[EvpnConfig] = None
     healthAddress: str = Field(default="127.0.0.1:9471", pattern=r"^(.*:\d+)?$")
     reconcileInterval: float = Field(default=30.0, gt=0)
+    # Open vSwitch of the node (read by the ovs backend only).
+    ovs: OvsConfig = OvsConfig()
     # Where the config came from, for messages; not read from the file.
     source: str = Field(default="(defaults)", exclude=True)
 

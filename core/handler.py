@@ -28,6 +28,7 @@ from .models import (MAC_PATTERN, Attachment, DNS, Interface, IPConfig, RemoteSt
 from .store import AttachmentStore
 
 LOG = logging.getLogger(__name__)
+VPC_IPAM = "vpcni-ipam"  # vpcni.ipam.IPAM_TYPE, served in-process
 
 
 @dataclass
@@ -44,7 +45,12 @@ class Request:
     env: Mapping[str, str] = field(default_factory=dict)
     stdin: bytes = b""
 
-    def ipam(self) -> DelegatedIpam:
+    def ipam(self):
+        """The IPAM of this request: vpcni-ipam in this process, else the plugin in CNI_PATH."""
+        if self.config.ipam.type == VPC_IPAM:
+            from vpcni.ipam.plugin import VpcIpam
+
+            return VpcIpam(self)
         return DelegatedIpam(self.config.ipam.type, self.env, self.stdin)
 
 
@@ -88,7 +94,11 @@ class Handler:
             old = self.store.get(*key)
             if old is not None:
                 LOG.info("ADD %s: cleaning an earlier attachment (state %s)", key, old.state)
-                self._teardown(old, req)
+                # vpcni-ipam is keyed by the attachment: keeping its reservation
+                # makes a repeated ADD get the same address back.
+                keep = old.ipam_type == VPC_IPAM and cfg.ipam is not None \
+                    and cfg.ipam.type == VPC_IPAM
+                self._teardown(old, req, release_ipam=not keep)
             att = Attachment(network=cfg.name, vni=cfg.vni, container_id=req.container_id,
                              ifname=req.ifname, netns=req.netns, backend=backend.name,
                              mac=self._requested_mac(req), vteps=net.vteps, port=net.port,
@@ -212,11 +222,11 @@ class Handler:
                                           container_id=req.container_id, ifname=req.ifname,
                                           netns=req.netns, backend=backend.name))
 
-    def _teardown(self, att: Attachment, req: Request) -> None:
+    def _teardown(self, att: Attachment, req: Request, release_ipam: bool = True) -> None:
         """Remove one attachment completely; the caller holds its lock."""
         backend = self.backend_named(att.backend)
         backend.detach(att)
-        if att.ipam_type:
+        if att.ipam_type and release_ipam:
             cfg = req.config
             if cfg.ipam is None or cfg.ipam.type != att.ipam_type:
                 LOG.warning("attachment %s was made with ipam %s but the config now says %s; "

@@ -9,7 +9,9 @@ opened by path with its own netlink socket; the calling thread never enters it.
 
 from __future__ import annotations
 
+import array
 import errno
+import fcntl
 import ipaddress
 import os
 import socket
@@ -26,7 +28,7 @@ from pyroute2.netlink.rtnl.ifaddrmsg import IFA_F_NODAD
 from pyroute2.netns import setns
 
 from .errors import BackendError, InvalidEnvironment
-from .models import IPInterface, IPConfig, Route
+from .models import Attachment, IPInterface, IPConfig, Route
 
 IFF_UP = 0x1
 RT_TABLE_MAIN = 254
@@ -144,6 +146,28 @@ def announce(path: str, ifname: str, mac: str, ips: list[IPConfig]) -> None:
         sock.bind((ifname, ETH_P_ARP))
         for ip in v4:
             sock.send(gratuitous_arp(mac, ip))
+
+
+SIOCETHTOOL = 0x8946
+ETHTOOL_STXCSUM = 0x17
+
+
+def disable_tx_checksum(path: str, ifname: str) -> None:
+    """`ethtool -K <ifname> tx off` inside the pod, through the ethtool ioctl.
+
+    For dataplanes that read the host end of a veth with a packet socket (the
+    OVS userspace datapath): with tx checksum offload on, the pod's TCP/UDP
+    packets leave with CHECKSUM_PARTIAL and the checksum is never filled in,
+    so the peer drops every TCP segment (measured: pings pass, TCP does not).
+    """
+    with netns_fd(path) as fd:
+        sock = _socket_in(fd, socket.AF_INET, socket.SOCK_DGRAM, 0)
+    with sock:
+        value = array.array("I", [ETHTOOL_STXCSUM, 0])
+        # struct ifreq: 16 bytes of name, then a union of 24 whose first member
+        # is the pointer to struct ethtool_value.
+        ifreq = struct.pack("16sP16x", ifname.encode(), value.buffer_info()[0])
+        fcntl.ioctl(sock.fileno(), SIOCETHTOOL, ifreq)
 
 
 @dataclass(frozen=True)
@@ -291,3 +315,47 @@ def missing_routes(ns: PodNetns, pod: PodInterface, routes: list[Route]) -> list
         gw = msg.get("RTA_GATEWAY")
         present.add((msg.get("RTA_TABLE"), dst, ipaddress.ip_address(gw) if gw else None))
     return [r for r in routes if (r.table or RT_TABLE_MAIN, r.dst, r.gw) not in present]
+
+
+def check_pod(att: Attachment) -> list[str]:
+    """What differs between the pod end of `att` and its record (empty: nothing)."""
+    with open_netns(att.netns) as pod_ns:
+        pod = read_interface(pod_ns, att.ifname)
+        if pod is None:
+            return [f"interface {att.ifname} missing in netns {att.netns}"]
+        problems = []
+        if att.mac and pod.mac.lower() != att.mac.lower():
+            problems.append(f"{att.ifname} MAC {pod.mac} differs from recorded {att.mac}")
+        if att.mtu and pod.mtu != att.mtu:
+            problems.append(f"{att.ifname} MTU {pod.mtu} differs from recorded {att.mtu}")
+        if not pod.up:
+            problems.append(f"{att.ifname} is down")
+        missing = [str(ip.address) for ip in att.ips if ip.address not in pod.addresses]
+        if missing:
+            problems.append(f"{att.ifname} lacks recorded address(es) {', '.join(missing)}")
+        routes = missing_routes(pod_ns, pod, att.routes)
+        if routes:
+            problems.append(f"{att.ifname} lacks recorded route(s) "
+                            + ", ".join(route_text(r) for r in routes))
+        return problems
+
+
+def delete_pod_interface(att: Attachment, alias: str) -> None:
+    """Delete `att.ifname` in the pod if it carries `alias` (the attachment's mark).
+
+    A missing namespace or interface is success (DEL never fails on what is
+    gone); an interface with another alias is not ours and stays.
+    """
+    if not att.netns:
+        return
+    try:
+        with open_netns(att.netns) as pod_ns:
+            pod = get_link(pod_ns.ipr, att.ifname)
+            if pod is not None and pod.get("IFLA_IFALIAS") == alias:
+                try:
+                    delete_if_exists(pod_ns.ipr, att.ifname)
+                except NetlinkError as exc:
+                    raise BackendError(f"could not delete {att.ifname} in netns {att.netns}: "
+                                       f"{describe(exc)}") from exc
+    except InvalidEnvironment:
+        pass  # the namespace is gone, and the interface with it

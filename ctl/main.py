@@ -156,6 +156,79 @@ def cmd_demo(args) -> int:
     return run_demo()
 
 
+def _ipam_store(args):
+    """The store and network named on the command line (--conf, or --sqlite / --etcd)."""
+    from vpcni.ipam.config import (DEFAULT_PREFIX, EtcdStoreConfig, SqliteStoreConfig,
+                                   parse_settings)
+    from vpcni.ipam.store import open_store
+
+    network = args.network
+    if args.conf:
+        try:
+            conf = json.loads(open(args.conf, "rb").read())
+        except (OSError, ValueError) as exc:
+            raise SystemExit(f"vpcnictl ipam: cannot read {args.conf}: {exc}") from None
+        cfg = parse_settings(conf.get("ipam")).store
+        network = network or conf.get("name")
+    elif args.etcd:
+        cfg = EtcdStoreConfig(type="etcd", endpoints=args.etcd,
+                              prefix=args.prefix or DEFAULT_PREFIX)
+    elif args.sqlite:
+        cfg = SqliteStoreConfig(type="sqlite", path=args.sqlite)
+    else:
+        raise SystemExit("vpcnictl ipam: name the store: --conf FILE, --sqlite PATH or --etcd URL")
+    return open_store(cfg), network
+
+
+def cmd_ipam(args) -> int:
+    from dataclasses import asdict
+
+    from vpcni.core.errors import VpcniError
+
+    try:
+        store, network = _ipam_store(args)
+        if args.action == "show":
+            rows = store.list(network)
+            if args.node:
+                rows = [a for a in rows if a.node == args.node]
+            if args.json:
+                print(json.dumps([asdict(a) for a in rows], indent=1))
+                return 0
+            print(f"{'NETWORK':<16} {'ADDRESS':<28} {'CONTAINER':<24} {'IFNAME':<8} "
+                  f"{'POD':<24} NODE")
+            for a in rows:
+                print(f"{a.network:<16} {a.ip:<28} {a.container_id:<24} {a.ifname:<8} "
+                      f"{a.pod or '-':<24} {a.node or '-'}")
+            print(f"{len(rows)} allocation(s) in {store.name}")
+            return 0
+        if not network:
+            raise SystemExit("vpcnictl ipam release: --network is required")
+        freed = []
+        if args.ip:
+            one = store.release_ip(network, args.ip)
+            freed = [one] if one else []
+        elif args.container:
+            ifnames = [args.ifname] if args.ifname else sorted(
+                {a.ifname for a in store.list(network) if a.container_id == args.container})
+            for ifname in ifnames:
+                freed += store.release(network, args.container, ifname)
+        elif args.node:
+            for a in store.list(network):
+                if a.node == args.node:
+                    freed += store.release(network, a.container_id, a.ifname)
+        else:
+            raise SystemExit("vpcnictl ipam release: say what: --ip, --container or --node")
+        for a in freed:
+            print(f"released {a.ip} ({a.network} {a.container_id}/{a.ifname}"
+                  f"{' pod ' + a.pod if a.pod else ''}{' node ' + a.node if a.node else ''})")
+        if not freed:
+            print("nothing held matched")
+        return 0 if freed else 1
+    except VpcniError as exc:
+        print(f"vpcnictl ipam {args.action}: {exc.msg}", file=sys.stderr)
+        return 1
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="vpcnictl", description="Operate vpcni on a node.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -193,6 +266,21 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--vtep-prefix", help="the VTEP range reflectors accept (gobgpd-rr, frr-rr)")
     p.add_argument("--cluster-id", help="route reflector cluster id (default: router id)")
     p.set_defaults(func=cmd_render)
+    p = sub.add_parser("ipam", help="see and fix vpcni-ipam's allocations (show, release)",
+                       description="show: the allocations in a store; release: free one "
+                                   "address, an attachment's, or all of a (dead) node's")
+    p.add_argument("action", choices=["show", "release"])
+    p.add_argument("--conf", help="a network config file with the ipam section (store, name)")
+    p.add_argument("--sqlite", help="the SQLite store file")
+    p.add_argument("--etcd", action="append", help="an etcd endpoint URL (repeat for each)")
+    p.add_argument("--prefix", help="etcd key prefix (default /vpcni/ipam)")
+    p.add_argument("--network", help="the network (default: the name in --conf; show: all)")
+    p.add_argument("--ip", help="release: this address")
+    p.add_argument("--container", help="release: this container's addresses")
+    p.add_argument("--ifname", help="release: with --container, this interface only")
+    p.add_argument("--node", help="show: this node's only; release: all of this node's")
+    p.add_argument("--json", action="store_true", help="show: machine-readable output")
+    p.set_defaults(func=cmd_ipam)
     p = sub.add_parser("demo", help="the seed's two-node test in network namespaces, step by step")
     p.set_defaults(func=cmd_demo)
     return parser

@@ -20,6 +20,7 @@ from vpcni.cni.install import install_shim
 
 from vpcni.cni.shim import agent_call
 
+from .daemons import Ovs
 from .netns import Fabric, Netns, Sandbox, run, wait_for
 
 REFERENCE_PLUGINS = Path("/usr/lib/cni")
@@ -117,6 +118,10 @@ class Node:
     def wait_agent_ready(self, timeout: float = 30.0) -> dict:
         def ready():
             status = self.agent_status()
+            if status and not status["backend"].get("backend"):
+                # No backend can serve this node: waiting will not change that.
+                raise TimeoutError(f"agent on {self.name} cannot serve: "
+                                   f"{status['backend'].get('why')}")
             return status if status and status.get("ready") else None
         try:
             return wait_for(ready, timeout=timeout, interval=0.05,
@@ -147,6 +152,8 @@ class Node:
             "CNI_IFNAME": ifname,
             "CNI_PATH": str(self.cni_bin) if path is None else path,
             "VPCNI_NODE_CONFIG": str(self.config_path),
+            # Who holds an address in vpcni-ipam (the nodes share one host name).
+            "VPCNI_NODE_NAME": self.name,
         }
         if args:
             env["CNI_ARGS"] = args
@@ -183,13 +190,19 @@ class Cluster:
             for p in REFERENCE_PLUGINS.iterdir():
                 (self.cni_bin / p.name).symlink_to(p)
         install_shim(self.cni_bin, standalone_python=installed_executable("python"))
+        # vpcni-ipam, for plugins that delegate to it (vpcni serves it in-process).
+        ipam = self.cni_bin / "vpcni-ipam"
+        ipam.unlink(missing_ok=True)
+        ipam.symlink_to(installed_executable("vpcni-ipam"))
 
     def add_node(self, name: str, address: str, agent: bool = False, **node_config) -> Node:
         """A node on the fabric; with `agent`, served by its own running `vpcnictl agent`."""
         ns = self.sandbox.netns(name)
-        self.fabric.connect(ns, address)
+        port = self.fabric.connect(ns, address)
         node = Node(name=name, ns=ns, address=address, dir=self.sandbox.dir(name),
                     cni_bin=self.cni_bin)
+        if node_config.get("backend") == "ovs":
+            node_config = {"ovs": self.start_ovs(node, port)} | node_config
         if agent:
             node_config = {"mode": "agent", "agentSocket": str(node.dir / "agent.sock"),
                            "healthAddress": "127.0.0.1:9471"} | node_config
@@ -199,6 +212,18 @@ class Cluster:
             node.start_agent()
             node.wait_agent_ready()
         return node
+
+    def start_ovs(self, node: Node, fabric_port: str) -> dict:
+        """Open vSwitch for `node` (userspace datapath, private dirs), the underlay address
+        moved onto br-phy; the node config's `ovs` section that points at it."""
+        ovs = Ovs(node.ns, self.sandbox.dir(f"{node.name}/ovs")).start()
+        ovs.uplink(f"{node.address}/{self.fabric.prefixlen}")
+        # Kernel VTEPs send VXLAN with a UDP checksum left to the "NIC" (CHECKSUM_PARTIAL
+        # survives veth and bridge); the userspace datapath reads the frame raw from its
+        # packet socket and drops it as corrupt. A real NIC fills the checksum in; here the
+        # fabric port towards the OVS node does, with its tx offload off.
+        self.fabric.ns.exec("ethtool", "-K", fabric_port, "tx", "off")
+        return {"runDir": str(ovs.dir), "datapathType": "netdev"}
 
     def add_pod(self, node: Node, name: str) -> Pod:
         ns = self.sandbox.netns(f"pod-{name}")

@@ -113,3 +113,122 @@ class Frr:
     def vtysh_json(self, command: str) -> Any:
         out = self.vtysh(command).strip()
         return json.loads(out) if out else {}
+
+
+OVS_SCHEMA = Path("/usr/share/openvswitch/vswitch.ovsschema")
+OVS_DAEMONS = ("ovsdb-server", "ovs-vswitchd")
+
+
+class Ovs:
+    """ovsdb-server + ovs-vswitchd of one simulated node, inside its namespace.
+
+    Every file (database, sockets, pid files, logs, bridge mgmt sockets) lives
+    in `directory` (OVS_RUNDIR/OVS_DBDIR/OVS_LOGDIR/OVS_SYSCONFDIR all point
+    there), so many instances run side by side. Both daemons `--detach`; their
+    pids, read from the pid files, are handed to the sandbox, which kills them
+    by pid. No kernel module is needed with `datapath_type=netdev`.
+    """
+
+    def __init__(self, ns: Netns, directory: Path):
+        self.ns = ns
+        self.dir = Path(directory)
+
+    @property
+    def db_socket(self) -> Path:
+        return self.dir / "db.sock"
+
+    @property
+    def env(self) -> dict:
+        d = str(self.dir)
+        return {"PATH": "/usr/sbin:/usr/bin:/sbin:/bin", "OVS_RUNDIR": d, "OVS_DBDIR": d,
+                "OVS_LOGDIR": d, "OVS_SYSCONFDIR": d}
+
+    def _detached(self, daemon: str, *args: str) -> None:
+        pid_file = self.dir / f"{daemon}.pid"
+        pid_file.unlink(missing_ok=True)
+        self.ns.exec(daemon, *args, f"--pidfile={pid_file}",
+                     f"--unixctl={self.dir / f'{daemon}.ctl'}",
+                     f"--log-file={self.dir / f'{daemon}.log'}", "--detach", env=self.env)
+        pid = wait_for(lambda: pid_file.exists() and pid_file.read_text().strip(), timeout=10,
+                       what=f"{daemon} pid file {pid_file}")
+        self.ns.sandbox.adopt(int(pid), self.ns.name)
+
+    def start(self) -> "Ovs":
+        db = self.dir / "conf.db"
+        if not db.exists():
+            run(["ovsdb-tool", "create", str(db), str(OVS_SCHEMA)])
+        self._detached("ovsdb-server", str(db), f"--remote=punix:{self.db_socket}")
+        self.vsctl("--no-wait", "init")
+        self._detached("ovs-vswitchd", f"unix:{self.db_socket}")
+        return self
+
+    def stop(self) -> None:
+        for daemon in reversed(OVS_DAEMONS):
+            for pid in self.ns.sandbox.pids(self.ns.name, daemon):
+                self.ns.sandbox.kill_pid(pid)
+
+    def vsctl(self, *args: str) -> str:
+        return run(["ovs-vsctl", f"--db=unix:{self.db_socket}", "--timeout=10", *args],
+                   env=self.env).stdout
+
+    def ofctl(self, command: str, *args: str, bridge: str = "br-int",
+              options: tuple[str, ...] = ()) -> str:
+        """`ovs-ofctl -O OpenFlow13 OPTIONS COMMAND <bridge> ARGS...`."""
+        return run(["ovs-ofctl", "-O", "OpenFlow13", *options, command,
+                    f"unix:{self.dir / f'{bridge}.mgmt'}", *args], env=self.env).stdout
+
+    def uplink(self, address: str, ifname: str = "eth0", bridge: str = "br-phy") -> None:
+        """Move the underlay address from `ifname` onto bridge `bridge` with `ifname` as its port.
+
+        The userspace datapath tunnels natively only out of an OVS bridge: the
+        VTEP address must be on a bridge port for its route lookup to find it.
+        """
+        self.vsctl("--may-exist", "add-br", bridge, "--", "set", "bridge", bridge,
+                   "datapath_type=netdev", "--", "--may-exist", "add-port", bridge, ifname)
+        self.ns.ip("addr", "del", address, "dev", ifname)
+        self.ns.ip("addr", "add", address, "dev", bridge)
+        self.ns.ip("link", "set", bridge, "up")
+
+
+class Etcd:
+    """One etcd member (Debian etcd-server) in `ns`, listening on `address` only.
+
+    `address` is the namespace's loopback, or its fabric address when nodes in
+    other namespaces use it. Started through `Netns.spawn`, so stop() and the
+    sandbox's cleanup kill it by pid; its data survive a stop (restarts).
+    """
+
+    def __init__(self, ns: Netns, directory: Path, address: str = "127.0.0.1"):
+        self.ns = ns
+        self.dir = Path(directory)
+        self.address = address
+        self.log = self.dir / "etcd.log"
+
+    @property
+    def endpoint(self) -> str:
+        return f"http://{self.address}:2379"
+
+    def start(self, timeout: float = 30.0) -> "Etcd":
+        peer = f"http://{self.address}:2380"
+        with open(self.log, "ab") as log:
+            proc = self.ns.spawn("etcd", "--name", "vpcni", "--data-dir", str(self.dir / "data"),
+                                 "--listen-client-urls", self.endpoint,
+                                 "--advertise-client-urls", self.endpoint,
+                                 "--listen-peer-urls", peer,
+                                 "--initial-advertise-peer-urls", peer,
+                                 "--initial-cluster", f"vpcni={peer}",
+                                 stdout=log, stderr=subprocess.STDOUT)
+        wait_for(lambda: proc.poll() is not None or self.healthy(), timeout=timeout,
+                 interval=0.1, what=f"etcd at {self.endpoint} in {self.ns.name}")
+        if proc.poll() is not None:
+            raise RuntimeError(f"etcd in {self.ns.name} exited with {proc.returncode}: "
+                               f"{self.log.read_text()[-2000:]}")
+        return self
+
+    def healthy(self) -> bool:
+        return self.ns.exec("etcdctl", "--endpoints", self.endpoint, "--dial-timeout", "1s",
+                            "endpoint", "health", check=False, timeout=10).returncode == 0
+
+    def stop(self) -> None:
+        for pid in self.ns.sandbox.pids(self.ns.name, "etcd"):
+            self.ns.sandbox.kill_pid(pid)

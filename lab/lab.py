@@ -14,6 +14,7 @@ from __future__ import annotations
 import concurrent.futures
 import json
 import os
+import re
 import shutil
 import time
 from dataclasses import dataclass
@@ -23,7 +24,7 @@ from typing import Optional
 from vpcni.evpn import render
 
 from .cluster import Cluster, Node
-from .daemons import Frr, Gobgpd
+from .daemons import Frr, Gobgpd, Ovs
 from .netns import Netns, Sandbox, run, wait_for
 from .topology import Topology
 from .traffic import start_ident_server, tcp_ident
@@ -45,6 +46,7 @@ class PodInfo:
     netns: str
     container_id: str
     mac: str = ""
+    ipam: bool = False  # the address came from vpcni-ipam (the topology gave none)
 
     @property
     def ip(self) -> str:
@@ -94,7 +96,8 @@ class Lab:
                 if node.kind == "vpcni":
                     self.node(node.name).wait_agent_ready()
             for pod in self.topo.pods:
-                self.add_pod(pod.name, pod.node, pod.vpc, str(pod.address))
+                self.add_pod(pod.name, pod.node, pod.vpc,
+                             str(pod.address) if pod.address else None)
             self._save()
             self.converged_after = self.wait_converged()
         except BaseException:
@@ -193,20 +196,36 @@ class Lab:
         v = self.topo.vpc(vpc)
         return {"cniVersion": version, "name": f"vpc-{v.name}", "type": "vpcni", "vni": v.vni}
 
-    def add_pod(self, name: str, node: str, vpc: str, address: str) -> PodInfo:
+    def ipam_config(self, vpc: str) -> dict:
+        """The VPC's vpcni-ipam section: its own keys over the lab's defaults."""
+        v = self.topo.vpc(vpc)
+        return {"type": "vpcni-ipam", "subnets": [str(v.cidr)],
+                "store": {"type": "sqlite", "path": str(self.dir / "ipam.sqlite")}} | v.ipam
+
+    def pod_config(self, info: PodInfo) -> dict:
+        conf = self.network_config(info.vpc)
+        return conf | ({"ipam": self.ipam_config(info.vpc)} if info.ipam
+                       else {"addr": info.address})
+
+    def add_pod(self, name: str, node: str, vpc: str, address: Optional[str] = None) -> PodInfo:
+        """Attach pod `name`; without `address` the VPC's vpcni-ipam hands one out."""
         spec = self.topo.node(node)
+        if address is None and spec.kind == "frr":
+            raise LabError(f"pod {name}: an FRR node's pod needs an address")
         ns = self.box.netns(f"pod-{name}")
         info = PodInfo(name=name, node=node, vpc=vpc, vni=self.topo.vpc(vpc).vni,
-                       address=address, netns=ns.name, container_id=f"{self.box.prefix}-{name}")
+                       address=address or "", netns=ns.name,
+                       container_id=f"{self.box.prefix}-{name}", ipam=address is None)
         if spec.kind == "frr":
             self._attach_frr_pod(ns, info)
         else:
-            conf = self.network_config(vpc) | {"addr": address}
-            res = self.node(node).cni("ADD", conf, info.container_id, ns.path, "eth1")
+            res = self.node(node).cni("ADD", self.pod_config(info), info.container_id, ns.path,
+                                      "eth1", args=f"K8S_POD_NAMESPACE=lab;K8S_POD_NAME={name}")
             if not res.ok:
                 raise LabError(f"ADD of pod {name} on {node} failed: {res.stdout or res.stderr}")
             result = res.json
             info.mac = result["interfaces"][result["ips"][0]["interface"]]["mac"]
+            info.address = result["ips"][0]["address"]
         start_ident_server(ns, name)
         self.pods[name] = info
         self._save()
@@ -215,8 +234,7 @@ class Lab:
     def remove_pod(self, name: str) -> None:
         info = self.pods.pop(name)
         if self.topo.node(info.node).kind == "vpcni":
-            conf = self.network_config(info.vpc) | {"addr": info.address}
-            res = self.node(info.node).cni("DEL", conf, info.container_id,
+            res = self.node(info.node).cni("DEL", self.pod_config(info), info.container_id,
                                            str(Path("/var/run/netns") / info.netns), "eth1")
             if not res.ok:
                 raise LabError(f"DEL of pod {name} failed: {res.stdout or res.stderr}")
@@ -254,16 +272,32 @@ class Lab:
             if node.kind != "vpcni":
                 continue
             local_vnis = {p.vni for p in self.pods.values() if p.node == node.name}
-            ns = self.box.namespaces[node.name]
             for vni in sorted(local_vnis):
-                fdb = ns.exec("bridge", "fdb", "show", "dev", f"vpvx{vni}", check=False).stdout
+                known = self.remote_entries(node.name, vni)
                 for pod in self.pods.values():
                     if pod.vni != vni or pod.node == node.name:
                         continue
-                    vtep = self.topo.node(pod.node).address
-                    if f"{pod.mac} dst {vtep}" not in fdb:
+                    vtep = str(self.topo.node(pod.node).address)
+                    if (pod.mac, vtep) not in known:
                         missing.append(f"{node.name}: {pod.name} ({pod.mac} via {vtep})")
         return missing
+
+    def ovs(self, name: str) -> Ovs:
+        """The Open vSwitch of an ovs node."""
+        return Ovs(self.box.namespaces[name], self.box.root_dir / name / "ovs")
+
+    def remote_entries(self, node: str, vni: int) -> set[tuple[str, str]]:
+        """(MAC, VTEP) pairs node `node` forwards to in `vni`: its FDB, or its OpenFlow L2 table."""
+        ns = self.box.namespaces[node]
+        if self.topo.node(node).backend == "ovs":
+            out = self.ovs(node).ofctl("dump-flows", f"table=30,tun_id={vni}",
+                                       options=("--no-stats",))
+            found = re.findall(r"dl_dst=([0-9a-f:]{17}) actions=set_field:([0-9.a-f:]+)->tun_",
+                               out)
+            return set(found)
+        fdb = ns.exec("bridge", "fdb", "show", "dev", f"vpvx{vni}", check=False).stdout
+        return {(f[0], f[2]) for f in (line.split() for line in fdb.splitlines())
+                if len(f) > 2 and f[1] == "dst"}
 
     def wait_converged(self, timeout: float = 30.0) -> float:
         """Wait until every vpcni node knows every remote endpoint of its VNIs; seconds taken."""

@@ -103,10 +103,19 @@ def _wait_gone(pid: int, timeout: float) -> bool:
                 return True
         except ChildProcessError:
             pass
-        if _start_time(pid) is None:
+        if _start_time(pid) is None or _is_zombie(pid):
             return True
         time.sleep(0.02)
     return False
+
+
+def _is_zombie(pid: int) -> bool:
+    """Exited, waiting to be reaped: daemons that detached are init's children, and
+    init reaps them when it gets to it (seconds, here)."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] == "Z"
+    except OSError:
+        return False
 
 
 class Sandbox:
@@ -259,11 +268,12 @@ class Fabric:
         self.ns.ip("link", "set", "br0", "up")
         self._ports = 0
 
-    def connect(self, node: Netns, address: str, ifname: str = "eth0", mtu: int = 1500) -> None:
-        """Wire `node` to the fabric with `address` on its `ifname`."""
+    def connect(self, node: Netns, address: str, ifname: str = "eth0", mtu: int = 1500) -> str:
+        """Wire `node` to the fabric with `address` on its `ifname`; the fabric's port name."""
         self._ports += 1
         port = f"p{self._ports}"
         self.sandbox.veth(self.ns, port, node, ifname)
         self.ns.ip("link", "set", port, "mtu", str(mtu), "master", "br0", "up")
         node.ip("link", "set", ifname, "mtu", str(mtu), "up")
         node.ip("addr", "add", f"{address}/{self.prefixlen}", "dev", ifname)
+        return port

@@ -9,7 +9,7 @@ from __future__ import annotations
 import ipaddress
 import tomllib
 from pathlib import Path
-from typing import Literal, Optional
+from typing import Any, Literal, Optional
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
@@ -41,6 +41,9 @@ class Vpc(_Strict):
     name: str = Field(pattern=_SHORT)
     vni: int = Field(ge=1, le=VNI_MAX)
     cidr: IPvAnyNetwork
+    # vpcni-ipam keys for the pods that give no address (docs/ipam.md); by
+    # default the cidr, its first host as gateway, the lab's shared SQLite file.
+    ipam: dict[str, Any] = {}
 
 
 class Pod(_Strict):
@@ -86,8 +89,10 @@ class Topology(_Strict):
             if p.vpc not in vpcs:
                 raise ValueError(f"pod {p.name}: no vpc {p.vpc!r}")
             if p.address is None:
-                raise ValueError(f"pod {p.name}: 'address' is required (e.g. "
-                                 f"{next(vpcs[p.vpc].cidr.hosts())}/{vpcs[p.vpc].cidr.prefixlen})")
+                if nodes[p.node].kind == "frr":
+                    raise ValueError(f"pod {p.name}: 'address' is required on FRR node "
+                                     f"{p.node} (vpcni-ipam serves vpcni nodes only)")
+                continue
             if p.address.ip not in vpcs[p.vpc].cidr:
                 raise ValueError(f"pod {p.name}: {p.address} is outside VPC {p.vpc} "
                                  f"({vpcs[p.vpc].cidr})")

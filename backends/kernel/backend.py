@@ -17,10 +17,9 @@ import os
 import re
 import socket
 import time
-from contextlib import ExitStack, contextmanager
-from dataclasses import dataclass
+from contextlib import ExitStack
 from pathlib import Path
-from typing import Iterator, Optional
+from typing import Optional
 
 from pyroute2 import IPRoute
 from pyroute2.netlink.exceptions import NetlinkError
@@ -28,10 +27,11 @@ from pyroute2.netlink.exceptions import NetlinkError
 from vpcni.core import podif
 from vpcni.core.backend import Backend
 from vpcni.core.config import NodeConfig
-from vpcni.core.errors import BackendError, CheckFailed, InvalidConfig, InvalidEnvironment
+from vpcni.core.errors import BackendError, CheckFailed, InvalidEnvironment
 from vpcni.core.models import (Attachment, IPAddress, Owned, Probe, RemoteEndpoint, RemoteState,
-                               VpcNetwork, vxlan_overhead)
+                               VpcNetwork)
 from vpcni.core.podif import delete_if_exists, describe, get_link
+from vpcni.core.underlay import Underlay, find_underlay, netlink_errors, pod_mtu
 
 from . import netlink
 from .netlink import bridge_name, host_ifname, vxlan_name
@@ -58,48 +58,6 @@ def kernel_support(module: str) -> Optional[str]:
         except OSError:
             continue
     return None
-
-
-@dataclass(frozen=True)
-class Underlay:
-    """The node's VTEP address and the interface carrying it."""
-
-    address: IPAddress
-    ifname: str
-    mtu: int
-
-    @property
-    def pod_mtu(self) -> int:
-        return self.mtu - vxlan_overhead(self.address)
-
-
-def find_underlay(ipr: IPRoute, node: NodeConfig) -> Underlay:
-    """The VTEP from the node config, as configured in this namespace; BackendError says why not."""
-    if node.vtepAddress is not None:
-        index = netlink.interface_with_address(ipr, node.vtepAddress)
-        if index is None:
-            raise BackendError(f"VTEP address {node.vtepAddress} (vtepAddress in {node.source}) is "
-                               "not configured on any interface in this network namespace")
-        link = netlink.link_by_index(ipr, index)
-        return Underlay(node.vtepAddress, link.get("IFLA_IFNAME"), link.get("IFLA_MTU"))
-    link = get_link(ipr, node.underlayInterface)
-    if link is None:
-        raise BackendError(f"underlay interface {node.underlayInterface} (underlayInterface in "
-                           f"{node.source}) does not exist in this network namespace")
-    address = netlink.first_address(ipr, link["index"])
-    if address is None:
-        raise BackendError(f"underlay interface {node.underlayInterface} has no IPv4 or global "
-                           "IPv6 address to use as VTEP")
-    return Underlay(address, node.underlayInterface, link.get("IFLA_MTU"))
-
-
-@contextmanager
-def netlink_errors(what: str) -> Iterator[None]:
-    """Turn a netlink/OS failure into BackendError('<what>: <reason>')."""
-    try:
-        yield
-    except (NetlinkError, OSError) as exc:
-        raise BackendError(f"{what}: {describe(exc)}") from exc
 
 
 class KernelBackend(Backend):
@@ -145,16 +103,6 @@ class KernelBackend(Backend):
 
     def _underlay(self) -> Underlay:
         return find_underlay(self.ipr, self.node)
-
-    def _pod_mtu(self, net: VpcNetwork, underlay: Underlay) -> int:
-        if net.mtu is None:
-            return underlay.pod_mtu
-        if net.mtu > underlay.pod_mtu:
-            raise InvalidConfig(
-                f"network {net.name}: 'mtu' {net.mtu} exceeds {underlay.pod_mtu}, the most VXLAN "
-                f"leaves over {underlay.ifname} (mtu {underlay.mtu} - "
-                f"{vxlan_overhead(underlay.address)} bytes of encapsulation)")
-        return net.mtu
 
     @staticmethod
     def _verify(name: str, link, alias: str, kind: str):
@@ -229,7 +177,7 @@ class KernelBackend(Backend):
 
     def ensure_network(self, net: VpcNetwork) -> None:
         underlay = self._underlay()
-        self._pod_mtu(net, underlay)
+        pod_mtu(net, underlay)
         bridge = self._ensure_bridge(net.vni)
         self._ensure_vxlan(net, underlay, bridge)
 
@@ -283,7 +231,7 @@ class KernelBackend(Backend):
         host = host_ifname(att.network, att.container_id, att.ifname)
         alias = netlink.attachment_alias(att.network, att.container_id, att.ifname)
         bridge = bridge_name(net.vni)
-        mtu = self._pod_mtu(net, self._underlay())
+        mtu = pod_mtu(net, self._underlay())
         bridge_index = self._bridge_for_attach(net.vni)["index"]
         with podif.open_netns(att.netns) as pod_ns, ExitStack() as undo:
             self._remove_leftovers(pod_ns, att, host, alias)
@@ -316,42 +264,12 @@ class KernelBackend(Backend):
             else:
                 LOG.warning("detach %s: %s is not this attachment's (alias %r): left alone",
                             att.key, host, netlink.link_alias(link))
-        if not att.netns:
-            return
-        try:
-            with podif.open_netns(att.netns) as pod_ns:
-                pod = get_link(pod_ns.ipr, att.ifname)
-                if pod is not None and netlink.link_alias(pod) == alias:
-                    with netlink_errors(f"could not delete {att.ifname} in netns {att.netns}"):
-                        delete_if_exists(pod_ns.ipr, att.ifname)
-        except InvalidEnvironment:
-            LOG.debug("detach %s: netns %s is gone", att.key, att.netns)
+        podif.delete_pod_interface(att, alias)
 
     def check(self, net: VpcNetwork, att: Attachment) -> None:
-        problems = self._check_pod(att) + self._check_node(net, att)
+        problems = podif.check_pod(att) + self._check_node(net, att)
         if problems:
             raise CheckFailed(f"attachment {'/'.join(att.key)}: " + "; ".join(problems))
-
-    def _check_pod(self, att: Attachment) -> list[str]:
-        with podif.open_netns(att.netns) as pod_ns:
-            pod = podif.read_interface(pod_ns, att.ifname)
-            if pod is None:
-                return [f"interface {att.ifname} missing in netns {att.netns}"]
-            problems = []
-            if att.mac and pod.mac.lower() != att.mac.lower():
-                problems.append(f"{att.ifname} MAC {pod.mac} differs from recorded {att.mac}")
-            if att.mtu and pod.mtu != att.mtu:
-                problems.append(f"{att.ifname} MTU {pod.mtu} differs from recorded {att.mtu}")
-            if not pod.up:
-                problems.append(f"{att.ifname} is down")
-            missing = [str(ip.address) for ip in att.ips if ip.address not in pod.addresses]
-            if missing:
-                problems.append(f"{att.ifname} lacks recorded address(es) {', '.join(missing)}")
-            routes = podif.missing_routes(pod_ns, pod, att.routes)
-            if routes:
-                problems.append(f"{att.ifname} lacks recorded route(s) "
-                                + ", ".join(podif.route_text(r) for r in routes))
-            return problems
 
     def _check_node(self, net: VpcNetwork, att: Attachment) -> list[str]:
         problems = []

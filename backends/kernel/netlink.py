@@ -10,7 +10,6 @@ from __future__ import annotations
 import errno
 import hashlib
 import ipaddress
-import socket
 from typing import Optional
 
 from pyroute2 import IPRoute
@@ -25,7 +24,6 @@ VNI_ALIAS = ALIAS_PREFIX + "vni="
 ATTACHMENT_ALIAS = ALIAS_PREFIX + "att="
 FLOOD_MAC = "00:00:00:00:00:00"
 IN6_ADDR_GEN_MODE_NONE = 1
-RT_SCOPE_UNIVERSE = 0
 FDB_STATE = ndmsg.states["permanent"] | ndmsg.states["noarp"]
 NUD_PERMANENT = ndmsg.states["permanent"]
 
@@ -210,27 +208,6 @@ def neigh_delete(ipr: IPRoute, index: int, ip: IPAddress) -> None:
     except NetlinkError as exc:
         if exc.code not in (errno.ENOENT, errno.ENODEV):
             raise
-
-
-def _family(address: IPAddress) -> int:
-    return socket.AF_INET if address.version == 4 else socket.AF_INET6
-
-
-def interface_with_address(ipr: IPRoute, address: IPAddress) -> Optional[int]:
-    """The index of the link that carries `address`, or None."""
-    for msg in ipr.addr("dump", family=_family(address)):
-        if ipaddress.ip_address(msg.get("IFA_ADDRESS")) == address:
-            return msg["index"]
-    return None
-
-
-def first_address(ipr: IPRoute, index: int) -> Optional[IPAddress]:
-    """The first IPv4 address of link `index`, else its first global IPv6 one."""
-    for family in (socket.AF_INET, socket.AF_INET6):
-        for msg in ipr.addr("dump", family=family, index=index, dump_filter=None):
-            if msg["index"] == index and msg["scope"] == RT_SCOPE_UNIVERSE:
-                return ipaddress.ip_address(msg.get("IFA_ADDRESS"))
-    return None
 
 
 def link_by_index(ipr: IPRoute, index: int):

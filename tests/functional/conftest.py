@@ -4,24 +4,26 @@ from __future__ import annotations
 
 import pytest
 
-# Every functional test that takes `backend` (or `node`) runs once per entry.
-BACKENDS = ["kernel"]
-# How the node serves CNI calls: the agent behind the shim (the default in
-# production) or the plugin in-process (standalone, chosen explicitly).
-MODES = ["agent", "standalone"]
+# Every functional test that takes `backend` runs once per backend.
+BACKENDS = ["kernel", "ovs"]
+# Tests that take `node` (or `mode`) run once per way a node serves CNI calls:
+# the agent behind the shim (the production default) for every backend, and
+# the plugin in-process (standalone, chosen explicitly) once, since the
+# handler and backends it runs are the same.
+SERVED = [("kernel", "agent"), ("kernel", "standalone"), ("ovs", "agent")]
 
 
-@pytest.fixture(scope="module", params=BACKENDS)
-def backend(request) -> str:
-    return request.param
-
-
-@pytest.fixture(params=MODES)
-def mode(request) -> str:
-    return request.param
+def pytest_generate_tests(metafunc):
+    if "mode" in metafunc.fixturenames:
+        metafunc.parametrize(("backend", "mode"), SERVED, scope="module",
+                             ids=[f"{b}-{m}" for b, m in SERVED])
+    elif "backend" in metafunc.fixturenames:
+        metafunc.parametrize("backend", BACKENDS, scope="module")
 
 
 @pytest.fixture
 def node(cluster, backend, mode):
-    """One node on the fabric, its node config pinned to `backend`, served in `mode`."""
+    """One node on the fabric, its node config pinned to `backend`, served in `mode`.
+
+    For ovs, Cluster.add_node also starts the node's ovsdb-server and ovs-vswitchd."""
     return cluster.add_node("n1", "198.51.100.1", agent=(mode == "agent"), backend=backend)

@@ -12,13 +12,15 @@ from pathlib import Path
 from typing import Callable, Iterable
 
 from vpcni.lab.cluster import Node, Pod
+from vpcni.lab.daemons import Ovs
 from vpcni.lab.netns import NETNS_DIR, run
 
 # Node devices each backend keeps per VNI while the VNI has an attachment.
 VNI_DEVICES: dict[str, Callable[[int], set[str]]] = {
     "kernel": lambda vni: {f"vpbr{vni}", f"vpvx{vni}"},
+    "ovs": lambda vni: set(),  # per VNI only flows and a mark on the bridge
 }
-DEVICE_PREFIX = "vp"
+DEVICE_PREFIXES = ("vp", "vo")  # kernel veths/bridges/VXLAN devices, OVS ports' veths
 
 
 def links(ns_name: str) -> dict[str, dict]:
@@ -30,7 +32,7 @@ def links(ns_name: str) -> dict[str, dict]:
 
 
 def vp_links(node: Node) -> set[str]:
-    return {name for name in links(node.ns.name) if name.startswith(DEVICE_PREFIX)}
+    return {name for name in links(node.ns.name) if name.startswith(DEVICE_PREFIXES)}
 
 
 def pod_ifnames(pod: Pod) -> set[str]:
@@ -87,3 +89,29 @@ def assert_no_leftovers(node: Node, backend: str, keep: Iterable[tuple[str, str,
     gone = {m.lower() for m in macs}
     stale = [e for e in fdb(node) if e.get("mac", "").lower() in gone]
     assert not stale, f"FDB entries of removed attachments remain: {stale}"
+    if backend == "ovs":
+        assert_ovs_matches(node, recs, gone)
+
+
+def node_ovs(node: Node) -> Ovs:
+    return Ovs(node.ns, Path(node.node_config["ovs"]["runDir"]))
+
+
+def assert_ovs_matches(node: Node, recs: list[dict], gone: set[str]) -> None:
+    """OVS holds exactly the records' ports, and flows only of the records' VNIs."""
+    ovs = node_ovs(node)
+    expected = {r["host_ifname"] for r in recs}
+    if "br-int" not in ovs.vsctl("list-br").split():
+        assert not expected, f"no br-int, yet records {sorted(expected)}"
+        return
+    ours = {p for p in ovs.vsctl("list-ports", "br-int").split() if p.startswith("vo")}
+    assert ours == expected, f"OVS ports {sorted(ours)}, expected {sorted(expected)}"
+    flows = ovs.ofctl("dump-flows", "cookie=0x7670630000000000/0xffffff0000000000",
+                      options=("--no-stats",))
+    vnis = {r["vni"] for r in recs}
+    for line in flows.splitlines():
+        if "cookie=" not in line:
+            continue
+        vni = int(line.split("cookie=")[1].split(",")[0], 16) & 0xFFFFFFFF
+        assert vni == 0 or vni in vnis, f"flow of a VNI without attachments remains: {line}"
+        assert not any(mac in line for mac in gone), f"flow of a removed attachment: {line}"

@@ -1,0 +1,223 @@
+"""The ovs backend's OpenFlow pipeline as data: desired flows from desired state.
+
+No I/O here. A flow is kept in the shape `ovs-ofctl -O OpenFlow13 dump-flows
+--no-stats --no-names` prints it (match terms as a set, actions as text), so
+that what is installed and what is desired compare directly, and converging
+is a diff. Every flow carries a cookie that says whose it is:
+
+    cookie = 0x767063 ("vpc") << 40 | kind << 32 | VNI
+
+kind 1 = base (the pipeline's skeleton, VNI 0), 2 = local (derived from the
+attachment ports of the VNI), 3 = remote (derived from the VNI's EVPN remote
+state). A flow whose cookie does not carry the tag is never touched.
+See docs/backends/ovs.md for the pipeline table by table.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+from dataclasses import dataclass
+from typing import Iterable, Optional
+
+from vpcni.core.models import IPAddress, RemoteEndpoint
+
+TAG = 0x767063
+BASE, LOCAL, REMOTE = 1, 2, 3
+KINDS = {BASE: "base", LOCAL: "local", REMOTE: "remote"}
+OURS = (TAG << 40, 0xFFFFFF0000000000)  # (cookie, mask) of every vpcni flow
+
+# Tables, in the order a packet crosses them.
+CLASSIFY = 0        # by in_port: a pod's port sets its VNI (tun_id); the tunnel goes to TUNNEL_IN
+TUNNEL_IN = 5       # from the tunnel: only VNIs present here, only from VTEPs known in them
+ANTI_SPOOF = 10     # from a pod: only its own MAC and IPs (ARP included)
+ARP_RESPONDER = 20  # ARP requests for known remote IPs answered on the node
+L2 = 30             # per VNI: known MAC -> local port or remote VTEP
+FLOOD_LOCAL = 40    # broadcast/unknown/multicast -> the VNI's local ports
+FLOOD_REMOTE = 50   # ... and, from pods only, every VTEP of the VNI's flood list
+
+
+def cookie(kind: int, vni: int = 0) -> int:
+    return (TAG << 40) | (kind << 32) | vni
+
+
+def cookie_scope(value: int) -> Optional[tuple[int, int]]:
+    """(kind, vni) of one of our cookies, else None."""
+    if value >> 40 != TAG:
+        return None
+    return (value >> 32) & 0xFF, value & 0xFFFFFFFF
+
+
+@dataclass(frozen=True)
+class Flow:
+    cookie: int
+    table: int
+    priority: int
+    match: frozenset[str]
+    actions: str
+
+    @property
+    def key(self) -> tuple[int, int, frozenset[str]]:
+        return (self.table, self.priority, self.match)
+
+    def _head(self) -> str:
+        terms = ",".join(sorted(self.match))
+        return f"table={self.table},priority={self.priority}" + (f",{terms}" if terms else "")
+
+    def add(self) -> str:
+        """This flow as a line of `ovs-ofctl add-flows` input."""
+        return f"add cookie={self.cookie:#x},{self._head()} actions={self.actions}"
+
+    def delete(self) -> str:
+        """A line deleting exactly this flow, and only if it still carries our cookie."""
+        return f"delete_strict cookie={self.cookie:#x}/-1,{self._head()}"
+
+    def __str__(self) -> str:
+        return f"cookie={self.cookie:#x}, {self._head()} actions={self.actions}"
+
+
+def flow(kind: int, vni: int, table: int, priority: int, match: Iterable[str],
+         actions: str) -> Flow:
+    return Flow(cookie(kind, vni), table, priority, frozenset(match), actions)
+
+
+def parse_dump(text: str) -> set[Flow]:
+    """The flows of `ovs-ofctl -O OpenFlow13 dump-flows --no-stats --no-names` output."""
+    flows = set()
+    for line in text.splitlines():
+        if " actions=" not in line:
+            continue
+        head, actions = line.strip().split(" actions=", 1)
+        fields = {"cookie": "0", "table": "0", "priority": "32768"}
+        match = set()
+        for term in head.replace(" ", "").split(","):
+            name, _, value = term.partition("=")
+            if name in fields:
+                fields[name] = value
+            elif term:
+                match.add(term)
+        flows.add(Flow(int(fields["cookie"], 0), int(fields["table"]),
+                       int(fields["priority"]), frozenset(match), actions))
+    return flows
+
+
+def changes(current: set[Flow], desired: set[Flow]) -> list[str]:
+    """add-flows lines that turn `current` into `desired` (both of one scope)."""
+    keys = {f.key for f in desired}
+    adds = [f.add() for f in sorted(desired - current, key=str)]
+    deletes = [f.delete() for f in sorted(current, key=str) if f.key not in keys]
+    return adds + deletes
+
+
+# ---------------------------------------------------------------- desired state
+
+
+@dataclass(frozen=True)
+class LocalPort:
+    """An attachment's port on the integration bridge, as the flows need it."""
+
+    name: str
+    ofport: int
+    mac: str
+    ips: tuple[IPAddress, ...]
+
+
+def base_flows(tunnel_ofports: Iterable[int]) -> set[Flow]:
+    """The skeleton: what every table does with what no other flow matches."""
+    flows = {
+        flow(BASE, 0, CLASSIFY, 0, (), "drop"),
+        flow(BASE, 0, TUNNEL_IN, 0, (), "drop"),
+        flow(BASE, 0, ANTI_SPOOF, 0, (), "drop"),
+        flow(BASE, 0, ARP_RESPONDER, 0, (), f"goto_table:{L2}"),
+        flow(BASE, 0, L2, 0, (), f"goto_table:{FLOOD_LOCAL}"),
+        flow(BASE, 0, FLOOD_LOCAL, 0, (), "drop"),
+        flow(BASE, 0, FLOOD_REMOTE, 0, (), "drop"),
+    }
+    for ofport in tunnel_ofports:
+        flows.add(flow(BASE, 0, CLASSIFY, 100, (f"in_port={ofport}",), f"goto_table:{TUNNEL_IN}"))
+    return flows
+
+
+def tun_id(vni: int) -> str:
+    return f"tun_id={vni:#x}"
+
+
+def port_flows(vni: int, port: LocalPort) -> set[Flow]:
+    """The flows one attachment owns (its VNI's flood flows also name its port)."""
+    mac = port.mac.lower()
+    src = (f"in_port={port.ofport}", f"dl_src={mac}")
+    flows = {
+        flow(LOCAL, vni, CLASSIFY, 100, (f"in_port={port.ofport}",),
+             f"set_field:{vni:#x}->tun_id,goto_table:{ANTI_SPOOF}"),
+        # Higher than remote MACs: a MAC reflected back from EVPN stays local.
+        flow(LOCAL, vni, L2, 110, (tun_id(vni), f"dl_dst={mac}"), f"output:{port.ofport}"),
+    }
+    v4 = [ip for ip in port.ips if ip.version == 4]
+    v6 = [ip for ip in port.ips if ip.version == 6]
+    for ip in v4:
+        flows.add(flow(LOCAL, vni, ANTI_SPOOF, 100, (*src, "ip", f"nw_src={ip}"),
+                       f"goto_table:{L2}"))
+        flows.add(flow(LOCAL, vni, ANTI_SPOOF, 100,
+                       (*src, "arp", f"arp_spa={ip}", f"arp_sha={mac}"),
+                       f"goto_table:{ARP_RESPONDER}"))
+    if v6:
+        # Link-local and the unspecified address (DAD) are how IPv6 starts.
+        for ip in [*v6, "fe80::/10", "::"]:
+            flows.add(flow(LOCAL, vni, ANTI_SPOOF, 100, (*src, "ipv6", f"ipv6_src={ip}"),
+                           f"goto_table:{L2}"))
+    if not port.ips:
+        # No address recorded (L2-only attachment): its MAC is all there is to check.
+        flows.add(flow(LOCAL, vni, ANTI_SPOOF, 90, src, f"goto_table:{ARP_RESPONDER}"))
+    return flows
+
+
+def local_flows(vni: int, ports: list[LocalPort], tunnel_ofport: int) -> set[Flow]:
+    """Everything the VNI's local ports need: theirs plus the local flooding."""
+    flows: set[Flow] = set()
+    for port in ports:
+        flows |= port_flows(vni, port)
+    if ports:
+        out = ",".join(f"output:{p.ofport}" for p in sorted(ports, key=lambda p: p.ofport))
+        # From the tunnel: local ports only (split horizon, VTEPs flood themselves).
+        flows.add(flow(LOCAL, vni, FLOOD_LOCAL, 110, (tun_id(vni), f"in_port={tunnel_ofport}"),
+                       out))
+        flows.add(flow(LOCAL, vni, FLOOD_LOCAL, 100, (tun_id(vni),),
+                       f"{out},goto_table:{FLOOD_REMOTE}"))
+    return flows
+
+
+def _arp_reply(mac: str, ip: ipaddress.IPv4Address) -> str:
+    """Turn the ARP request into the reply `ip is-at mac` and send it back where it came from."""
+    return ("move:NXM_OF_ETH_SRC[]->NXM_OF_ETH_DST[],"
+            f"set_field:{mac}->eth_src,"
+            "set_field:2->arp_op,"
+            "move:NXM_NX_ARP_SHA[]->NXM_NX_ARP_THA[],"
+            "move:NXM_OF_ARP_SPA[]->NXM_OF_ARP_TPA[],"
+            f"set_field:{mac}->arp_sha,"
+            f"set_field:{ip}->arp_spa,"
+            "IN_PORT")
+
+
+def remote_flows(vni: int, endpoints: list[RemoteEndpoint], flood: Iterable[IPAddress],
+                 tunnel_ofport: int) -> set[Flow]:
+    """The VNI's remote MACs, ARP answers, accepted VTEPs and flood list."""
+    flows: set[Flow] = set()
+    by_mac = {ep.mac.lower(): ep for ep in endpoints}  # a MAC lives behind one VTEP
+    for mac, ep in by_mac.items():
+        flows.add(flow(REMOTE, vni, L2, 100, (tun_id(vni), f"dl_dst={mac}"),
+                       f"set_field:{ep.vtep}->tun_dst,output:{tunnel_ofport}"))
+    for ep in endpoints:
+        if ep.ip is not None and ep.ip.version == 4:
+            flows.add(flow(REMOTE, vni, ARP_RESPONDER, 100,
+                           ("arp", tun_id(vni), f"arp_tpa={ep.ip}", "arp_op=1"),
+                           _arp_reply(ep.mac.lower(), ep.ip)))
+    flood = sorted(set(flood), key=lambda a: (a.version, a))
+    vteps = sorted({*flood, *(ep.vtep for ep in endpoints)}, key=lambda a: (a.version, a))
+    for vtep in vteps:
+        src = "tun_src" if vtep.version == 4 else "tun_ipv6_src"
+        flows.add(flow(REMOTE, vni, TUNNEL_IN, 100, (tun_id(vni), f"{src}={vtep}"),
+                       f"goto_table:{L2}"))
+    if flood:
+        out = ",".join(f"set_field:{vtep}->{'tun_dst' if vtep.version == 4 else 'tun_ipv6_dst'},"
+                       f"output:{tunnel_ofport}" for vtep in flood)
+        flows.add(flow(REMOTE, vni, FLOOD_REMOTE, 100, (tun_id(vni),), out))
+    return flows

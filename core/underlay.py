@@ -1,0 +1,96 @@
+"""The node's underlay as every VXLAN backend sees it: the VTEP address, the
+interface carrying it, and the pod MTU that leaves after encapsulation.
+
+Backend-neutral (the kernel and ovs backends both use it), read through a
+netlink socket of the node's namespace.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import socket
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import Iterator, Optional
+
+from pyroute2 import IPRoute
+from pyroute2.netlink.exceptions import NetlinkError
+
+from .config import NodeConfig
+from .errors import BackendError, InvalidConfig
+from .models import IPAddress, VpcNetwork, vxlan_overhead
+from .podif import describe, get_link
+
+RT_SCOPE_UNIVERSE = 0
+
+
+@dataclass(frozen=True)
+class Underlay:
+    """The node's VTEP address and the interface carrying it."""
+
+    address: IPAddress
+    ifname: str
+    mtu: int
+
+    @property
+    def pod_mtu(self) -> int:
+        return self.mtu - vxlan_overhead(self.address)
+
+
+@contextmanager
+def netlink_errors(what: str) -> Iterator[None]:
+    """Turn a netlink/OS failure into BackendError('<what>: <reason>')."""
+    try:
+        yield
+    except (NetlinkError, OSError) as exc:
+        raise BackendError(f"{what}: {describe(exc)}") from exc
+
+
+def interface_with_address(ipr: IPRoute, address: IPAddress) -> Optional[int]:
+    """The index of the link that carries `address`, or None."""
+    family = socket.AF_INET if address.version == 4 else socket.AF_INET6
+    for msg in ipr.addr("dump", family=family):
+        if ipaddress.ip_address(msg.get("IFA_ADDRESS")) == address:
+            return msg["index"]
+    return None
+
+
+def first_address(ipr: IPRoute, index: int) -> Optional[IPAddress]:
+    """The first IPv4 address of link `index`, else its first global IPv6 one."""
+    for family in (socket.AF_INET, socket.AF_INET6):
+        for msg in ipr.addr("dump", family=family, index=index, dump_filter=None):
+            if msg["index"] == index and msg["scope"] == RT_SCOPE_UNIVERSE:
+                return ipaddress.ip_address(msg.get("IFA_ADDRESS"))
+    return None
+
+
+def find_underlay(ipr: IPRoute, node: NodeConfig) -> Underlay:
+    """The VTEP from the node config, as configured in this namespace; BackendError says why not."""
+    if node.vtepAddress is not None:
+        index = interface_with_address(ipr, node.vtepAddress)
+        if index is None:
+            raise BackendError(f"VTEP address {node.vtepAddress} (vtepAddress in {node.source}) is "
+                               "not configured on any interface in this network namespace")
+        link = ipr.link("get", index=index)[0]
+        return Underlay(node.vtepAddress, link.get("IFLA_IFNAME"), link.get("IFLA_MTU"))
+    link = get_link(ipr, node.underlayInterface)
+    if link is None:
+        raise BackendError(f"underlay interface {node.underlayInterface} (underlayInterface in "
+                           f"{node.source}) does not exist in this network namespace")
+    address = first_address(ipr, link["index"])
+    if address is None:
+        raise BackendError(f"underlay interface {node.underlayInterface} has no IPv4 or global "
+                           "IPv6 address to use as VTEP")
+    return Underlay(address, node.underlayInterface, link.get("IFLA_MTU"))
+
+
+def pod_mtu(net: VpcNetwork, underlay: Underlay) -> int:
+    """The network's `mtu`, or the most VXLAN leaves over the underlay; InvalidConfig if above it."""
+    if net.mtu is None:
+        return underlay.pod_mtu
+    if net.mtu > underlay.pod_mtu:
+        raise InvalidConfig(
+            f"network {net.name}: 'mtu' {net.mtu} exceeds {underlay.pod_mtu}, the most VXLAN "
+            f"leaves over {underlay.ifname} (mtu {underlay.mtu} - "
+            f"{vxlan_overhead(underlay.address)} bytes of encapsulation)")
+    return net.mtu
