@@ -371,6 +371,7 @@ class Agent:
                "readyReason": why, "backend": self.choice, "attachmentsPerVni": vnis}
         if self.speaker is not None:
             out["evpn"] = {"connected": self.speaker.connected, "synced": self.speaker.synced,
+                           "peers": self.speaker.peers(),
                            "gobgpd": self.speaker.target, "announcing": len(self.speaker.local_routes()),
                            **self.speaker.counters()}
         return out

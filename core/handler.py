@@ -23,11 +23,11 @@ from . import backend as backends
 from .config import NetworkConfig, NodeConfig
 from .errors import CheckFailed, InvalidConfig, UnknownContainer, VpcniError
 from .ipam import DelegatedIpam, routes_via_gateways, static_ips
-from .models import (MAC_PATTERN, Attachment, DNS, Interface, IPConfig, RemoteState, Result,
-                     VpcNetwork)
+from .models import MAC_PATTERN, Attachment, DNS, Interface, IPConfig, RemoteState, Result
 from .store import AttachmentStore
 
 LOG = logging.getLogger(__name__)
+PROBE_TTL = 10.0
 VPC_IPAM = "vpcni-ipam"  # vpcni.ipam.IPAM_TYPE, served in-process
 
 
@@ -59,6 +59,7 @@ class Handler:
         self.node = node
         self.store = AttachmentStore(node.stateDir, node.lockTimeout)
         self._backends: dict[str, backends.Backend] = {}
+        self._choices: dict[Optional[str], tuple[str, float]] = {}
         # Set by the agent: the control plane's remote state of a VNI, merged
         # with the static flood lists; and who to tell when attachments change.
         self.remote_source: Optional[Callable[[int], RemoteState]] = None
@@ -74,8 +75,19 @@ class Handler:
         return self._backends[name]
 
     def backend_for(self, cfg: NetworkConfig) -> backends.Backend:
-        probe, _ = backends.choose(self.node, cfg.backend)
-        return self.backend_named(probe.name)
+        """The backend serving `cfg` on this node.
+
+        The choice is remembered for PROBE_TTL seconds: probing every backend
+        on every ADD costs a few ms, and what it looks at (kernel modules,
+        the VTEP address, daemons) changes rarely; a backend that stopped
+        working meanwhile fails the ADD with its own clear error.
+        """
+        now = time.monotonic()
+        cached = self._choices.get(cfg.backend)
+        if cached is None or now - cached[1] > PROBE_TTL:
+            probe, _ = backends.choose(self.node, cfg.backend)
+            cached = self._choices[cfg.backend] = (probe.name, now)
+        return self.backend_named(cached[0])
 
     def close(self) -> None:
         for b in self._backends.values():

@@ -13,7 +13,6 @@ from __future__ import annotations
 import contextlib
 import fcntl
 import hashlib
-import json
 import os
 import re
 import time
@@ -103,13 +102,30 @@ class AttachmentStore:
             with contextlib.suppress(OSError):
                 d.rmdir()  # only when empty
 
+    @staticmethod
+    def _entries(directory: Path) -> list[os.DirEntry]:
+        """The entries of `directory`; none when a concurrent DEL just removed it."""
+        try:
+            with os.scandir(directory) as it:
+                return sorted(it, key=lambda e: e.name)
+        except (FileNotFoundError, NotADirectoryError):
+            return []
+
     def all(self, network: Optional[str] = None) -> Iterator[Attachment]:
-        pattern = f"{check_name(network, 'network name')}/*/*.json" if network else "*/*/*.json"
-        for path in sorted(self.records.glob(pattern)):
-            try:
-                yield Attachment.model_validate_json(path.read_bytes())
-            except FileNotFoundError:
-                continue  # deleted while we listed
+        """Every record (of `network`), tolerating records and directories that
+        concurrent DELs remove while we list."""
+        networks = ([self.records / check_name(network, "network name")] if network
+                    else [Path(e.path) for e in self._entries(self.records) if e.is_dir()])
+        for net_dir in networks:
+            for cid in self._entries(net_dir):
+                for rec in self._entries(Path(cid.path)):
+                    if not rec.name.endswith(".json"):
+                        continue
+                    try:
+                        data = Path(rec.path).read_bytes()
+                    except FileNotFoundError:
+                        continue
+                    yield Attachment.model_validate_json(data)
 
     def for_vni(self, vni: int) -> list[Attachment]:
         return [a for a in self.all() if a.vni == vni]

@@ -298,6 +298,18 @@ class EvpnSpeaker:
         details = exc.details() if hasattr(exc, "details") else str(exc)
         raise SpeakerError(f"gobgpd {self.target}: {what} failed: {code}: {details}") from None
 
+    def peers(self) -> dict[str, str]:
+        """gobgpd's BGP sessions: neighbour address -> state ("established", "active", ...).
+
+        Empty when gobgpd is unreachable."""
+        try:
+            replies = self._stub.ListPeer(api.ListPeerRequest(), timeout=self.rpc_timeout)
+            return {r.peer.state.neighbor_address:
+                    api.PeerState.SessionState.Name(r.peer.state.session_state).lower()
+                    for r in replies}
+        except grpc.RpcError:
+            return {}
+
     # ------------------------------------------------------------ remote routes
 
     def remote_state(self, vni: int) -> RemoteState:

@@ -25,7 +25,7 @@ from vpcni.evpn import render
 
 from .cluster import Cluster, Node
 from .daemons import Frr, Gobgpd, Ovs
-from .netns import Netns, Sandbox, run, wait_for
+from .netns import Netns, Sandbox, wait_for
 from .topology import Topology
 from .traffic import start_ident_server, tcp_ident
 
@@ -61,6 +61,7 @@ class Lab:
         self.dir = Path(root) / topo.name
         self.box: Optional[Sandbox] = None
         self.prefix = ""
+        self.stopped_reflectors: set[str] = set()
         self.cluster: Optional[Cluster] = None
         self.pods: dict[str, PodInfo] = {}
 
@@ -184,11 +185,13 @@ class Lab:
         ns, d = self.box.namespaces[name], self.box.root_dir / name
         rr = next(r for r in self.topo.reflectors if r.name == name)
         (Frr(ns, d) if rr.daemon == "frr" else Gobgpd(ns, d)).stop()
+        self.stopped_reflectors.add(name)
 
     def start_reflector(self, name: str) -> None:
         ns, d = self.box.namespaces[name], self.box.root_dir / name
         rr = next(r for r in self.topo.reflectors if r.name == name)
         (Frr(ns, d) if rr.daemon == "frr" else Gobgpd(ns, d)).start()
+        self.stopped_reflectors.discard(name)
 
     # ------------------------------------------------------------ pods
 
@@ -265,6 +268,22 @@ class Lab:
 
     # ------------------------------------------------------------ convergence
 
+    def sessions_down(self) -> list[str]:
+        """BGP sessions between vpcni nodes and running reflectors that are not established."""
+        down = []
+        for node in self.topo.nodes:
+            if node.kind != "vpcni":
+                continue
+            status = self.node(node.name).agent_status() or {}
+            peers = status.get("evpn", {}).get("peers", {})
+            for rr in self.topo.reflectors:
+                if rr.name in self.stopped_reflectors:
+                    continue
+                state = peers.get(str(rr.address), "unknown")
+                if state != "established":
+                    down.append(f"{node.name} - {rr.name}: {state}")
+        return down
+
     def missing_routes(self) -> list[str]:
         """Remote endpoints not yet in a vpcni node's FDB (what EVPN still has to deliver)."""
         missing = []
@@ -300,14 +319,15 @@ class Lab:
                 if len(f) > 2 and f[1] == "dst"}
 
     def wait_converged(self, timeout: float = 30.0) -> float:
-        """Wait until every vpcni node knows every remote endpoint of its VNIs; seconds taken."""
+        """Wait until every vpcni node has its sessions to every running reflector up
+        and knows every remote endpoint of its VNIs; seconds taken."""
         t0 = time.monotonic()
         try:
-            wait_for(lambda: not self.missing_routes(), timeout=timeout, interval=0.05,
-                     what="EVPN convergence")
+            wait_for(lambda: not self.missing_routes() and not self.sessions_down(),
+                     timeout=timeout, interval=0.05, what="EVPN convergence")
         except TimeoutError:
             raise LabError(f"not converged after {timeout}s; missing: "
-                           f"{'; '.join(self.missing_routes())}") from None
+                           f"{'; '.join(self.missing_routes() + self.sessions_down())}") from None
         return time.monotonic() - t0
 
     # ------------------------------------------------------------ check

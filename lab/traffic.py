@@ -7,7 +7,6 @@ may use the same addresses).
 
 from __future__ import annotations
 
-import socket
 import subprocess
 import time
 

@@ -15,7 +15,6 @@ from __future__ import annotations
 import logging
 import os
 import re
-import socket
 import time
 from contextlib import ExitStack
 from pathlib import Path
@@ -27,7 +26,7 @@ from pyroute2.netlink.exceptions import NetlinkError
 from vpcni.core import podif
 from vpcni.core.backend import Backend
 from vpcni.core.config import NodeConfig
-from vpcni.core.errors import BackendError, CheckFailed, InvalidEnvironment
+from vpcni.core.errors import BackendError, CheckFailed
 from vpcni.core.models import (Attachment, IPAddress, Owned, Probe, RemoteEndpoint, RemoteState,
                                VpcNetwork)
 from vpcni.core.podif import delete_if_exists, describe, get_link
@@ -67,9 +66,11 @@ class KernelBackend(Backend):
         super().__init__(node)
         # strict_check lets the kernel filter FDB and address dumps by ifindex.
         self.ipr = IPRoute(strict_check=True)
+        self._packets = podif.send_only_packet_socket()  # for gratuitous ARPs
 
     def close(self) -> None:
         self.ipr.close()
+        self._packets.close()
 
     # ------------------------------------------------------------ probe
 
@@ -247,10 +248,9 @@ class KernelBackend(Backend):
                 pod = podif.configure_interface(pod_ns, att.ifname, att.ips, att.routes,
                                                 alias=alias)
             undo.pop_all()
-        try:
-            podif.announce(att.netns, att.ifname, pod.mac, att.ips)
-        except (OSError, InvalidEnvironment) as exc:
-            LOG.warning("attach %s: gratuitous ARP not sent: %s", att.key, exc)
+        # The pods of this node that knew the address behind another MAC
+        # (it moved here) learn the new one now.
+        self._refresh_pod_caches(bridge, [(ip.address.ip, pod.mac) for ip in att.ips])
         return att.model_copy(update={"host_ifname": host, "mac": pod.mac, "mtu": pod.mtu})
 
     def detach(self, att: Attachment) -> None:
@@ -324,14 +324,19 @@ class KernelBackend(Backend):
         desired = {(mac, vtep) for mac, vtep in unicast.items()}
         desired |= {(netlink.FLOOD_MAC, vtep) for vtep in flood}
         current = netlink.fdb_remotes(self.ipr, index)
+        bridged = netlink.fdb_bridged(self.ipr, index)
         # Add before removing, so a MAC that moved never has a gap.
         for mac, vtep in desired - current:
             if mac == netlink.FLOOD_MAC:
                 netlink.fdb_append_flood(self.ipr, index, vtep)
             else:
                 netlink.fdb_set_remote(self.ipr, index, mac, vtep)
+        for mac in unicast.keys() - bridged:
+            netlink.fdb_bridge_set(self.ipr, index, mac)
         for mac, vtep in current - desired:
             netlink.fdb_delete(self.ipr, index, mac, vtep)
+        for mac in bridged - unicast.keys():
+            netlink.fdb_bridge_delete(self.ipr, index, mac)
 
     def _converge_neighbours(self, index: int,
                              endpoints: list[RemoteEndpoint]) -> list[tuple[IPAddress, str]]:
@@ -347,24 +352,23 @@ class KernelBackend(Backend):
             netlink.neigh_delete(self.ipr, index, ip)
         return changed
 
-    @staticmethod
-    def _refresh_pod_caches(bridge: str, bindings: list[tuple[IPAddress, str]]) -> None:
-        """Tell local pods about a remote IP's (new) MAC with a gratuitous ARP.
+    def _refresh_pod_caches(self, bridge: str, bindings: list[tuple[IPAddress, str]]) -> None:
+        """Tell the pods on `bridge` that these IPs now have these MACs (gratuitous ARP).
 
         With ARP suppression on the VXLAN port the kernel keeps gratuitous ARPs
         from crossing VTEPs, so a pod that cached the MAC of an address's
         earlier holder (a pod that moved or was recreated elsewhere) would keep
-        sending to it until the entry ages out, tens of seconds. The bridge
-        device floods this frame to the local pods only.
+        sending to it until the entry ages out, tens of seconds. Sent out of
+        the bridge device, the frame reaches the node's own pods of the VNI only.
+        One long-lived socket: a packet socket's close waits for the kernel
+        (~10 ms here), too much for every ADD.
         """
         frames = [podif.gratuitous_arp(mac, ip) for ip, mac in bindings if ip.version == 4]
         if not frames:
             return
         try:
-            with socket.socket(socket.AF_PACKET, socket.SOCK_RAW) as sock:
-                sock.bind((bridge, 0))
-                for frame in frames:
-                    sock.send(frame)
+            for frame in frames:
+                self._packets.sendto(frame, (bridge, podif.ETH_P_ARP))
         except OSError as exc:
             LOG.warning("gratuitous ARP on %s not sent: %s", bridge, describe(exc))
 

@@ -164,6 +164,36 @@ def fdb_remotes(ipr: IPRoute, index: int) -> set[tuple[str, IPAddress]]:
             if msg["ifindex"] == index and msg.get("NDA_DST")}
 
 
+def fdb_bridged(ipr: IPRoute, index: int) -> set[str]:
+    """MACs the bridge forwards to port `index` because vpcni put them there
+    (externally learned entries, as an EVPN daemon writes them)."""
+    return {msg.get("NDA_LLADDR")
+            for msg in ipr.fdb("dump", ifindex=index, dump_filter=None)
+            if msg["ifindex"] == index and not msg.get("NDA_DST")
+            and msg["flags"] & ndmsg.flags["ext_learned"]}
+
+
+def fdb_bridge_set(ipr: IPRoute, index: int, mac: str) -> None:
+    """Tell the bridge that `mac` lives behind port `index` (the VXLAN device).
+
+    Without it the bridge, which learns nothing on that port, floods frames
+    for remote MACs to every local port of the VNI: each pod would see its
+    neighbours' traffic to other nodes.
+    """
+    # As FRR's zebra writes them: dynamic (so local learning can take the MAC
+    # over when the endpoint moves to this node) but externally learned (never aged).
+    ipr.fdb("replace", ifindex=index, lladdr=mac, state=ndmsg.states["reachable"],
+            flags=ndmsg.flags["master"] | ndmsg.flags["ext_learned"])
+
+
+def fdb_bridge_delete(ipr: IPRoute, index: int, mac: str) -> None:
+    try:
+        ipr.fdb("del", ifindex=index, lladdr=mac, flags=ndmsg.flags["master"])
+    except NetlinkError as exc:
+        if exc.code not in (errno.ENOENT, errno.ENODEV):
+            raise
+
+
 def _fdb(ipr: IPRoute, command: str, index: int, mac: str, dst: IPAddress) -> None:
     ipr.fdb(command, ifindex=index, lladdr=mac, dst=str(dst), state=FDB_STATE,
             flags=ndmsg.flags["self"])

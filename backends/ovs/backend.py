@@ -31,7 +31,7 @@ from pyroute2.netlink.exceptions import NetlinkError
 from vpcni.core import podif
 from vpcni.core.backend import Backend
 from vpcni.core.config import NodeConfig
-from vpcni.core.errors import BackendError, CheckFailed, InvalidEnvironment
+from vpcni.core.errors import BackendError, CheckFailed
 from vpcni.core.models import Attachment, Owned, Probe, RemoteState, VpcNetwork
 from vpcni.core.podif import delete_if_exists, describe, get_link
 from vpcni.core.underlay import Underlay, find_underlay, netlink_errors, pod_mtu
@@ -314,10 +314,7 @@ class OvsBackend(Backend):
                     podif.disable_tx_checksum(att.netns, att.ifname)
             self._converge_local(att.vni)
             undo.pop_all()
-        try:
-            podif.announce(att.netns, att.ifname, pod.mac, att.ips)
-        except (OSError, InvalidEnvironment) as exc:
-            LOG.warning("attach %s: gratuitous ARP not sent: %s", att.key, exc)
+        podif.announce(att.netns, att.ifname, pod.mac, att.ips)
         return att.model_copy(update={"host_ifname": host, "mac": pod.mac, "mtu": pod.mtu})
 
     def detach(self, att: Attachment) -> None:

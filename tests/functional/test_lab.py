@@ -12,13 +12,12 @@ import os
 import subprocess
 import threading
 import time
-from pathlib import Path
 
 import pytest
 
 from vpcni.lab.cluster import installed_executable
 from vpcni.lab.lab import Lab
-from vpcni.lab.netns import Netns, run, wait_for
+from vpcni.lab.netns import Netns, wait_for
 from vpcni.lab.topology import DEFAULT_TOPOLOGY
 from vpcni.lab.traffic import tcp_ident
 
@@ -140,6 +139,25 @@ def test_arp_for_remote_pods_is_answered_on_the_node(lab):
     assert "ARP" not in out, f"ARP crossed the overlay: {out}"
 
 
+def test_unicast_to_remote_pods_is_not_flooded_to_local_pods(lab):
+    """red-2 and red-3 share node2: red-2's replies to red-1 (on node1) must reach
+    node1 only, not red-3 (the bridge must know red-1's MAC is behind VXLAN)."""
+    observer = pod_ns(lab, "red-3")
+    cap = subprocess.Popen(["ip", "netns", "exec", observer.name, "tcpdump", "-l", "-n", "-i",
+                            "eth1", "icmp"], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                           text=True)
+    try:
+        wait_for(lambda: "listening" in cap.stderr.readline(), timeout=10, what="tcpdump")
+        assert pod_ns(lab, "red-1").ping(lab.pods["red-2"].ip, count=5, timeout=1)
+    finally:
+        cap.terminate()
+        out, _ = cap.communicate(timeout=10)
+    assert "ICMP" not in out, f"red-3 saw red-1/red-2 traffic: {out}"
+    node2 = lab.box.namespaces["node2"]
+    assert f"{lab.pods['red-1'].mac} extern_learn master vpbr301" in node2.exec(
+        "bridge", "fdb", "show", "dev", "vpvx301").stdout
+
+
 def test_pod_moves_and_reachability_follows(lab):
     """Remove blue-3 from node3, start it on node2 with the same address: blue-1 finds it."""
     src = pod_ns(lab, "blue-1")
@@ -200,6 +218,8 @@ def test_gobgpd_restart_restores_all_routes(lab):
 
 
 def test_one_reflector_down_keeps_traffic_and_learning(lab):
+    # Every node peers with both reflectors again (an earlier test restarted a gobgpd).
+    lab.wait_converged()
     src = pod_ns(lab, "blue-1")
     ping = continuous_ping(src, lab.pods["blue-2"].ip, seconds=4, interval=0.1)
     lab.stop_reflector("rr1")

@@ -98,3 +98,35 @@ def test_lock_files_are_bounded(tmp_path):
         with store.attachment_lock("net", f"c{i}", "eth1"):
             pass
     assert len(os.listdir(tmp_path / "locks")) <= 256
+
+
+def test_listing_survives_concurrent_deletes(tmp_path):
+    """all() while other callers add and delete records (and their directories)."""
+    import threading
+
+    store = AttachmentStore(tmp_path)
+    stop = threading.Event()
+    errors = []
+
+    def churn(n):
+        while not stop.is_set():
+            for i in range(20):
+                store.put(_att(cid=f"c{n}-{i}"))
+            for i in range(20):
+                store.delete("net", f"c{n}-{i}", "eth1")
+
+    workers = [threading.Thread(target=churn, args=(n,)) for n in range(3)]
+    for w in workers:
+        w.start()
+    try:
+        for _ in range(200):
+            try:
+                list(store.all())
+                list(store.all("net"))
+            except OSError as exc:
+                errors.append(exc)
+    finally:
+        stop.set()
+        for w in workers:
+            w.join()
+    assert errors == []
