@@ -118,13 +118,16 @@ class Agent:
         # DELs spooled while no agent listened go first: a new request for the
         # same attachment must find them done.
         self._replay_pending()
+        # Bound before anything is served: a taken health port fails the start
+        # cleanly instead of killing an agent that already answered requests.
+        if self.node.healthAddress:
+            self._http = _health_server(self.node.healthAddress, self)
         self._server = _RequestServer(str(sock), self)
         if self.speaker is not None:
             self.speaker.start()
         self._spawn("requests", self._server.serve_forever)
         self._spawn("reconcile", self._reconcile_loop)
-        if self.node.healthAddress:
-            self._http = _health_server(self.node.healthAddress, self)
+        if self._http is not None:
             self._spawn("health", self._http.serve_forever)
         self._local_changed()
         LOG.info("agent serving %s (backend %s: %s)", sock, self.choice.get("backend"),

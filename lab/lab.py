@@ -12,6 +12,7 @@ remove it all, also after a failed `up`.
 from __future__ import annotations
 
 import concurrent.futures
+import contextlib
 import json
 import os
 import re
@@ -384,15 +385,21 @@ class Lab:
             self.box = Sandbox.restore(self.state_file)
         self.box.cleanup()
         shutil.rmtree(self.dir, ignore_errors=True)
+        _remove_root_if_empty(self.dir.parent)
         self.box = None
+
+
+def _remove_root_if_empty(root: Path) -> None:
+    with contextlib.suppress(OSError):
+        Path(root).rmdir()
 
 
 def down_by_name(name: str, root: Path = LAB_ROOT) -> bool:
     """Remove lab `name` whatever state it is in; False when there was nothing."""
     state = Path(root) / f"{name}.sandbox.json"
-    if not state.exists():
-        shutil.rmtree(Path(root) / name, ignore_errors=True)
-        return False
-    Sandbox.restore(state).cleanup()
+    found = state.exists()
+    if found:
+        Sandbox.restore(state).cleanup()
     shutil.rmtree(Path(root) / name, ignore_errors=True)
-    return True
+    _remove_root_if_empty(root)
+    return found

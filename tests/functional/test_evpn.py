@@ -30,7 +30,7 @@ ASN = 65000
 VNI = 300
 RR, N1, N2, FRR_VTEP = "198.51.100.10", "198.51.100.1", "198.51.100.2", "198.51.100.3"
 PREFIX = "198.51.100.0/24"
-SESSION_TIMEOUT = 30  # gobgpd: first connect after 5-10 s
+SESSION_TIMEOUT = 60  # gobgpd: first connect after 5-10 s, retries every 5 s or more
 ESTABLISHED = 6
 
 T3 = LocalRoute.inclusive_multicast(VNI)
@@ -220,7 +220,7 @@ def test_own_routes_are_ignored(lab):
         # FRR 8.4 reflects a route back to its originator; gobgpd keeps it in
         # adj-in, and once our local path goes it would be the best path.
         until(lambda: "02:00:00:00:01:0a" in n1.gobgp("neighbor", RR, "adj-in", "-a", "evpn"),
-              "FRR to reflect node1's route back", timeout=15)
+              "FRR to reflect node1's route back", timeout=15, interval=0.05)
     # Another speaker announcing with next hop = node1's VTEP (a stale or
     # spoofed route): node1 must not install a remote route to itself.
     impostor = EvpnSpeaker(n2.target, N1, ASN).start()
@@ -232,7 +232,7 @@ def test_own_routes_are_ignored(lab):
     assert "02:00:00:00:01:0b" in n1.gobgp("global", "rib", "-a", "evpn")
     s1.set_local(set())
     until(lambda: "02:00:00:00:01:0a" not in n1.gobgp("global", "rib", "-a", "evpn"),
-          "node1's own route gone everywhere", timeout=15)
+          "node1's own route gone everywhere", timeout=15, interval=0.05)
     assert s1.remote_vnis() == set() and rec1.calls == []
 
 

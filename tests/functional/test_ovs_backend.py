@@ -101,9 +101,10 @@ class Capture:
     """tcpdump on a pod's eth1 (ICMP and ARP), read line by line."""
 
     def __init__(self, ns: Netns):
-        self.proc = subprocess.Popen(["ip", "netns", "exec", ns.name, "tcpdump", "-n", "-l", "-e",
-                                      "--immediate-mode", "-i", "eth1", "icmp or arp"],
-                                     stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        # Started through the sandbox: killed by pid at cleanup even if a test fails.
+        self.proc = ns.spawn("tcpdump", "-n", "-l", "-e", "--immediate-mode", "-i", "eth1",
+                             "icmp or arp", stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                             text=True)
         wait_for(lambda: "listening" in self.proc.stderr.readline(), timeout=10, what="tcpdump")
         self.lines: list[str] = []
 
@@ -149,7 +150,8 @@ def test_forged_source_mac_or_ip_reaches_nobody(lab):
         src.ip("addr", "del", f"{forged_ip}/32", "dev", "eth1")
     # The barrier and the control: the genuine source gets through to every target.
     for t in targets:
-        assert src.ping(lab.pods[t].ip, count=1, timeout=2), f"blue-2 cannot reach {t}"
+        wait_for(lambda: src.ping(lab.pods[t].ip, count=1, timeout=1), timeout=10,
+                 what=f"blue-2 reaching {t}")
     seen = {t: cap.stop() for t, cap in caps.items()}
     for t, lines in seen.items():
         assert any(f"{me.ip} > {lab.pods[t].ip}: ICMP echo request" in l for l in lines), \

@@ -203,8 +203,8 @@ def test_operator_show_and_release(cluster, etcd):
 def test_reference_bridge_delegates_to_vpcni_ipam(cluster):
     """The reference bridge plugin with `"ipam": {"type": "vpcni-ipam"}`: two pods talk."""
     node = cluster.add_node("n1", "198.51.100.1")
-    if not (cluster.cni_bin / "bridge").exists():
-        pytest.skip("reference CNI plugins not installed (containernetworking-plugins)")
+    assert (cluster.cni_bin / "bridge").exists(), \
+        "reference CNI plugins missing: scripts/setup.sh installs containernetworking-plugins"
     conf = ipam_conf(cluster, sqlite_store(cluster), subnet="172.16.47.0/24")
     conf |= {"bridge": "vpbr0", "isGateway": True}
     pods = [cluster.add_pod(node, name) for name in ("a", "b")]
