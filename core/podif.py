@@ -357,6 +357,22 @@ def check_pod(att: Attachment) -> list[str]:
         return problems
 
 
+def delete_host_link(ipr: IPRoute, host: str, att: Attachment, alias: str) -> None:
+    """Delete the node-side link `host` of `att` if it carries `alias` (our mark);
+    a link of that name that is not this attachment's is left alone."""
+    link = get_link(ipr, host)
+    if link is None:
+        return
+    if link.get("IFLA_IFALIAS") != alias:
+        LOG.warning("detach %s: %s is not this attachment's (alias %r): left alone",
+                    att.key, host, link.get("IFLA_IFALIAS"))
+        return
+    try:
+        delete_if_exists(ipr, host)
+    except NetlinkError as exc:
+        raise BackendError(f"could not delete {host}: {describe(exc)}") from exc
+
+
 def delete_pod_interface(att: Attachment, alias: str) -> None:
     """Delete `att.ifname` in the pod if it carries `alias` (the attachment's mark).
 

@@ -256,14 +256,7 @@ class KernelBackend(Backend):
     def detach(self, att: Attachment) -> None:
         host = att.host_ifname or host_ifname(att.network, att.container_id, att.ifname)
         alias = netlink.attachment_alias(att.network, att.container_id, att.ifname)
-        link = get_link(self.ipr, host)
-        if link is not None:
-            if netlink.link_alias(link) == alias:
-                with netlink_errors(f"could not delete {host}"):
-                    delete_if_exists(self.ipr, host)
-            else:
-                LOG.warning("detach %s: %s is not this attachment's (alias %r): left alone",
-                            att.key, host, netlink.link_alias(link))
+        podif.delete_host_link(self.ipr, host, att, alias)
         podif.delete_pod_interface(att, alias)
 
     def check(self, net: VpcNetwork, att: Attachment) -> None:

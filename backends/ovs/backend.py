@@ -328,14 +328,7 @@ class OvsBackend(Backend):
                 LOG.warning("detach %s: OVS port %s is not this attachment's: left alone",
                             att.key, host)
         self._converge_local(att.vni)
-        link = get_link(self.ipr, host)
-        if link is not None:
-            if link.get("IFLA_IFALIAS") == alias:
-                with netlink_errors(f"could not delete {host}"):
-                    delete_if_exists(self.ipr, host)
-            else:
-                LOG.warning("detach %s: %s is not this attachment's (alias %r): left alone",
-                            att.key, host, link.get("IFLA_IFALIAS"))
+        podif.delete_host_link(self.ipr, host, att, alias)
         podif.delete_pod_interface(att, alias)
 
     def check(self, net: VpcNetwork, att: Attachment) -> None:
