@@ -304,6 +304,7 @@ class Agent:
                 if full:
                     self._sync_local()
                     self._replay_pending()
+                    self.handler.reconcile()
                     dirty = self.handler.local_vnis()
                     last_full = time.monotonic()
                 self._converge(dirty)

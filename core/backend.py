@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import abc
 import logging
-from typing import ClassVar, Optional
+from typing import Callable, ClassVar, Optional
 
 from .config import NodeConfig
 from .errors import NotAvailable, VpcniError
@@ -65,6 +65,17 @@ class Backend(abc.ABC):
     @abc.abstractmethod
     def apply_remote(self, vni: int, remote: RemoteState) -> None:
         """Converge the VNI's remote entries (per-MAC and flood) to exactly `remote`."""
+
+    def reconcile(self, records: Callable[[], list[Attachment]]) -> list[str]:
+        """Converge what the backend keeps per attachment beside the interfaces
+        (filters, flows) to the records; return what it had to correct.
+
+        `records()` gives this node's attachment records. The backend reads its
+        own dataplane state first and calls it after, so that an attachment
+        being added meanwhile (recorded before anything is built) is never taken
+        for a leftover. The default has nothing to converge.
+        """
+        return []
 
     @abc.abstractmethod
     def owned(self) -> Owned:

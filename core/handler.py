@@ -21,7 +21,7 @@ from typing import Callable, Mapping, Optional
 
 from . import backend as backends
 from .config import NetworkConfig, NodeConfig
-from .errors import CheckFailed, InvalidConfig, UnknownContainer, VpcniError
+from .errors import BackendError, CheckFailed, InvalidConfig, UnknownContainer, VpcniError
 from .ipam import DelegatedIpam, routes_via_gateways, static_ips
 from .models import MAC_PATTERN, Attachment, DNS, Interface, IPConfig, RemoteState, Result
 from .store import AttachmentStore
@@ -205,6 +205,21 @@ class Handler:
         with lock:
             backend.apply_remote(vni, self.desired_remote(vni, extra))
 
+    def reconcile(self) -> list[str]:
+        """Let every backend in use converge its per-attachment state to the records."""
+        corrected: list[str] = []
+        names = {a.backend for a in self.store.all()} | set(self._backends)
+        for name in sorted(names):
+            backend = self.backend_named(name)
+            try:
+                corrected += backend.reconcile(
+                    lambda n=name: [a for a in self.store.all() if a.backend == n])
+            except VpcniError:
+                raise
+            except Exception as exc:
+                raise BackendError(f"reconcile of backend {name}: {exc}") from exc
+        return corrected
+
     def local_vnis(self) -> set[int]:
         return {a.vni for a in self.store.all()}
 
@@ -333,6 +348,10 @@ class Handler:
                 except Exception as exc:
                     errors.append(VpcniError(f"GC of {'/'.join(att.key)}: {exc}"))
             errors += self._gc_orphans(cfg, valid)
+            try:
+                self.reconcile()
+            except VpcniError as exc:
+                errors.append(exc)
             if cfg.ipam:
                 try:
                     req.ipam().gc()

@@ -6,7 +6,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 
 APT_PACKAGES=(
-  iproute2 iputils-ping iperf3 tcpdump nftables ethtool procps psmisc curl
+  iproute2 iputils-ping iperf3 tcpdump nftables python3-nftables ethtool procps psmisc curl
   python3 python3-venv python3-dev
   containernetworking-plugins golang-go golang-github-appc-cni-dev
   frr gobgpd golang-github-osrg-gobgp-dev openvswitch-switch

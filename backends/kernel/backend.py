@@ -8,6 +8,10 @@ become static FDB entries on vpvx<VNI> (per MAC, plus one all-zero "flood"
 entry per remote VTEP) and permanent neighbour entries on vpbr<VNI>. Every
 device this backend creates carries an IFLA_IFALIAS starting with "vpcni:";
 a device without it is never changed or deleted, whatever its name.
+
+Isolation (guard.py): nftables rules let a pod port send only from its
+attachment's MAC and addresses, deliver nothing from a VNI bridge to the node
+itself, and accept VXLAN only on the underlay from the VTEPs each VNI knows.
 """
 
 from __future__ import annotations
@@ -23,6 +27,7 @@ from typing import Optional
 from pyroute2 import IPRoute
 from pyroute2.netlink.exceptions import NetlinkError
 
+from vpcni.backends.common.nft import load_binding
 from vpcni.core import podif
 from vpcni.core.backend import Backend
 from vpcni.core.config import NodeConfig
@@ -33,6 +38,7 @@ from vpcni.core.podif import delete_if_exists, describe, get_link
 from vpcni.core.underlay import Underlay, find_underlay, netlink_errors, pod_mtu
 
 from . import netlink
+from .guard import Guard
 from .netlink import bridge_name, host_ifname, vxlan_name
 
 LOG = logging.getLogger(__name__)
@@ -67,6 +73,8 @@ class KernelBackend(Backend):
         # strict_check lets the kernel filter FDB and address dumps by ifindex.
         self.ipr = IPRoute(strict_check=True)
         self._packets = podif.send_only_packet_socket()  # for gratuitous ARPs
+        self.guard = Guard()
+        self._vxlan_accepted: set[tuple[str, int]] = set()
 
     def close(self) -> None:
         self.ipr.close()
@@ -83,6 +91,10 @@ class KernelBackend(Backend):
                          reason=f"no {' or '.join(missing)} support in kernel "
                                 f"{os.uname().release} (not in {SYS_MODULE}, modules.builtin "
                                 "or modules.dep)")
+        try:
+            load_binding()
+        except BackendError as exc:
+            return Probe(name=cls.name, available=False, facts=support, reason=str(exc))
         try:
             ipr = IPRoute(strict_check=True)
         except OSError as exc:
@@ -179,6 +191,10 @@ class KernelBackend(Backend):
     def ensure_network(self, net: VpcNetwork) -> None:
         underlay = self._underlay()
         pod_mtu(net, underlay)
+        accept = (underlay.ifname, net.port)
+        if accept not in self._vxlan_accepted:
+            self.guard.set_underlay(*accept)
+            self._vxlan_accepted.add(accept)
         bridge = self._ensure_bridge(net.vni)
         self._ensure_vxlan(net, underlay, bridge)
 
@@ -194,6 +210,7 @@ class KernelBackend(Backend):
                 continue
             with netlink_errors(f"could not delete {name}"):
                 delete_if_exists(self.ipr, name)
+        self.guard.set_peers(vni, ())
 
     # ------------------------------------------------------------ per pod
 
@@ -215,12 +232,19 @@ class KernelBackend(Backend):
                                    f"vpcni's (alias {netlink.link_alias(link)!r})")
             with netlink_errors(f"could not delete leftover {host}"):
                 delete_if_exists(self.ipr, host)
+            self.guard.remove_port(host)
         pod = get_link(pod_ns.ipr, att.ifname)
         if pod is not None:
             if netlink.link_alias(pod) != alias:
                 raise BackendError(f"interface {att.ifname} already exists in netns {att.netns}")
             with netlink_errors(f"could not delete leftover {att.ifname} in netns {att.netns}"):
                 delete_if_exists(pod_ns.ipr, att.ifname)
+
+    def _quietly_forget_port(self, host: str) -> None:
+        try:
+            self.guard.remove_port(host)
+        except BackendError as exc:
+            LOG.error("rollback: %s", exc)
 
     def _undo_veth(self, host: str) -> None:
         try:
@@ -247,6 +271,10 @@ class KernelBackend(Backend):
             with netlink_errors(f"could not configure {att.ifname} in netns {att.netns}"):
                 pod = podif.configure_interface(pod_ns, att.ifname, att.ips, att.routes,
                                                 alias=alias)
+            # Until this the port drops everything (the guard fails closed).
+            ips = [ip.address.ip for ip in att.ips]
+            undo.callback(self._quietly_forget_port, host)
+            self.guard.add_port(host, pod.mac, ips)
             undo.pop_all()
         # The pods of this node that knew the address behind another MAC
         # (it moved here) learn the new one now.
@@ -258,6 +286,7 @@ class KernelBackend(Backend):
         alias = netlink.attachment_alias(att.network, att.container_id, att.ifname)
         podif.delete_host_link(self.ipr, host, att, alias)
         podif.delete_pod_interface(att, alias)
+        self.guard.remove_port(host, att.mac, [ip.address.ip for ip in att.ips])
 
     def check(self, net: VpcNetwork, att: Attachment) -> None:
         problems = podif.check_pod(att) + self._check_node(net, att)
@@ -288,6 +317,10 @@ class KernelBackend(Backend):
             problems.append(f"host veth {host} missing")
         elif br is None or veth.get("IFLA_MASTER") != br["index"]:
             problems.append(f"host veth {host} is not enslaved to {bridge}")
+        missing = self.guard.missing(host, att.mac, [ip.address.ip for ip in att.ips])
+        if missing:
+            problems.append(f"anti-spoofing of {host} lacks {', '.join(missing)} "
+                            "(nftables table bridge vpcni)")
         return problems
 
     # ------------------------------------------------------------ remote state
@@ -305,6 +338,9 @@ class KernelBackend(Backend):
         local = netlink.vxlan_settings(vxlan)["local"]
         endpoints = [ep for ep in remote.endpoints if ep.vtep != local]
         flood = {vtep for vtep in remote.flood if vtep != local}
+        # VXLAN of this VNI is accepted from its flood list and the VTEPs of its
+        # endpoints, and from nowhere else.
+        self.guard.set_peers(vni, flood | {ep.vtep for ep in endpoints})
         with netlink_errors(f"could not converge the FDB of {vxlan_name(vni)}"):
             self._converge_fdb(vxlan["index"], endpoints, flood)
         with netlink_errors(f"could not converge the neighbours of {bridge_name(vni)}"):
@@ -366,6 +402,31 @@ class KernelBackend(Backend):
             LOG.warning("gratuitous ARP on %s not sent: %s", bridge, describe(exc))
 
     # ------------------------------------------------------------ inventory
+
+    def reconcile(self, records) -> list[str]:
+        """Converge the port filters to the attachment records; re-install the guard's
+        rules (a firewall reload may have flushed them). Returns the ports changed."""
+        self.guard.ensure_base(force=True)
+        self.guard.forget_peers()
+        self._vxlan_accepted.clear()
+        current = self.guard.ports()  # before reading the records: see Backend.reconcile
+        known: set[str] = set()
+        desired = {}
+        atts = records()
+        if atts:
+            underlay = self._underlay()
+            for port in sorted({att.port for att in atts}):
+                self.guard.set_underlay(underlay.ifname, port)
+                self._vxlan_accepted.add((underlay.ifname, port))
+        for att in atts:
+            host = att.host_ifname or host_ifname(att.network, att.container_id, att.ifname)
+            known.add(host)
+            if att.state == "ready" and att.mac:
+                desired[host] = (att.mac, [ip.address.ip for ip in att.ips])
+        changed = self.guard.converge_ports(desired, known, current)
+        if changed:
+            LOG.warning("port filters of %s were not as recorded: corrected", ", ".join(changed))
+        return changed
 
     def owned(self) -> Owned:
         vnis: set[int] = set()

@@ -28,6 +28,7 @@ from typing import Iterator, Optional
 from pyroute2 import IPRoute
 from pyroute2.netlink.exceptions import NetlinkError
 
+from vpcni.backends.common.nft import load_binding
 from vpcni.core import podif
 from vpcni.core.backend import Backend
 from vpcni.core.config import NodeConfig
@@ -38,6 +39,7 @@ from vpcni.core.underlay import Underlay, find_underlay, netlink_errors, pod_mtu
 
 from . import flows as fl
 from . import switch as sw
+from .guard import HostPortGuard
 
 LOG = logging.getLogger(__name__)
 
@@ -80,6 +82,7 @@ class OvsBackend(Backend):
         self._switch: Optional[sw.Switch] = None
         self._guard = threading.Lock()
         self._locks: dict[str, threading.Lock] = {}
+        self.host_ports = HostPortGuard()
 
     @property
     def switch(self) -> sw.Switch:
@@ -122,6 +125,10 @@ class OvsBackend(Backend):
             import ovsdbapp.schema.open_vswitch  # noqa: F401  (the backend cannot work without it)
         except ImportError as exc:
             return no(f"ovsdbapp is not installed: {exc}")
+        try:
+            load_binding()
+        except BackendError as exc:
+            return no(str(exc))
         if not sock.exists():
             return no(f"no OVSDB socket at {sock} (ovs.ovsdbSocket/ovs.runDir in {node.source}): "
                       "is ovsdb-server running?")
@@ -177,6 +184,7 @@ class OvsBackend(Backend):
     def ensure_network(self, net: VpcNetwork) -> None:
         underlay = self._underlay()
         pod_mtu(net, underlay)
+        self.host_ports.ensure()
         self.switch.ensure_network(net.vni, str(underlay.address), net.port)
         with self._lock("base"):
             self.switch.converge(fl.cookie(fl.BASE), fl.base_flows(self.switch.tunnels().values()))
@@ -213,6 +221,17 @@ class OvsBackend(Backend):
             tunnel = self._tunnel_ofport(vni)
             ports = self._local_ports(vni) if tunnel else []
             self.switch.converge(fl.cookie(fl.LOCAL, vni), fl.local_flows(vni, ports, tunnel))
+
+    def reconcile(self, records) -> list[str]:
+        """Re-derive every local VNI's port flows (anti-spoofing among them) from the
+        switch's ports: flows someone removed or changed come back; and the host-port
+        rules (a firewall reload may have flushed them)."""
+        if not self.switch.bridge_exists():
+            return []
+        self.host_ports.ensure(force=True)
+        for vni in sorted(self.switch.vnis()):
+            self._converge_local(vni)
+        return []
 
     def apply_remote(self, vni: int, remote: RemoteState) -> None:
         tunnel = self._tunnel_ofport(vni)

@@ -425,6 +425,13 @@ def test_check_names_what_differs(nodes, two_pods):
     pa, _, a, _ = two_pods
     nodes.b1.check(NET, a)
 
+    nodes.n1.exec("nft", "delete", "element", "bridge", "vpcni", "port_ip4",
+                  f'{{ "{a.host_ifname}" . 172.16.30.1 }}')
+    with pytest.raises(CheckFailed, match=f"anti-spoofing of {a.host_ifname} lacks port_ip4"):
+        nodes.b1.check(NET, a)
+    assert nodes.b1.reconcile(lambda: [a.model_copy(update={"state": "ready"})]) == [a.host_ifname]
+    nodes.b1.check(NET, a)
+
     pa.ip("link", "set", "eth1", "mtu", "1400")
     with pytest.raises(CheckFailed, match="eth1 MTU 1400 differs from recorded 1450"):
         nodes.b1.check(NET, a)
@@ -481,3 +488,72 @@ def test_ipv6_pod_addresses_are_usable_at_once(nodes):
     wait_for(lambda: pa.ping("fd00:30::2"), timeout=5, what="pod-a -> pod-b over IPv6")
     nodes.b1.check(NET, a)
     nodes.b1.check(NET, b)
+
+
+# ---------------------------------------------------------------- isolation guard
+
+
+def port_elements(ns: Netns) -> dict[str, set[str]]:
+    """set name -> elements of the bridge vpcni port sets, as `nft -j` lists them."""
+    out = {}
+    for name in ("port_mac", "port_ip4", "port_ip6", "port_v6", "port_l2"):
+        data = json.loads(ns.exec("nft", "-j", "list", "set", "bridge", "vpcni", name).stdout)
+        elems = [i["set"].get("elem", []) for i in data["nftables"] if "set" in i][0]
+        out[name] = {json.dumps(e, sort_keys=True) for e in elems}
+    return out
+
+
+def test_port_filter_follows_the_port(nodes):
+    pa = nodes.pod("pa")
+    nodes.b1.ensure_network(NET)
+    a = nodes.b1.attach(NET, attachment(pa, "cid-a", "172.16.30.1/24", mac="02:aa:00:00:00:07"))
+    elems = port_elements(nodes.n1)
+    assert any(a.host_ifname in e and "02:aa:00:00:00:07" in e for e in elems["port_mac"])
+    assert any(a.host_ifname in e and "172.16.30.1" in e for e in elems["port_ip4"])
+    assert not elems["port_l2"]
+    nodes.b1.detach(a)
+    assert not any(port_elements(nodes.n1).values())
+
+
+def test_a_crashed_attach_leaves_no_stale_permission(nodes):
+    """Elements left by an attach whose record was lost (another IP) go with the leftover
+    veth when the attachment is added again, and the new port gets only its own."""
+    pa = nodes.pod("pa")
+    nodes.b1.ensure_network(NET)
+    a = nodes.b1.attach(NET, attachment(pa, "cid-a", "172.16.30.1/24"))
+    again = nodes.b1.attach(NET, attachment(pa, "cid-a", "172.16.30.9/24"))
+    ip4 = port_elements(nodes.n1)["port_ip4"]
+    assert any("172.16.30.9" in e for e in ip4) and not any("172.16.30.1\"" in e for e in ip4)
+    assert again.host_ifname == a.host_ifname
+
+
+def test_reconcile_removes_what_no_record_explains_and_keeps_what_is_being_added(nodes):
+    pa, pb = nodes.pod("pa"), nodes.pod("pb")
+    nodes.b1.ensure_network(NET)
+    a = nodes.b1.attach(NET, attachment(pa, "cid-a", "172.16.30.1/24"))
+    b = nodes.b1.attach(NET, attachment(pb, "cid-b", "172.16.30.2/24"))
+    ready_a = a.model_copy(update={"state": "ready"})
+    adding_b = b.model_copy(update={"state": "adding"})
+    # b is mid-ADD (its record says "adding"): left as it is.
+    assert nodes.b1.reconcile(lambda: [ready_a, adding_b]) == []
+    # b has no record at all: its elements go (its port then drops everything).
+    assert nodes.b1.reconcile(lambda: [ready_a]) == [b.host_ifname]
+    assert not any(b.host_ifname in e for s in port_elements(nodes.n1).values() for e in s)
+    assert any(a.host_ifname in e for e in port_elements(nodes.n1)["port_mac"])
+
+
+def test_vteps_accepted_per_vni_follow_the_remote_state(nodes):
+    nodes.b1.ensure_network(NET)
+    nodes.b1.apply_remote(VNI, RemoteState(flood=[N2], endpoints=[
+        RemoteEndpoint(mac="02:00:00:00:00:33", ip="172.16.30.3", vtep="198.51.100.3")]))
+
+    def vteps():
+        data = json.loads(nodes.n1.exec("nft", "-j", "list", "set", "inet", "vpcni",
+                                        "vteps4").stdout)
+        elems = [i["set"].get("elem", []) for i in data["nftables"] if "set" in i][0]
+        return {(e["concat"][0], e["concat"][1]) for e in elems}
+    assert vteps() == {(N2, VNI), ("198.51.100.3", VNI)}
+    nodes.b1.apply_remote(VNI, RemoteState(flood=[N2]))
+    assert vteps() == {(N2, VNI)}
+    nodes.b1.release_network(VNI)
+    assert vteps() == set()

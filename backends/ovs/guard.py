@@ -1,0 +1,45 @@
+"""The ovs backend's host-port guard: nothing a pod sends reaches the node's IP stack.
+
+Forwarding between pods and VTEPs is OpenFlow's (flows.py: anti-spoofing,
+VTEPs accepted per VNI). But a pod's host veth is also a plain kernel
+interface: with the userspace datapath OVS reads it through a packet socket
+and the kernel goes on to process the same frame, so a pod could reach the
+node's own addresses (and ARP for them) through it. Two rules close that:
+
+    table inet vpcni_ovs   prerouting: drop IPv4/IPv6 that arrives on a pod port ("vo*")
+    table arp vpcni_ovs    input:      drop ARP that arrives on a pod port
+
+OVS's packet socket sees the frame before these hooks run, so the pipeline
+is unaffected; with the kernel datapath OVS consumes the frame before the IP
+stack and the rules are simply never hit.
+"""
+
+from __future__ import annotations
+
+from vpcni.backends.common.nft import Nft
+
+TABLE = "vpcni_ovs"
+POD_PORTS = "vo*"
+
+_RULES = f"""
+add table inet {TABLE}
+add chain inet {TABLE} prerouting {{ type filter hook prerouting priority raw - 1; policy accept; }}
+flush chain inet {TABLE} prerouting
+add rule inet {TABLE} prerouting iifname "{POD_PORTS}" counter drop comment "vpc-to-node"
+add table arp {TABLE}
+add chain arp {TABLE} input {{ type filter hook input priority filter; policy accept; }}
+flush chain arp {TABLE} input
+add rule arp {TABLE} input iifname "{POD_PORTS}" counter drop comment "vpc-to-node"
+"""
+
+
+class HostPortGuard:
+    def __init__(self) -> None:
+        self._nft = Nft()
+        self._installed = False
+
+    def ensure(self, force: bool = False) -> None:
+        """Install (atomically replace) the rules once per guard, or again when `force`."""
+        if force or not self._installed:
+            self._nft.run(_RULES, "keep pods off the node's IP stack")
+            self._installed = True
