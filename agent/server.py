@@ -294,17 +294,25 @@ class Agent:
             if self.speaker is not None:
                 self._note_gobgpd_restart()
                 grace_ended = self._grace_ended()
+            full = grace_ended or time.monotonic() - last_full >= interval
+            # Isolation does not wait for BGP: the backends' filters are checked on
+            # every pass (quickly) and converged to the records on a full one.
+            try:
+                if self.handler.reconcile(full=full):
+                    with self._dirty_lock:
+                        self._dirty |= self.handler.local_vnis()
+            except Exception:
+                LOG.exception("reconcile of the backends' local state failed")
+                self.metrics.reconciles.labels("error").inc()
             # Never converge the FDB on a partial picture: wait for gobgpd's initial dump.
             if self.speaker is not None and not self.speaker.synced:
                 continue
             with self._dirty_lock:
                 dirty, self._dirty = self._dirty, set()
-            full = grace_ended or time.monotonic() - last_full >= interval
             try:
                 if full:
                     self._sync_local()
                     self._replay_pending()
-                    self.handler.reconcile()
                     dirty = self.handler.local_vnis()
                     last_full = time.monotonic()
                 self._converge(dirty)

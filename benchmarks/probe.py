@@ -23,7 +23,7 @@ import threading
 import time
 from typing import Optional
 
-from vpcni.core.podif import _socket_in, netns_fd
+from vpcni.backends.common.podif import _socket_in, netns_fd
 
 ETH_P_ALL = 0x0003
 ETH_P_ARP = 0x0806

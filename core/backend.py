@@ -13,7 +13,7 @@ import logging
 from typing import Callable, ClassVar, Optional
 
 from .config import NodeConfig
-from .errors import NotAvailable, VpcniError
+from .errors import BackendError, NotAvailable, VpcniError
 from .models import Attachment, Owned, Probe, RemoteState, VpcNetwork
 
 LOG = logging.getLogger(__name__)
@@ -66,14 +66,17 @@ class Backend(abc.ABC):
     def apply_remote(self, vni: int, remote: RemoteState) -> None:
         """Converge the VNI's remote entries (per-MAC and flood) to exactly `remote`."""
 
-    def reconcile(self, records: Callable[[], list[Attachment]]) -> list[str]:
+    def reconcile(self, records: Callable[[], list[Attachment]], full: bool = True) -> list[str]:
         """Converge what the backend keeps per attachment beside the interfaces
-        (filters, flows) to the records; return what it had to correct.
+        (filters, flows) to the records; return what it had to correct (non-empty:
+        the caller converges every VNI's remote state too).
 
         `records()` gives this node's attachment records. The backend reads its
         own dataplane state first and calls it after, so that an attachment
         being added meanwhile (recorded before anything is built) is never taken
-        for a leftover. The default has nothing to converge.
+        for a leftover. `full` false asks for a quick pass (the agent runs one
+        every few seconds): only check that node-wide state is intact. The
+        default has nothing to converge.
         """
         return []
 
@@ -135,11 +138,62 @@ def choose(node: NodeConfig, required: Optional[str] = None) -> tuple[Probe, lis
     raise NotAvailable(f"no usable backend on this node ({reasons})")
 
 
-def load(name: str, node: NodeConfig) -> Backend:
+def _subject(args: tuple) -> str:
+    """What a backend call was about, for its error message."""
+    for arg in args:
+        if isinstance(arg, Attachment):
+            return f"attachment {'/'.join(arg.key)} (VNI {arg.vni})"
+    for arg in args:
+        if isinstance(arg, VpcNetwork):
+            return f"VNI {arg.vni} ({arg.name})"
+        if isinstance(arg, int) and not isinstance(arg, bool):
+            return f"VNI {arg}"
+    return "the node"
+
+
+class Guarded:
+    """A backend as the core calls it: every error leaves as a VpcniError.
+
+    Backends raise typed errors (VpcniError subclasses) for what they expect;
+    anything else (an OSError, a netlink or OVSDB exception, a bug) becomes a
+    BackendError naming the backend, the operation and its object, instead of
+    escaping as a bare internal error.
+    """
+
+    def __init__(self, backend: Backend):
+        self._backend = backend
+        self.name = backend.name
+
+    @property
+    def wrapped(self) -> Backend:
+        return self._backend
+
+    def __getattr__(self, attr: str):
+        value = getattr(self._backend, attr)
+        if not callable(value) or attr.startswith("_"):
+            return value
+
+        def call(*args, **kwargs):
+            try:
+                return value(*args, **kwargs)
+            except VpcniError:
+                raise
+            except Exception as exc:
+                detail = str(exc) or type(exc).__name__
+                raise BackendError(f"backend {self.name}: {attr} of {_subject(args)} failed: "
+                                   f"{detail}") from exc
+        call.__name__ = attr
+        return call
+
+
+def load(name: str, node: NodeConfig) -> Guarded:
     from stevedore import DriverManager
 
     try:
         mgr = DriverManager(NAMESPACE, name, invoke_on_load=True, invoke_args=(node,))
     except Exception as exc:
-        raise VpcniError(f"cannot load backend {name!r}: {exc}") from exc
-    return mgr.driver
+        cause = exc.__cause__ if isinstance(exc.__cause__, VpcniError) else exc
+        if isinstance(cause, VpcniError):
+            raise type(cause)(f"cannot load backend {name!r}: {cause}") from exc
+        raise BackendError(f"cannot load backend {name!r}: {exc}") from exc
+    return Guarded(mgr.driver)

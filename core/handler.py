@@ -21,14 +21,13 @@ from typing import Callable, Mapping, Optional
 
 from . import backend as backends
 from .config import NetworkConfig, NodeConfig
-from .errors import BackendError, CheckFailed, InvalidConfig, UnknownContainer, VpcniError
-from .ipam import DelegatedIpam, routes_via_gateways, static_ips
+from .errors import CheckFailed, InvalidConfig, UnknownContainer, VpcniError
+from .ipam import DelegatedIpam, Ipam, in_process, routes_via_gateways, static_ips
 from .models import MAC_PATTERN, Attachment, DNS, Interface, IPConfig, RemoteState, Result
 from .store import AttachmentStore
 
 LOG = logging.getLogger(__name__)
 PROBE_TTL = 10.0
-VPC_IPAM = "vpcni-ipam"  # vpcni.ipam.IPAM_TYPE, served in-process
 
 
 @dataclass
@@ -45,12 +44,12 @@ class Request:
     env: Mapping[str, str] = field(default_factory=dict)
     stdin: bytes = b""
 
-    def ipam(self):
-        """The IPAM of this request: vpcni-ipam in this process, else the plugin in CNI_PATH."""
-        if self.config.ipam.type == VPC_IPAM:
-            from vpcni.ipam.plugin import VpcIpam
-
-            return VpcIpam(self)
+    def ipam(self) -> Ipam:
+        """The IPAM of this request: one registered in-process (vpcni-ipam), else the
+        plugin of that type in CNI_PATH."""
+        factory = in_process(self.config.ipam.type)
+        if factory is not None:
+            return factory(self)
         return DelegatedIpam(self.config.ipam.type, self.env, self.stdin)
 
 
@@ -58,7 +57,7 @@ class Handler:
     def __init__(self, node: NodeConfig):
         self.node = node
         self.store = AttachmentStore(node.stateDir, node.lockTimeout)
-        self._backends: dict[str, backends.Backend] = {}
+        self._backends: dict[str, backends.Guarded] = {}
         self._choices: dict[Optional[str], tuple[str, float]] = {}
         # Set by the agent: the control plane's remote state of a VNI, merged
         # with the static flood lists; and who to tell when attachments change.
@@ -69,12 +68,12 @@ class Handler:
 
     # ------------------------------------------------------------ backends
 
-    def backend_named(self, name: str) -> backends.Backend:
+    def backend_named(self, name: str) -> backends.Guarded:
         if name not in self._backends:
             self._backends[name] = backends.load(name, self.node)
         return self._backends[name]
 
-    def backend_for(self, cfg: NetworkConfig) -> backends.Backend:
+    def backend_for(self, cfg: NetworkConfig) -> backends.Guarded:
         """The backend serving `cfg` on this node.
 
         The choice is remembered for PROBE_TTL seconds: probing every backend
@@ -102,18 +101,22 @@ class Handler:
         net = cfg.network()
         backend = self.backend_for(cfg)
         key = (cfg.name, req.container_id, req.ifname)
+        # Every input is validated before anything is torn down: a repeated ADD
+        # with a bad MAC or address must fail with the working attachment intact.
+        mac = self._requested_mac(req)
+        static = None if cfg.ipam else static_ips(self._static_addresses(req))
         with self.store.attachment_lock(*key):
             old = self.store.get(*key)
             if old is not None:
                 LOG.info("ADD %s: cleaning an earlier attachment (state %s)", key, old.state)
-                # vpcni-ipam is keyed by the attachment: keeping its reservation
-                # makes a repeated ADD get the same address back.
-                keep = old.ipam_type == VPC_IPAM and cfg.ipam is not None \
-                    and cfg.ipam.type == VPC_IPAM
+                # An IPAM keyed by the attachment (vpcni-ipam) keeps its reservation:
+                # a repeated ADD gets the same address back.
+                keep = cfg.ipam is not None and old.ipam_type == cfg.ipam.type \
+                    and getattr(in_process(cfg.ipam.type), "keyed_by_attachment", False)
                 self._teardown(old, req, release_ipam=not keep)
             att = Attachment(network=cfg.name, vni=cfg.vni, container_id=req.container_id,
                              ifname=req.ifname, netns=req.netns, backend=backend.name,
-                             mac=self._requested_mac(req), vteps=net.vteps, port=net.port,
+                             mac=mac, vteps=net.vteps, port=net.port,
                              ipam_type=cfg.ipam.type if cfg.ipam else None, created=time.time())
             # The intent is recorded before anything is built, so a crash at any
             # later step leaves a record that DEL, GC or the next ADD cleans up.
@@ -130,7 +133,7 @@ class Handler:
                     if not res.dns.is_empty():
                         dns = res.dns
                 else:
-                    att.ips = static_ips(self._static_addresses(req))
+                    att.ips = static
                 att.dns = dns
                 with self.store.vni_lock(net.vni, exclusive=False):
                     backend.ensure_network(net)
@@ -197,7 +200,7 @@ class Handler:
                 vteps[v] = None
         return RemoteState(endpoints=endpoints, flood=list(vteps))
 
-    def apply_remote(self, backend: backends.Backend, vni: int,
+    def apply_remote(self, backend: backends.Guarded, vni: int,
                      extra: Optional[Attachment] = None) -> None:
         """Converge the VNI's remote entries; one converge per VNI at a time in this process."""
         with self._remote_locks_guard:
@@ -205,19 +208,14 @@ class Handler:
         with lock:
             backend.apply_remote(vni, self.desired_remote(vni, extra))
 
-    def reconcile(self) -> list[str]:
-        """Let every backend in use converge its per-attachment state to the records."""
+    def reconcile(self, full: bool = True) -> list[str]:
+        """Let every backend in use converge its per-attachment state to the records
+        (Backend.reconcile); what they corrected."""
         corrected: list[str] = []
         names = {a.backend for a in self.store.all()} | set(self._backends)
         for name in sorted(names):
-            backend = self.backend_named(name)
-            try:
-                corrected += backend.reconcile(
-                    lambda n=name: [a for a in self.store.all() if a.backend == n])
-            except VpcniError:
-                raise
-            except Exception as exc:
-                raise BackendError(f"reconcile of backend {name}: {exc}") from exc
+            corrected += self.backend_named(name).reconcile(
+                lambda n=name: [a for a in self.store.all() if a.backend == n], full)
         return corrected
 
     def local_vnis(self) -> set[int]:

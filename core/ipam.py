@@ -8,15 +8,64 @@ back with its code, prefixed with the plugin's name.
 
 from __future__ import annotations
 
+import abc
 import json
 import logging
 import os
 import subprocess
 from pathlib import Path
-from typing import Mapping, Optional
+from typing import Callable, Mapping, Optional
 
-from .errors import InvalidConfig, InvalidEnvironment, IpamError
+from .errors import InvalidConfig, InvalidEnvironment, IpamError, VpcniError
 from .models import IPAddress, IPConfig, Result, Route
+
+# IPAM implementations that serve inside the plugin/agent process, by ipam
+# `type`: entry points of this group (vpcni-ipam registers itself there). Core
+# never imports them; any other type is a plugin executed from CNI_PATH.
+IN_PROCESS_GROUP = "vpcni.ipam"
+
+
+class Ipam(abc.ABC):
+    """The IPAM verbs for one CNI request, in-process or delegated."""
+
+    # True when a repeated ADD of the same attachment should find its earlier
+    # reservation (the IPAM keys addresses by attachment): ADD then keeps it.
+    keyed_by_attachment: bool = False
+
+    @abc.abstractmethod
+    def add(self) -> Result: ...
+
+    @abc.abstractmethod
+    def delete(self, container_id: Optional[str] = None, ifname: Optional[str] = None) -> None:
+        ...
+
+    @abc.abstractmethod
+    def check(self) -> None: ...
+
+    @abc.abstractmethod
+    def status(self) -> None: ...
+
+    @abc.abstractmethod
+    def gc(self) -> None: ...
+
+
+_in_process: Optional[dict] = None
+
+
+def in_process(ipam_type: str) -> Optional[Callable[..., Ipam]]:
+    """The in-process IPAM registered for `ipam_type`, if any (entry points, read once)."""
+    global _in_process
+    if _in_process is None:
+        from importlib.metadata import entry_points
+
+        _in_process = {ep.name: ep for ep in entry_points(group=IN_PROCESS_GROUP)}
+    ep = _in_process.get(ipam_type)
+    if ep is None:
+        return None
+    try:
+        return ep.load()
+    except Exception as exc:
+        raise VpcniError(f"cannot load the in-process IPAM {ipam_type!r}: {exc}") from exc
 
 LOG = logging.getLogger(__name__)
 EXEC_TIMEOUT = 60.0
@@ -34,7 +83,7 @@ def find_plugin(name: str, cni_path: str) -> Path:
                         f"({os.pathsep.join(dirs)})")
 
 
-class DelegatedIpam:
+class DelegatedIpam(Ipam):
     """One IPAM plugin, called with the caller's env and stdin."""
 
     def __init__(self, plugin_type: str, env: Mapping[str, str], stdin: bytes):

@@ -21,6 +21,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from vpcni.cni import versions
 from vpcni.cni.plugin import Dispatcher
 from vpcni.core.config import ValidAttachment, raise_validation
+from vpcni.core.ipam import Ipam
 from vpcni.core.errors import (CheckFailed, InvalidConfig, NotAvailable, TryAgainLater,
                                UnknownContainer)
 from vpcni.core.models import NAME_PATTERN, Result
@@ -44,8 +45,11 @@ def store_for(settings) -> Store:
         return _stores[key]
 
 
-class VpcIpam:
-    """The IPAM verbs for one CNI request (vpcni's Request, or the plugin's own)."""
+class VpcIpam(Ipam):
+    """The IPAM verbs for one CNI request (vpcni's Request, or the plugin's own).
+    Served in-process by vpcni through the `vpcni.ipam` entry point."""
+
+    keyed_by_attachment = True
 
     def __init__(self, req):
         self.req = req

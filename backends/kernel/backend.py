@@ -28,14 +28,14 @@ from pyroute2 import IPRoute
 from pyroute2.netlink.exceptions import NetlinkError
 
 from vpcni.backends.common.nft import load_binding
-from vpcni.core import podif
+from vpcni.backends.common import podif
 from vpcni.core.backend import Backend
 from vpcni.core.config import NodeConfig
 from vpcni.core.errors import BackendError, CheckFailed
 from vpcni.core.models import (Attachment, IPAddress, Owned, Probe, RemoteEndpoint, RemoteState,
                                VpcNetwork)
-from vpcni.core.podif import delete_if_exists, describe, get_link
-from vpcni.core.underlay import Underlay, find_underlay, netlink_errors, pod_mtu
+from vpcni.backends.common.podif import delete_if_exists, describe, get_link
+from vpcni.backends.common.underlay import Underlay, find_underlay, netlink_errors, pod_mtu
 
 from . import netlink
 from .guard import Guard
@@ -74,7 +74,6 @@ class KernelBackend(Backend):
         self.ipr = IPRoute(strict_check=True)
         self._packets = podif.send_only_packet_socket()  # for gratuitous ARPs
         self.guard = Guard()
-        self._vxlan_accepted: set[tuple[str, int]] = set()
 
     def close(self) -> None:
         self.ipr.close()
@@ -191,10 +190,7 @@ class KernelBackend(Backend):
     def ensure_network(self, net: VpcNetwork) -> None:
         underlay = self._underlay()
         pod_mtu(net, underlay)
-        accept = (underlay.ifname, net.port)
-        if accept not in self._vxlan_accepted:
-            self.guard.set_underlay(*accept)
-            self._vxlan_accepted.add(accept)
+        self.guard.set_underlay(underlay.ifname, net.port)
         bridge = self._ensure_bridge(net.vni)
         self._ensure_vxlan(net, underlay, bridge)
 
@@ -403,30 +399,41 @@ class KernelBackend(Backend):
 
     # ------------------------------------------------------------ inventory
 
-    def reconcile(self, records) -> list[str]:
-        """Converge the port filters to the attachment records; re-install the guard's
-        rules (a firewall reload may have flushed them). Returns the ports changed."""
-        self.guard.ensure_base(force=True)
+    def reconcile(self, records, full: bool = True) -> list[str]:
+        """Converge the port filters to the attachment records, re-installing the guard's
+        tables when they are not intact (a firewall reload flushed them). A quick pass
+        (`full` false) only checks that the tables are intact and that no operation
+        found them lost. Returns the ports corrected, or ["(nftables tables)"] when the
+        tables were re-installed: the caller then converges every VNI's remote state,
+        which puts the VTEP sets back."""
+        reinstalled = self.guard.ensure_base() or self.guard.lost
+        if not (full or reinstalled):
+            return []
+        self.guard.lost = False
         self.guard.forget_peers()
-        self._vxlan_accepted.clear()
         current = self.guard.ports()  # before reading the records: see Backend.reconcile
-        known: set[str] = set()
-        desired = {}
         atts = records()
         if atts:
             underlay = self._underlay()
             for port in sorted({att.port for att in atts}):
                 self.guard.set_underlay(underlay.ifname, port)
-                self._vxlan_accepted.add((underlay.ifname, port))
-        for att in atts:
-            host = att.host_ifname or host_ifname(att.network, att.container_id, att.ifname)
-            known.add(host)
-            if att.state == "ready" and att.mac:
-                desired[host] = (att.mac, [ip.address.ip for ip in att.ips])
+        known = {self._host(att) for att in atts}
+        desired = self._port_filters(atts)
+        # A DEL may have come between: only what the records still say, unchanged.
+        again = self._port_filters(records())
+        desired = {h: f for h, f in desired.items() if again.get(h) == f}
         changed = self.guard.converge_ports(desired, known, current)
         if changed:
             LOG.warning("port filters of %s were not as recorded: corrected", ", ".join(changed))
-        return changed
+        return (["(nftables tables)"] if reinstalled else []) + changed
+
+    @staticmethod
+    def _host(att: Attachment) -> str:
+        return att.host_ifname or host_ifname(att.network, att.container_id, att.ifname)
+
+    def _port_filters(self, atts: list[Attachment]) -> dict[str, tuple]:
+        return {self._host(a): (a.mac, sorted((ip.address.ip for ip in a.ips), key=str))
+                for a in atts if a.state == "ready" and a.mac}
 
     def owned(self) -> Owned:
         vnis: set[int] = set()

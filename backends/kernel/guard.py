@@ -59,7 +59,7 @@ VXLAN_PORTS = "vpvx*"
 BRIDGES = "vpbr*"
 PORT_SETS = ("port_mac", "port_ip4", "port_ip6", "port_v6", "port_l2")
 
-_BRIDGE = f"""
+BRIDGE_RULES = f"""
 add table bridge {TABLE}
 add set bridge {TABLE} port_mac {{ type ifname . ether_addr; }}
 add set bridge {TABLE} port_ip4 {{ type ifname . ipv4_addr; }}
@@ -84,18 +84,23 @@ add rule bridge {TABLE} from_pod counter drop comment "spoofed-ip"
 """
 
 # th,96,24: the VNI, 4 bytes into the VXLAN header that follows the 8-byte UDP header.
-_INET = f"""
+# The default VXLAN port is always guarded, so an emptied set fails closed.
+INET_RULES = f"""
 add table inet {TABLE}
-add set inet {TABLE} vxlan_ports {{ type inet_service; }}
+add set inet {TABLE} vxlan_ports {{ type inet_service; elements = {{ 4789 }}; }}
 add set inet {TABLE} underlay {{ type ifname; }}
 add set inet {TABLE} vteps4 {{ typeof ip saddr . @th,96,24; }}
 add set inet {TABLE} vteps6 {{ typeof ip6 saddr . @th,96,24; }}
+add chain inet {TABLE} prerouting {{ type filter hook prerouting priority raw - 1; policy accept; }}
 add chain inet {TABLE} input {{ type filter hook input priority filter - 1; policy accept; }}
 add chain inet {TABLE} forward {{ type filter hook forward priority filter - 1; policy accept; }}
 add chain inet {TABLE} vxlan_in
+flush chain inet {TABLE} prerouting
 flush chain inet {TABLE} input
 flush chain inet {TABLE} forward
 flush chain inet {TABLE} vxlan_in
+add rule inet {TABLE} prerouting iifname "{BRIDGES}" notrack
+add rule inet {TABLE} prerouting iifname "{POD_PORTS}" iifname != "{BRIDGES}" counter drop comment "port-to-node"
 add rule inet {TABLE} input iifname "{BRIDGES}" counter drop comment "vpc-to-node"
 add rule inet {TABLE} input udp dport @vxlan_ports jump vxlan_in
 add rule inet {TABLE} forward iifname "{BRIDGES}" oifname != "{BRIDGES}" counter drop comment "vpc-forward"
@@ -105,6 +110,24 @@ add rule inet {TABLE} vxlan_in ip saddr . @th,96,24 @vteps4 accept
 add rule inet {TABLE} vxlan_in ip6 saddr . @th,96,24 @vteps6 accept
 add rule inet {TABLE} vxlan_in counter drop comment "vxlan-unknown-vtep"
 """
+
+ARP_RULES = f"""
+add table arp {TABLE}
+add chain arp {TABLE} input {{ type filter hook input priority filter; policy accept; }}
+flush chain arp {TABLE} input
+add rule arp {TABLE} input iifname "{POD_PORTS}" counter drop comment "port-to-node"
+"""
+
+RULES = BRIDGE_RULES + INET_RULES + ARP_RULES
+# (family, chain) -> how many rules the base installs there: what `intact` checks.
+EXPECTED = {}
+for _line in RULES.splitlines():
+    if _line.startswith("add rule "):
+        _family, _chain = _line.split()[2], _line.split()[4]
+        EXPECTED[(_family, _chain)] = EXPECTED.get((_family, _chain), 0) + 1
+# Replaces whatever tables of ours exist (a table of an older layout) in one transaction.
+REPLACE = "".join(f"add table {f} {TABLE}\ndelete table {f} {TABLE}\n"
+                  for f in ("bridge", "inet", "arp")) + RULES
 
 
 def _quote(ifname: str) -> str:
@@ -127,12 +150,12 @@ def port_elements(ifname: str, mac: Optional[str], ips: Iterable[IPAddress]) -> 
     return out
 
 
-def _element_text(value) -> str:
+def element_text(value) -> str:
     """An element of `nft -j list set` output back as nft text."""
     if isinstance(value, dict) and "concat" in value:
-        return " . ".join(_element_text(v) for v in value["concat"])
+        return " . ".join(element_text(v) for v in value["concat"])
     if isinstance(value, dict) and "elem" in value:
-        return _element_text(value["elem"]["val"])
+        return element_text(value["elem"]["val"])
     if isinstance(value, str):
         try:
             ipaddress.ip_address(value)
@@ -153,7 +176,13 @@ class Guard:
         self._nft = Nft()
         self._lock = threading.Lock()
         self._based = False
+        # What this guard believes the kernel holds; dropped whenever the base is
+        # (re)installed, since an install after a loss starts from empty sets.
         self._peers: Optional[dict[int, set[IPAddress]]] = None
+        self._accepted: set[tuple[str, int]] = set()
+        # Set when the base had to be re-installed outside a reconcile: the
+        # elements of every port and VNI must be put back (the agent's next check).
+        self.lost = False
 
     # ------------------------------------------------------------ plumbing
 
@@ -163,50 +192,74 @@ class Guard:
     def _list_json(self, family: str, name: str) -> list:
         for item in self._nft.list_json(f"set {family} {TABLE} {name}"):
             if "set" in item:
-                return [_element_text(e) for e in item["set"].get("elem", [])]
+                return [element_text(e) for e in item["set"].get("elem", [])]
         return []
 
-    def _base_locked(self) -> None:
+    def _intact_locked(self) -> bool:
+        for (family, chain), count in EXPECTED.items():
+            try:
+                items = self._nft.list_json(f"chain {family} {TABLE} {chain}")
+            except BackendError:
+                return False
+            if sum(1 for item in items if "rule" in item) != count:
+                return False
+        return True
+
+    def intact(self) -> bool:
+        """Are all base chains there with all their rules? (~1 ms: one listing per chain)"""
+        with self._lock:
+            return self._intact_locked()
+
+    def _install_locked(self) -> None:
         try:
-            self._run(_BRIDGE + _INET, "install the vpcni tables")
+            self._run(RULES, "install the vpcni tables")
         except BackendError as exc:
-            # A table of an older layout (a set of another type): start afresh;
-            # the caller's reconcile puts the elements back.
+            # A table of an older layout (a set of another type): replaced in the
+            # same transaction as the new one is built, so no moment without rules.
             LOG.warning("replacing the vpcni nftables tables: %s", exc)
-            self._nft.try_run(f"delete table bridge {TABLE}")
-            self._nft.try_run(f"delete table inet {TABLE}")
-            self._run(_BRIDGE + _INET, "install the vpcni tables")
-            self._peers = None
+            self._run(REPLACE, "replace the vpcni tables")
+        self._peers = None
+        self._accepted.clear()
         self._based = True
 
-    def ensure_base(self, force: bool = False) -> None:
-        """Install the tables, sets and rules if this guard has not yet (or `force`):
-        rules are replaced atomically, set elements kept."""
+    def ensure_base(self) -> bool:
+        """Install the tables unless they are intact; True when they were (re)installed
+        (their rules replaced atomically, set elements kept where they still were)."""
         with self._lock:
-            if force or not self._based:
-                self._base_locked()
+            if self._based and self._intact_locked():
+                return False
+            self._install_locked()
+            return True
 
     def _apply(self, commands: list[str], what: str) -> None:
-        """Run `commands` in one transaction; on failure re-install the base once and retry
-        (someone flushed the ruleset under us)."""
+        """Run `commands` in one transaction. When that fails because the tables are
+        gone or damaged (a ruleset flush), re-install them, note the loss and retry."""
         if not commands:
             return
         with self._lock:
             if not self._based:
-                self._base_locked()
+                self._install_locked()
             try:
                 self._run("\n".join(commands), what)
+                return
             except BackendError:
-                self._base_locked()
-                self._run("\n".join(commands), what)
+                if self._intact_locked():
+                    raise
+            LOG.warning("the vpcni nftables tables were damaged or flushed: re-installed")
+            self._install_locked()
+            self.lost = True
+            self._run("\n".join(commands), what)
 
     # ------------------------------------------------------------ per node / VNI
 
     def set_underlay(self, ifname: str, port: int) -> None:
         """VXLAN on UDP `port` is a vpcni port, accepted on `ifname` only."""
+        if (ifname, port) in self._accepted:
+            return
         self._apply([f"add element inet {TABLE} underlay {{ {_quote(ifname)} }}",
                      f"add element inet {TABLE} vxlan_ports {{ {int(port)} }}"],
                     f"accept VXLAN on {ifname} port {port}")
+        self._accepted.add((ifname, port))
 
     def _load_peers(self) -> dict[int, set[IPAddress]]:
         peers: dict[int, set[IPAddress]] = {}
@@ -226,7 +279,7 @@ class Guard:
         want = set(vteps)
         with self._lock:
             if not self._based:
-                self._base_locked()
+                self._install_locked()
             if self._peers is None:
                 self._peers = self._load_peers()
             have = self._peers.get(vni, set())
@@ -281,7 +334,7 @@ class Guard:
         out: dict[str, set[tuple[str, str]]] = {}
         with self._lock:
             if not self._based:
-                self._base_locked()
+                self._install_locked()
             for name in PORT_SETS:
                 for text in self._list_json("bridge", name):
                     ifname = text.split(" . ", 1)[0].strip('"')

@@ -17,7 +17,7 @@ from pyroute2.netlink.exceptions import NetlinkError
 from pyroute2.netlink.rtnl import ndmsg
 
 from vpcni.core.models import IPAddress
-from vpcni.core.podif import IFF_UP, get_link
+from vpcni.backends.common.podif import IFF_UP, get_link
 
 ALIAS_PREFIX = "vpcni:"
 VNI_ALIAS = ALIAS_PREFIX + "vni="

@@ -29,13 +29,13 @@ from pyroute2 import IPRoute
 from pyroute2.netlink.exceptions import NetlinkError
 
 from vpcni.backends.common.nft import load_binding
-from vpcni.core import podif
+from vpcni.backends.common import podif
 from vpcni.core.backend import Backend
 from vpcni.core.config import NodeConfig
 from vpcni.core.errors import BackendError, CheckFailed
 from vpcni.core.models import Attachment, Owned, Probe, RemoteState, VpcNetwork
-from vpcni.core.podif import delete_if_exists, describe, get_link
-from vpcni.core.underlay import Underlay, find_underlay, netlink_errors, pod_mtu
+from vpcni.backends.common.podif import delete_if_exists, describe, get_link
+from vpcni.backends.common.underlay import Underlay, find_underlay, netlink_errors, pod_mtu
 
 from . import flows as fl
 from . import switch as sw
@@ -184,7 +184,7 @@ class OvsBackend(Backend):
     def ensure_network(self, net: VpcNetwork) -> None:
         underlay = self._underlay()
         pod_mtu(net, underlay)
-        self.host_ports.ensure()
+        self.host_ports.ensure(check=False)
         self.switch.ensure_network(net.vni, str(underlay.address), net.port)
         with self._lock("base"):
             self.switch.converge(fl.cookie(fl.BASE), fl.base_flows(self.switch.tunnels().values()))
@@ -222,16 +222,15 @@ class OvsBackend(Backend):
             ports = self._local_ports(vni) if tunnel else []
             self.switch.converge(fl.cookie(fl.LOCAL, vni), fl.local_flows(vni, ports, tunnel))
 
-    def reconcile(self, records) -> list[str]:
-        """Re-derive every local VNI's port flows (anti-spoofing among them) from the
-        switch's ports: flows someone removed or changed come back; and the host-port
-        rules (a firewall reload may have flushed them)."""
-        if not self.switch.bridge_exists():
-            return []
-        self.host_ports.ensure(force=True)
-        for vni in sorted(self.switch.vnis()):
-            self._converge_local(vni)
-        return []
+    def reconcile(self, records, full: bool = True) -> list[str]:
+        """Re-install the host-port rules when they are not intact; on a full pass also
+        re-derive every local VNI's port flows (anti-spoofing among them) from the
+        switch's ports, so flows someone removed or changed come back."""
+        corrected = ["(nftables host-port rules)"] if self.host_ports.ensure() else []
+        if full and self.switch.bridge_exists():
+            for vni in sorted(self.switch.vnis()):
+                self._converge_local(vni)
+        return corrected
 
     def apply_remote(self, vni: int, remote: RemoteState) -> None:
         tunnel = self._tunnel_ofport(vni)

@@ -17,6 +17,7 @@ stack and the rules are simply never hit.
 from __future__ import annotations
 
 from vpcni.backends.common.nft import Nft
+from vpcni.core.errors import BackendError
 
 TABLE = "vpcni_ovs"
 POD_PORTS = "vo*"
@@ -38,8 +39,20 @@ class HostPortGuard:
         self._nft = Nft()
         self._installed = False
 
-    def ensure(self, force: bool = False) -> None:
-        """Install (atomically replace) the rules once per guard, or again when `force`."""
-        if force or not self._installed:
-            self._nft.run(_RULES, "keep pods off the node's IP stack")
-            self._installed = True
+    def intact(self) -> bool:
+        for what in (f"chain inet {TABLE} prerouting", f"chain arp {TABLE} input"):
+            try:
+                if not any("rule" in item for item in self._nft.list_json(what)):
+                    return False
+            except BackendError:
+                return False
+        return True
+
+    def ensure(self, check: bool = True) -> bool:
+        """Install (atomically replace) the rules if this guard has not yet, or, with
+        `check`, if they are not intact; True when it installed them."""
+        if self._installed and (not check or self.intact()):
+            return False
+        self._nft.run(_RULES, "keep pods off the node's IP stack")
+        self._installed = True
+        return True

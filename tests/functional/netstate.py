@@ -6,10 +6,23 @@ from __future__ import annotations
 
 import ipaddress
 import json
+from contextlib import contextmanager
 from typing import Optional
+
+from pyroute2 import netns as pr_netns
 
 from tests.functional.leftovers import addresses
 from vpcni.lab.netns import Netns
+
+
+@contextmanager
+def inside(ns: Netns):
+    """Run the calling thread in `ns` for the duration of the block."""
+    pr_netns.pushns(ns.path)
+    try:
+        yield
+    finally:
+        pr_netns.popns()
 
 
 def assigned_addresses(ns: Netns, ifname: str) -> set[str]:

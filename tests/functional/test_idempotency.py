@@ -186,3 +186,19 @@ def test_del_withdraws_flood_entries_of_the_leaving_config(cluster, node, backen
     assert_no_leftovers(node, backend, keep=[(NET1, a.container_id, "eth1")], pods=[b])
     delete(a, net1(vteps=["198.51.100.2"]))
     assert_no_leftovers(node, backend, pods=[a, b])
+
+
+@pytest.mark.parametrize("bad", [{"runtimeConfig": {"mac": "01:00:00:00:00:01"}},
+                                 {"args": {"cni": {"mac": "not-a-mac"}}}],
+                         ids=["multicast-mac", "malformed-mac"])
+def test_a_repeated_add_with_bad_input_keeps_the_working_attachment(cluster, node, backend, bad):
+    """Input is validated before the earlier attachment is torn down."""
+    pod = cluster.add_pod(node, "a")
+    good = add(pod, net1())
+    cfg = net1() | bad
+    res = pod.node.cni("ADD", cfg, pod.container_id, pod.netns)
+    assert not res.ok and json.loads(res.stdout)["code"] == 7, res.stdout
+    ok(pod.node.cni("CHECK", net1() | {"prevResult": good}, pod.container_id, pod.netns))
+    assert pod_ifnames(pod) == {"eth1"}
+    delete(pod, net1())
+    assert_no_leftovers(node, backend, pods=[pod], macs=[mac_of(pod, good)])

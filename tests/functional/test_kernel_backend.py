@@ -12,11 +12,10 @@ import ipaddress
 import json
 import sys
 import threading
-from contextlib import contextmanager
 
 import pytest
-from pyroute2 import netns as pr_netns
 
+from tests.functional.netstate import inside
 from vpcni.backends.kernel import KernelBackend
 from vpcni.backends.kernel.netlink import host_ifname
 from vpcni.core.config import NodeConfig
@@ -32,15 +31,6 @@ VNI = 300
 N1, N2 = "198.51.100.1", "198.51.100.2"
 NET = VpcNetwork(name="vpc-a", vni=VNI)
 
-
-@contextmanager
-def inside(ns: Netns):
-    """Run the calling thread in `ns` for the duration of the block."""
-    pr_netns.pushns(ns.path)
-    try:
-        yield
-    finally:
-        pr_netns.popns()
 
 
 class OnNode:

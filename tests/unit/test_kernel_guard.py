@@ -2,7 +2,8 @@
 
 import ipaddress
 
-from vpcni.backends.kernel.guard import _BRIDGE, _INET, _element_text, port_elements
+from vpcni.backends.kernel.guard import (ARP_RULES, BRIDGE_RULES, EXPECTED, INET_RULES, REPLACE,
+                                         element_text, port_elements)
 
 
 def ip(text):
@@ -25,20 +26,31 @@ def test_an_ipv6_port_may_use_link_local_and_a_port_without_addresses_is_l2_only
 
 
 def test_listed_elements_read_back_as_the_text_they_were_added_with():
-    assert _element_text({"concat": ["vp0123456789a", "02:aa:00:00:00:01"]}) == \
+    assert element_text({"concat": ["vp0123456789a", "02:aa:00:00:00:01"]}) == \
         '"vp0123456789a" . 02:aa:00:00:00:01'
-    assert _element_text({"concat": ["vpa", "fd00::5"]}) == '"vpa" . fd00::5'
-    assert _element_text("vpb") == '"vpb"'
-    assert _element_text({"concat": ["198.51.100.2", 300]}) == "198.51.100.2 . 300"
-    assert _element_text({"elem": {"val": "vpc", "counter": {}}}) == '"vpc"'
+    assert element_text({"concat": ["vpa", "fd00::5"]}) == '"vpa" . fd00::5'
+    assert element_text("vpb") == '"vpb"'
+    assert element_text({"concat": ["198.51.100.2", 300]}) == "198.51.100.2 . 300"
+    assert element_text({"elem": {"val": "vpc", "counter": {}}}) == '"vpc"'
 
 
 def test_interface_names_cannot_break_out_of_the_quotes():
     assert port_elements('x"; flush ruleset', None, [])["port_l2"] == {'"x; flush ruleset"'}
 
 
-def test_the_base_rules_fail_closed_and_keep_pods_off_the_node():
-    assert 'iifname . ether saddr != @port_mac counter drop' in _BRIDGE
-    assert _BRIDGE.strip().splitlines()[-1].endswith('counter drop comment "spoofed-ip"')
-    assert 'add rule bridge vpcni input iifname "vp*" counter drop' in _BRIDGE
-    assert 'vxlan_in counter drop comment "vxlan-unknown-vtep"' in _INET
+def test_the_intact_check_counts_every_base_rule():
+    assert EXPECTED[("bridge", "from_pod")] == 7
+    assert EXPECTED[("inet", "vxlan_in")] == 4 and EXPECTED[("arp", "input")] == 1
+    assert sum(EXPECTED.values()) == sum(line.startswith("add rule ") for line in
+                                         (BRIDGE_RULES + INET_RULES + ARP_RULES).splitlines())
+
+
+def test_a_table_of_another_layout_is_replaced_in_the_same_transaction():
+    lines = REPLACE.splitlines()
+    for family in ("bridge", "inet", "arp"):
+        assert lines.index(f"delete table {family} vpcni") < lines.index(
+            f"add chain {'bridge' if family == 'bridge' else family} vpcni "
+            + {"bridge": "prerouting", "inet": "prerouting", "arp": "input"}[family]
+            + " { type filter hook "
+            + {"bridge": "prerouting priority filter", "inet": "prerouting priority raw - 1",
+               "arp": "input priority filter"}[family] + "; policy accept; }")

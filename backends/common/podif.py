@@ -28,8 +28,8 @@ from pyroute2.netlink.exceptions import NetlinkError
 from pyroute2.netlink.rtnl.ifaddrmsg import IFA_F_NODAD
 from pyroute2.netns import setns
 
-from .errors import BackendError, InvalidEnvironment
-from .models import Attachment, IPInterface, IPConfig, Route
+from vpcni.core.errors import BackendError, InvalidEnvironment
+from vpcni.core.models import Attachment, IPInterface, IPConfig, Route
 
 LOG = logging.getLogger(__name__)
 IFF_UP = 0x1

@@ -16,9 +16,9 @@ from typing import Iterator, Optional
 from pyroute2 import IPRoute
 from pyroute2.netlink.exceptions import NetlinkError
 
-from .config import NodeConfig
-from .errors import BackendError, InvalidConfig
-from .models import IPAddress, VpcNetwork, vxlan_overhead
+from vpcni.core.config import NodeConfig
+from vpcni.core.errors import BackendError, InvalidConfig
+from vpcni.core.models import IPAddress, VpcNetwork, vxlan_overhead
 from .podif import describe, get_link
 
 RT_SCOPE_UNIVERSE = 0
