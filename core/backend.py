@@ -1,9 +1,22 @@
-"""The backend contract and how a node picks its backend.
+"""The backend contract: switch backends, pod interface providers, and how a node picks them.
 
-A backend is a stevedore entry point in group `vpcni.backends`. The core never
-imports a backend module: it loads the entry points, asks each one's probe,
-and uses the best available one unless the node config (or the network)
-pins one.
+An attachment is composed by the core from two parts:
+
+- a **pod interface provider** (entry point group `vpcni.interfaces`) builds
+  what the pod or VM gets: a veth pair (`veth`), an SR-IOV VF netdev moved
+  into the pod, or a VF left on vfio-pci for a VM (`sriov`). It names the
+  netdev that stands for the pod on the node (the veth's host end, or the
+  VF's representor), or none when the node's switch never sees the
+  interface;
+- a **switch backend** (group `vpcni.backends`) puts that port into the
+  node's VPC switch: the kernel VNI bridge or OVS br-int with its OpenFlow
+  pipeline. A port is a netdev; the switch does not care whether a veth or
+  a representor.
+
+The node's switch is chosen per node from the probes (the best available one
+unless the node config or the network pins one); the interface provider per
+attachment (a `deviceID`, or a network that requires a VF, selects `sriov`).
+The core never imports a backend module; backends never import each other.
 """
 
 from __future__ import annotations
@@ -12,32 +25,53 @@ import abc
 import logging
 from typing import Callable, ClassVar, Optional
 
+from pydantic import BaseModel
+
 from .config import NodeConfig
 from .errors import BackendError, NotAvailable, VpcniError
-from .models import Attachment, Owned, Probe, RemoteState, VpcNetwork
+from .models import Attachment, Capabilities, Owned, Probe, RemoteState, VpcNetwork
 
 LOG = logging.getLogger(__name__)
 NAMESPACE = "vpcni.backends"
+INTERFACES = "vpcni.interfaces"
 
 
-class Backend(abc.ABC):
-    """A dataplane for VPC attachments on one node.
-
-    Contract: ensure_network/attach/apply_remote are idempotent; detach and
-    release_network never fail on what is already gone; attach cleans
-    leftovers of a crashed earlier attach of the same attachment. Errors are
-    VpcniError subclasses.
-    """
+class _Configurable:
+    """A backend or provider may own a section of the node config, named after its entry
+    point (`ovs`, `sriov`): `config_model` validates it; `settings` holds it parsed."""
 
     name: ClassVar[str]
+    config_model: ClassVar[Optional[type[BaseModel]]] = None
 
     def __init__(self, node: NodeConfig):
         self.node = node
+        self.settings = node.section(self.name, self.config_model)
+
+
+class Backend(_Configurable, abc.ABC):
+    """A node's VPC switch (kernel VNI bridges, OVS br-int).
+
+    Contract: ensure_network/add_port/apply_remote are idempotent;
+    remove_port and release_network never fail on what is already gone.
+    Errors are VpcniError subclasses (the core wraps anything else).
+    """
 
     @classmethod
     @abc.abstractmethod
     def probe(cls, node: NodeConfig) -> Probe:
-        """Can this backend serve ADD on this node, and why (not)?"""
+        """Can this switch serve ADD on this node, and why (not)?"""
+
+    def describe(self) -> Capabilities:
+        """What this switch can serve, like os-vif's describe()."""
+        return Capabilities(ports=["veth"])
+
+    @abc.abstractmethod
+    def port_name(self, att: Attachment) -> str:
+        """The node-side name the attachment's port gets (IFNAMSIZ, deterministic)."""
+
+    @abc.abstractmethod
+    def pod_mtu(self, net: VpcNetwork) -> int:
+        """The MTU of the VPC's pod interfaces on this node (underlay minus VXLAN)."""
 
     @abc.abstractmethod
     def ensure_network(self, net: VpcNetwork) -> None:
@@ -48,28 +82,27 @@ class Backend(abc.ABC):
         """Remove the per-VNI plumbing; called when the VNI's last attachment leaves."""
 
     @abc.abstractmethod
-    def attach(self, net: VpcNetwork, att: Attachment) -> Attachment:
-        """Plumb the pod interface, configure att.ips/att.routes in it.
-
-        Returns the attachment with host_ifname, mac and mtu filled in.
-        """
+    def add_port(self, net: VpcNetwork, att: Attachment) -> None:
+        """Put `att.host_ifname` (a netdev on the node, marked as the attachment's) into
+        the VNI's switch, with the filters of `att.mac` and `att.ips`."""
 
     @abc.abstractmethod
-    def detach(self, att: Attachment) -> None:
-        """Remove the pod interface; tolerate a missing netns or link."""
+    def remove_port(self, att: Attachment) -> None:
+        """Take the attachment's port out of the switch and forget its filters; without
+        `att.mac`, whatever filters the port has."""
 
     @abc.abstractmethod
-    def check(self, net: VpcNetwork, att: Attachment) -> None:
-        """Raise CheckFailed naming what differs from the record."""
+    def check_port(self, net: VpcNetwork, att: Attachment) -> list[str]:
+        """What differs between the switch and the record (empty: nothing)."""
 
     @abc.abstractmethod
     def apply_remote(self, vni: int, remote: RemoteState) -> None:
         """Converge the VNI's remote entries (per-MAC and flood) to exactly `remote`."""
 
     def reconcile(self, records: Callable[[], list[Attachment]], full: bool = True) -> list[str]:
-        """Converge what the backend keeps per attachment beside the interfaces
-        (filters, flows) to the records; return what it had to correct (non-empty:
-        the caller converges every VNI's remote state too).
+        """Converge what the switch keeps per attachment (filters, flows) to the records;
+        return what it had to correct (non-empty: the caller converges every VNI's
+        remote state too).
 
         `records()` gives this node's attachment records. The backend reads its
         own dataplane state first and calls it after, so that an attachment
@@ -82,13 +115,49 @@ class Backend(abc.ABC):
 
     @abc.abstractmethod
     def owned(self) -> Owned:
-        """What this backend created in the dataplane (for GC and reconcile)."""
+        """What this switch created in the dataplane (for GC and reconcile)."""
 
     def close(self) -> None:
         """Release sockets and connections."""
 
 
-def _manager():
+class InterfaceProvider(_Configurable, abc.ABC):
+    """What a pod (or VM) gets: a netdev in its namespace, or a PCI device it keeps."""
+
+    # The interface kinds this provider builds ("veth", "vf", "vfio").
+    kinds: ClassVar[tuple[str, ...]] = ()
+
+    @classmethod
+    @abc.abstractmethod
+    def probe(cls, node: NodeConfig) -> Probe:
+        """Can this provider build interfaces on this node, and why (not)?"""
+
+    @abc.abstractmethod
+    def plug(self, net: VpcNetwork, att: Attachment, mtu: int,
+             switch: Capabilities) -> tuple[Attachment, bool]:
+        """Build the pod side of `att` and its port named `att.host_ifname` on the node
+        (marked as the attachment's), configure `att.ips`/`att.routes` in the pod when
+        it is a netdev there, and undo all of it when something fails. Returns the
+        attachment with mac, mtu, interface kind and PCI address filled in, and True
+        when leftovers of an earlier, crashed plug were removed first."""
+
+    @abc.abstractmethod
+    def unplug(self, att: Attachment) -> None:
+        """Undo plug; tolerate a missing netns, link or device."""
+
+    @abc.abstractmethod
+    def check(self, att: Attachment) -> list[str]:
+        """What differs between the pod side and the record (empty: nothing)."""
+
+    def owned(self) -> dict[str, tuple[str, str, str]]:
+        """Node-side netdevs this provider marked, by name -> attachment key (for GC)."""
+        return {}
+
+    def close(self) -> None:
+        """Release sockets and connections."""
+
+
+def _manager(group: str = NAMESPACE):
     from stevedore import ExtensionManager
 
     errors: dict[str, str] = {}
@@ -96,13 +165,13 @@ def _manager():
     def on_fail(_mgr, ep, exc):
         errors[ep.name] = f"cannot load: {exc}"
 
-    mgr = ExtensionManager(NAMESPACE, invoke_on_load=False, on_load_failure_callback=on_fail)
+    mgr = ExtensionManager(group, invoke_on_load=False, on_load_failure_callback=on_fail)
     return mgr, errors
 
 
-def probe_all(node: NodeConfig) -> list[Probe]:
-    """Every installed backend's verdict, best first."""
-    mgr, errors = _manager()
+def probe_all(node: NodeConfig, group: str = NAMESPACE) -> list[Probe]:
+    """Every installed backend's (or provider's) verdict, best first."""
+    mgr, errors = _manager(group)
     probes = [Probe(name=n, available=False, reason=r) for n, r in errors.items()]
     for ext in mgr:
         try:
@@ -136,6 +205,21 @@ def choose(node: NodeConfig, required: Optional[str] = None) -> tuple[Probe, lis
             return p, probes
     reasons = "; ".join(f"{p.name}: {p.reason}" for p in probes) or "no backend installed"
     raise NotAvailable(f"no usable backend on this node ({reasons})")
+
+
+def probe_one(node: NodeConfig, name: str, group: str = INTERFACES) -> Probe:
+    """One entry point's verdict (the interface provider an attachment needs)."""
+    mgr, errors = _manager(group)
+    if name in errors:
+        return Probe(name=name, available=False, reason=errors[name])
+    for ext in mgr:
+        if ext.name == name:
+            try:
+                return ext.plugin.probe(node)
+            except Exception as exc:
+                return Probe(name=name, available=False, reason=f"probe failed: {exc}")
+    installed = ", ".join(sorted(e.name for e in mgr)) or "none"
+    return Probe(name=name, available=False, reason=f"not installed (installed: {installed})")
 
 
 def _subject(args: tuple) -> str:
@@ -186,11 +270,11 @@ class Guarded:
         return call
 
 
-def load(name: str, node: NodeConfig) -> Guarded:
+def load(name: str, node: NodeConfig, group: str = NAMESPACE) -> Guarded:
     from stevedore import DriverManager
 
     try:
-        mgr = DriverManager(NAMESPACE, name, invoke_on_load=True, invoke_args=(node,))
+        mgr = DriverManager(group, name, invoke_on_load=True, invoke_args=(node,))
     except Exception as exc:
         cause = exc.__cause__ if isinstance(exc.__cause__, VpcniError) else exc
         if isinstance(cause, VpcniError):

@@ -15,8 +15,8 @@ from typing import Any, Literal, Optional
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from .errors import InvalidConfig, UnsupportedField, VpcniError
-from .models import (DNS, MAC_PATTERN, NAME_PATTERN, VNI_MAX, IPAddress, IPInterface, Result,
-                     VpcNetwork)
+from .models import (DNS, MAC_PATTERN, NAME_PATTERN, PCI_PATTERN, VNI_MAX, IPAddress, IPInterface,
+                     Result, VpcNetwork)
 
 DEFAULT_NODE_CONFIG = "/etc/vpcni/node.json"
 NODE_CONFIG_ENV = "VPCNI_NODE_CONFIG"
@@ -65,6 +65,11 @@ class RuntimeConfig(BaseModel):
     model_config = ConfigDict(extra="allow")
     mac: Optional[str] = Field(default=None, pattern=MAC_PATTERN)
     ips: list[IPInterface] = []
+    # Multus / the SR-IOV device plugin: the VF allocated to this pod, and where the
+    # device-info file goes (CNI device-info spec 1.1.0).
+    deviceID: Optional[str] = Field(default=None, pattern=PCI_PATTERN)
+    CNIDeviceInfoFile: Optional[str] = Field(default=None, pattern=r"^/[^\x00]*$",
+                                             max_length=4096)
 
 
 class ValidAttachment(BaseModel):
@@ -86,6 +91,12 @@ class NetworkConfig(BaseModel):
     mtu: Optional[int] = Field(default=None, ge=576, le=65535)
     port: int = Field(default=4789, ge=1, le=65535)
     backend: Optional[str] = Field(default=None, pattern=NAME_PATTERN)
+    # "vf": every attachment of this network needs an SR-IOV VF (the sriov provider).
+    interface: Literal["veth", "vf"] = "veth"
+    # The VF Multus (from the device plugin) puts in the config: top-level deviceID
+    # (pciBusID is an older spelling of it), or runtimeConfig.deviceID.
+    deviceID: Optional[str] = Field(default=None, pattern=PCI_PATTERN)
+    pciBusID: Optional[str] = Field(default=None, pattern=PCI_PATTERN)
     vteps: list[IPAddress] = []
     ipam: Optional[IpamConfig] = None
     # Conventions and runtime-injected keys (CNI SPEC.md and CONVENTIONS.md).
@@ -111,6 +122,20 @@ class NetworkConfig(BaseModel):
         if self.addr is not None and self.ipam is not None:
             raise ValueError("'addr' and 'ipam' exclude each other: use one")
         return self
+
+    @model_validator(mode="after")
+    def _one_device(self) -> "NetworkConfig":
+        given = {v.lower() for v in (self.deviceID, self.pciBusID, self.runtimeConfig.deviceID)
+                 if v}
+        if len(given) > 1:
+            raise ValueError(f"deviceID, pciBusID and runtimeConfig.deviceID name different "
+                             f"devices ({', '.join(sorted(given))}): give one")
+        return self
+
+    def device_id(self) -> Optional[str]:
+        """The VF this attachment must use, if the runtime or Multus named one."""
+        value = self.runtimeConfig.deviceID or self.deviceID or self.pciBusID
+        return value.lower() if value else None
 
     def network(self) -> VpcNetwork:
         return VpcNetwork(name=self.name, vni=self.vni, port=self.port, mtu=self.mtu,
@@ -138,30 +163,22 @@ class EvpnConfig(BaseModel):
     asn: int = Field(default=65000, ge=1, le=4294967295)
 
 
-class OvsConfig(BaseModel):
-    """The node's Open vSwitch, as the ovs backend uses it (docs/backends/ovs.md)."""
+def owners() -> set[str]:
+    """Names that may own a node config section: installed backends and providers
+    (read from the entry point metadata, without importing them)."""
+    from importlib.metadata import entry_points
 
-    model_config = ConfigDict(extra="forbid")
-    # OVS_RUNDIR: ovs-vswitchd's pid file and each bridge's OpenFlow socket
-    # (<bridge>.mgmt) are here, and by default the OVSDB socket (db.sock).
-    runDir: Path = Path("/run/openvswitch")
-    ovsdbSocket: Optional[Path] = None
-    # The integration bridge: created if missing, shared with others if it exists
-    # (vpcni only touches its own ports and flows).
-    bridge: str = Field(default="br-int", pattern=NAME_PATTERN, max_length=15)
-    # system: the kernel datapath (production); netdev: the userspace datapath,
-    # for nodes without the openvswitch kernel module.
-    datapathType: Literal["system", "netdev"] = "system"
-
-    @property
-    def db_socket(self) -> Path:
-        return self.ovsdbSocket or self.runDir / "db.sock"
+    return {ep.name for group in ("vpcni.backends", "vpcni.interfaces")
+            for ep in entry_points(group=group)}
 
 
 class NodeConfig(BaseModel):
     """Settings of one node; a JSON file at $VPCNI_NODE_CONFIG or /etc/vpcni/node.json."""
 
-    model_config = ConfigDict(extra="forbid", populate_by_name=True)
+    # Sections named after a backend or interface provider (`ovs`, `sriov`) are
+    # theirs: kept raw here, checked against the installed entry points at load,
+    # validated by their owner's model (Backend.config_model) when it is loaded.
+    model_config = ConfigDict(extra="allow", populate_by_name=True)
 
     vtepAddress: Optional[IPAddress] = None
     underlayInterface: Optional[str] = Field(default=None, max_length=15)
@@ -179,8 +196,6 @@ class NodeConfig(BaseModel):
     evpn: Optional[EvpnConfig] = None
     healthAddress: str = Field(default="127.0.0.1:9471", pattern=r"^(.*:\d+)?$")
     reconcileInterval: float = Field(default=30.0, gt=0)
-    # Open vSwitch of the node (read by the ovs backend only).
-    ovs: OvsConfig = OvsConfig()
     # Where the config came from, for messages; not read from the file.
     source: str = Field(default="(defaults)", exclude=True)
 
@@ -190,6 +205,25 @@ class NodeConfig(BaseModel):
             raise ValueError("set 'vtepAddress' (this node's underlay address) "
                              "or 'underlayInterface'")
         return self
+
+    def sections(self) -> dict[str, dict]:
+        """The backend- and provider-owned sections, raw."""
+        return dict(self.model_extra or {})
+
+    def section(self, name: str, model: Optional[type[BaseModel]] = None):
+        """Section `name` validated with `model` (its defaults when absent); errors name
+        the node config and the field, as for every other field."""
+        raw = (self.model_extra or {}).get(name, {})
+        if model is None:
+            if raw:
+                raise InvalidConfig(f"node config {self.source}: {name!r} takes no settings")
+            return None
+        try:
+            return model.model_validate(raw)
+        except ValidationError as exc:
+            raise_validation(exc, f"node config {self.source}: {name}",
+                             unsupported=InvalidConfig)
+            raise
 
     @classmethod
     def load(cls, path: Optional[str] = None) -> "NodeConfig":
@@ -212,4 +246,15 @@ class NodeConfig(BaseModel):
             raise_validation(exc, where, unsupported=InvalidConfig)
             raise
         cfg.source = path
+        known = owners()
+        for key, value in sorted(cfg.sections().items()):
+            shown = json.dumps(value, default=str)
+            shown = shown if len(shown) <= 120 else shown[:117] + "..."
+            if key not in known:
+                raise InvalidConfig(f"{where}: unsupported field {key!r} (value {shown}; not a "
+                                    f"setting, nor the section of an installed backend: "
+                                    f"{', '.join(sorted(known)) or 'none'})")
+            if not isinstance(value, dict):
+                raise InvalidConfig(f"{where}: invalid {key!r} = {shown}: the {key} section "
+                                    "must be a JSON object")
         return cfg

@@ -21,7 +21,7 @@ from typing import Callable, Mapping, Optional
 
 from . import backend as backends
 from .config import NetworkConfig, NodeConfig
-from .errors import CheckFailed, InvalidConfig, UnknownContainer, VpcniError
+from .errors import CheckFailed, InvalidConfig, NotAvailable, UnknownContainer, VpcniError
 from .ipam import DelegatedIpam, Ipam, in_process, routes_via_gateways, static_ips
 from .models import MAC_PATTERN, Attachment, DNS, Interface, IPConfig, RemoteState, Result
 from .store import AttachmentStore
@@ -58,7 +58,7 @@ class Handler:
         self.node = node
         self.store = AttachmentStore(node.stateDir, node.lockTimeout)
         self._backends: dict[str, backends.Guarded] = {}
-        self._choices: dict[Optional[str], tuple[str, float]] = {}
+        self._choices: dict[Optional[str], tuple[str, float]] = {}  # backend pin -> choice
         # Set by the agent: the control plane's remote state of a VNI, merged
         # with the static flood lists; and who to tell when attachments change.
         self.remote_source: Optional[Callable[[int], RemoteState]] = None
@@ -72,6 +72,31 @@ class Handler:
         if name not in self._backends:
             self._backends[name] = backends.load(name, self.node)
         return self._backends[name]
+
+    def provider_named(self, name: str) -> backends.Guarded:
+        key = f"interface:{name}"
+        if key not in self._backends:
+            self._backends[key] = backends.load(name, self.node, backends.INTERFACES)
+        return self._backends[key]
+
+    def provider_for(self, cfg: NetworkConfig, device_id: Optional[str]) -> backends.Guarded:
+        """The interface provider of an attachment: a deviceID or a network that
+        requires a VF selects `sriov`, anything else gets a veth. One that cannot
+        serve here is NotAvailable (code 50) saying why."""
+        name = "sriov" if device_id or cfg.interface == "vf" else "veth"
+        cached = self._choices.get(f"interface:{name}")
+        now = time.monotonic()
+        if cached is None or now - cached[1] > PROBE_TTL:
+            probe = backends.probe_one(self.node, name)
+            if not probe.available:
+                if name == "veth":
+                    raise NotAvailable(f"the veth interface provider cannot serve here: "
+                                       f"{probe.reason}")
+                why = (f"deviceID {device_id} asks for an SR-IOV VF" if device_id else
+                       f"network {cfg.name} requires an SR-IOV VF (interface: vf)")
+                raise NotAvailable(f"{why}, but this node cannot give one: {probe.reason}")
+            self._choices[f"interface:{name}"] = (name, now)
+        return self.provider_named(name)
 
     def backend_for(self, cfg: NetworkConfig) -> backends.Guarded:
         """The backend serving `cfg` on this node.
@@ -102,9 +127,11 @@ class Handler:
         backend = self.backend_for(cfg)
         key = (cfg.name, req.container_id, req.ifname)
         # Every input is validated before anything is torn down: a repeated ADD
-        # with a bad MAC or address must fail with the working attachment intact.
+        # with a bad MAC, address or device must fail with the working attachment intact.
         mac = self._requested_mac(req)
         static = None if cfg.ipam else static_ips(self._static_addresses(req))
+        device_id = cfg.device_id()
+        provider = self.provider_for(cfg, device_id)
         with self.store.attachment_lock(*key):
             old = self.store.get(*key)
             if old is not None:
@@ -116,8 +143,11 @@ class Handler:
                 self._teardown(old, req, release_ipam=not keep)
             att = Attachment(network=cfg.name, vni=cfg.vni, container_id=req.container_id,
                              ifname=req.ifname, netns=req.netns, backend=backend.name,
+                             provider=provider.name, pci_id=device_id,
+                             device_info_file=cfg.runtimeConfig.CNIDeviceInfoFile,
                              mac=mac, vteps=net.vteps, port=net.port,
                              ipam_type=cfg.ipam.type if cfg.ipam else None, created=time.time())
+            att.host_ifname = backend.port_name(att)
             # The intent is recorded before anything is built, so a crash at any
             # later step leaves a record that DEL, GC or the next ADD cleans up.
             self.store.put(att)
@@ -138,13 +168,24 @@ class Handler:
                 with self.store.vni_lock(net.vni, exclusive=False):
                     backend.ensure_network(net)
                     self.apply_remote(backend, net.vni, att)
-                    undo.callback(self._quietly, backend.detach, att)
-                    att = backend.attach(net, att)
+                    caps = backend.describe()
+                    att, leftovers = provider.plug(net, att, backend.pod_mtu(net), caps)
+                    undo.callback(self._quietly, provider.unplug, att)
+                    # The provider's bookkeeping (a VF's saved settings) is on record
+                    # before the port joins the switch.
+                    self.store.put(att)
+                    if att.host_ifname:
+                        if leftovers:
+                            # A crashed earlier ADD may have left filters of other addresses.
+                            backend.remove_port(att.model_copy(update={"mac": None}))
+                        undo.callback(self._quietly, backend.remove_port, att)
+                        backend.add_port(net, att)
                     att.state = "ready"
                     self.store.put(att)
                 undo.pop_all()
-        LOG.info("ADD %s: %s in VNI %d via %s, ips %s", key, att.host_ifname, att.vni,
-                 att.backend, [str(i.address) for i in att.ips])
+        LOG.info("ADD %s: %s %s in VNI %d via %s, ips %s", key, att.interface,
+                 att.host_ifname or att.pci_id, att.vni, att.backend,
+                 [str(i.address) for i in att.ips])
         self._changed()
         return self._result(att, cfg)
 
@@ -212,7 +253,8 @@ class Handler:
         """Let every backend in use converge its per-attachment state to the records
         (Backend.reconcile); what they corrected."""
         corrected: list[str] = []
-        names = {a.backend for a in self.store.all()} | set(self._backends)
+        names = {a.backend for a in self.store.all()} | {
+            n for n in self._backends if not n.startswith("interface:")}
         for name in sorted(names):
             corrected += self.backend_named(name).reconcile(
                 lambda n=name: [a for a in self.store.all() if a.backend == n], full)
@@ -243,14 +285,17 @@ class Handler:
                 req.ipam().delete()
             with contextlib.suppress(VpcniError):
                 backend = self.backend_for(cfg)
-                backend.detach(Attachment(network=cfg.name, vni=cfg.vni,
-                                          container_id=req.container_id, ifname=req.ifname,
-                                          netns=req.netns, backend=backend.name))
+                bare = Attachment(network=cfg.name, vni=cfg.vni, container_id=req.container_id,
+                                  ifname=req.ifname, netns=req.netns, backend=backend.name)
+                bare.host_ifname = backend.port_name(bare)
+                backend.remove_port(bare)
+                self.provider_named("veth").unplug(bare)
 
     def _teardown(self, att: Attachment, req: Request, release_ipam: bool = True) -> None:
         """Remove one attachment completely; the caller holds its lock."""
         backend = self.backend_named(att.backend)
-        backend.detach(att)
+        backend.remove_port(att)
+        self.provider_named(att.provider).unplug(att)
         if att.ipam_type and release_ipam:
             cfg = req.config
             if cfg.ipam is None or cfg.ipam.type != att.ipam_type:
@@ -297,7 +342,10 @@ class Handler:
                                   f"{att.vni}")
             if req.netns and att.netns and req.netns != att.netns:
                 raise CheckFailed(f"CNI_NETNS {req.netns} differs from the recorded {att.netns}")
-            self.backend_named(att.backend).check(cfg.network(), att)
+            problems = self.provider_named(att.provider).check(att) + \
+                self.backend_named(att.backend).check_port(cfg.network(), att)
+            if problems:
+                raise CheckFailed(f"attachment {'/'.join(att.key)}: " + "; ".join(problems))
             if cfg.ipam:
                 req.ipam().check()
             if cfg.prevResult is not None:
@@ -366,15 +414,23 @@ class Handler:
             owned = backend.owned()
         except VpcniError as exc:
             return [exc]
-        for host_ifname, (network, cid, ifname) in owned.attachments.items():
+        try:
+            orphans = dict(self.provider_named("veth").owned())
+        except VpcniError as exc:
+            errors.append(exc)
+            orphans = {}
+        orphans.update(owned.attachments)
+        for host_ifname, (network, cid, ifname) in orphans.items():
             if network != cfg.name or (cid, ifname) in valid:
                 continue
             try:
                 with self.store.attachment_lock(network, cid, ifname):
                     if self.store.get(network, cid, ifname) is None:
-                        backend.detach(Attachment(network=network, vni=cfg.vni, container_id=cid,
-                                                  ifname=ifname, backend=backend.name,
-                                                  host_ifname=host_ifname))
+                        bare = Attachment(network=network, vni=cfg.vni, container_id=cid,
+                                          ifname=ifname, backend=backend.name,
+                                          host_ifname=host_ifname)
+                        backend.remove_port(bare)
+                        self.provider_named("veth").unplug(bare)
                         LOG.info("GC: removed orphan interface %s", host_ifname)
             except VpcniError as exc:
                 errors.append(exc)
@@ -403,8 +459,13 @@ class Handler:
                 dns = prev.dns
         if att.host_ifname:
             interfaces.append(Interface(name=att.host_ifname))
-        interfaces.append(Interface(name=att.ifname, mac=att.mac, mtu=att.mtu,
-                                    sandbox=att.netns or ""))
+        if att.interface == "vfio":
+            # Nothing in the pod's namespace: the VM gets the PCI device.
+            interfaces.append(Interface(name=att.ifname, mac=att.mac, sandbox=att.netns or "",
+                                        pciID=att.pci_id))
+        else:
+            interfaces.append(Interface(name=att.ifname, mac=att.mac, mtu=att.mtu,
+                                        sandbox=att.netns or "", pciID=att.pci_id))
         idx = len(interfaces) - 1
         ips += [ip.model_copy(update={"interface": idx}) for ip in att.ips]
         return Result(interfaces=interfaces, ips=ips, routes=routes, dns=dns)

@@ -108,8 +108,17 @@ class VpcNetwork(_Model):
     vteps: list[IPAddress] = []
 
 
+InterfaceKind = Literal["veth", "vf", "vfio"]
+PCI_PATTERN = r"^[0-9a-fA-F]{4}:[0-9a-fA-F]{2}:[0-9a-fA-F]{2}\.[0-7]$"
+
+
 class Attachment(_Model):
-    """One pod interface in one VPC: the record kept per (network, container, ifname)."""
+    """One pod interface in one VPC: the record kept per (network, container, ifname).
+
+    `backend` is the node's switch that holds its port; `provider` built the pod
+    side, of kind `interface`: a veth, a VF netdev moved into the pod, or a VF
+    left on vfio-pci for a VM (`pci_id`, nothing in the pod's namespace).
+    """
 
     network: str
     vni: int
@@ -117,7 +126,16 @@ class Attachment(_Model):
     ifname: str
     netns: Optional[str] = None
     backend: str
+    provider: str = "veth"
+    interface: InterfaceKind = "veth"
+    # The PCI address of the VF (requested as deviceID, or taken from the pool).
+    pci_id: Optional[str] = None
+    # Where the device-info file was written (runtimeConfig.CNIDeviceInfoFile).
+    device_info_file: Optional[str] = None
+    # The provider's own bookkeeping (a VF's original settings and representor name).
+    provider_state: dict[str, Any] = {}
     state: Literal["adding", "ready"] = "adding"
+    # The node-side port: the veth's host end, or the VF's representor (renamed).
     host_ifname: Optional[str] = None
     mac: Optional[str] = None
     mtu: Optional[int] = None
@@ -158,6 +176,19 @@ class Probe(_Model):
     score: int = 0
     reason: str
     facts: dict[str, Any] = {}
+
+
+class Capabilities(_Model):
+    """What a switch backend can serve (Backend.describe)."""
+
+    # Port kinds it can put into its switch: "veth" host ends, VF "representor"s.
+    ports: list[str] = ["veth"]
+    # Its switch is offloaded to the NIC where the NIC allows (representors).
+    offload: bool = False
+    # Pods behind it need tx checksum offload off (a packet-socket datapath).
+    pod_tx_checksum_off: bool = False
+    # Prefix of its port names (the guard's rules match it).
+    port_prefix: str = "vp"
 
 
 class Owned(_Model):

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import array
 import errno
+import hashlib
 import logging
 import fcntl
 import ipaddress
@@ -34,6 +35,38 @@ from vpcni.core.models import Attachment, IPInterface, IPConfig, Route
 LOG = logging.getLogger(__name__)
 IFF_UP = 0x1
 RT_TABLE_MAIN = 254
+IN6_ADDR_GEN_MODE_NONE = 1
+ATTACHMENT_ALIAS = "vpcni:att="
+
+
+def port_name(prefix: str, network: str, container_id: str, ifname: str) -> str:
+    """An attachment's node-side port name: `prefix` + 11 hex digits (fits IFNAMSIZ)."""
+    digest = hashlib.sha256(f"{network}/{container_id}/{ifname}".encode()).hexdigest()
+    return prefix + digest[:11]
+
+
+def attachment_alias(network: str, container_id: str, ifname: str) -> str:
+    """The mark (IFLA_IFALIAS) of an attachment's links: whose they are."""
+    return f"{ATTACHMENT_ALIAS}{network}/{container_id}/{ifname}"
+
+
+def alias_attachment(alias: Optional[str]) -> Optional[tuple[str, str, str]]:
+    """(network, container_id, ifname) of an attachment alias, or None when not ours."""
+    if not alias or not alias.startswith(ATTACHMENT_ALIAS):
+        return None
+    parts = alias[len(ATTACHMENT_ALIAS):].split("/")
+    # None of the three may contain '/', so anything else is not ours.
+    return (parts[0], parts[1], parts[2]) if len(parts) == 3 and all(parts) else None
+
+
+def claim_port(ipr: IPRoute, index: int, alias: str, **attrs) -> None:
+    """Mark a node-side port as the attachment's and keep IPv6 from giving it a
+    link-local address (the node has no business in a VPC at layer 3); `attrs`
+    (a new name, ...) go in the same message. The kernel ignores IFLA_IFALIAS and
+    IFLA_AF_SPEC on creation, hence a call of its own, before the link goes up."""
+    ipr.link("set", index=index, ifalias=alias, **attrs,
+             af_spec={"attrs": [["AF_INET6", {"attrs": [
+                 ["IFLA_INET6_ADDR_GEN_MODE", IN6_ADDR_GEN_MODE_NONE]]}]]})
 
 
 def describe(exc: BaseException) -> str:

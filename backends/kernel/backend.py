@@ -18,22 +18,18 @@ from __future__ import annotations
 
 import logging
 import os
-import re
 import time
-from contextlib import ExitStack
-from pathlib import Path
-from typing import Optional
 
 from pyroute2 import IPRoute
-from pyroute2.netlink.exceptions import NetlinkError
 
+from vpcni.backends.common.modules import SYS_MODULE, kernel_support
 from vpcni.backends.common.nft import load_binding
 from vpcni.backends.common import podif
 from vpcni.core.backend import Backend
 from vpcni.core.config import NodeConfig
-from vpcni.core.errors import BackendError, CheckFailed
-from vpcni.core.models import (Attachment, IPAddress, Owned, Probe, RemoteEndpoint, RemoteState,
-                               VpcNetwork)
+from vpcni.core.errors import BackendError
+from vpcni.core.models import (Attachment, Capabilities, IPAddress, Owned, Probe, RemoteEndpoint,
+                               RemoteState, VpcNetwork)
 from vpcni.backends.common.podif import delete_if_exists, describe, get_link
 from vpcni.backends.common.underlay import Underlay, find_underlay, netlink_errors, pod_mtu
 
@@ -43,26 +39,9 @@ from .netlink import bridge_name, host_ifname, vxlan_name
 
 LOG = logging.getLogger(__name__)
 
-SYS_MODULE = Path("/sys/module")
-LIB_MODULES = Path("/lib/modules")
 # How long ensure_network waits for a concurrent creator of the same device
 # to finish marking it; the window is two netlink calls wide.
 CLAIM_TIMEOUT = 2.0
-
-
-def kernel_support(module: str) -> Optional[str]:
-    """'loaded', 'built-in' or 'loadable' when the kernel can do `module`, else None."""
-    if (SYS_MODULE / module).is_dir():
-        return "loaded"
-    pattern = re.compile(rf"(^|/){re.escape(module)}\.ko", re.MULTILINE)
-    release = LIB_MODULES / os.uname().release
-    for listing, how in (("modules.builtin", "built-in"), ("modules.dep", "loadable")):
-        try:
-            if pattern.search((release / listing).read_text()):
-                return how
-        except OSError:
-            continue
-    return None
 
 
 class KernelBackend(Backend):
@@ -208,86 +187,56 @@ class KernelBackend(Backend):
                 delete_if_exists(self.ipr, name)
         self.guard.set_peers(vni, ())
 
-    # ------------------------------------------------------------ per pod
+    # ------------------------------------------------------------ ports
+
+    def describe(self) -> Capabilities:
+        # A representor in a Linux bridge is offloaded by the NIC's switchdev driver.
+        return Capabilities(ports=["veth", "representor"], offload=True, port_prefix="vp")
+
+    def port_name(self, att: Attachment) -> str:
+        return host_ifname(att.network, att.container_id, att.ifname)
+
+    def pod_mtu(self, net: VpcNetwork) -> int:
+        return pod_mtu(net, self._underlay())
 
     def _bridge_for_attach(self, vni: int):
         name = bridge_name(vni)
         link = get_link(self.ipr, name)
         if link is None:
             raise BackendError(f"bridge {name} does not exist: ensure_network for VNI {vni} "
-                               "must come before attach")
+                               "must come before add_port")
         return self._verify(name, link, netlink.vni_alias(vni), "bridge")
 
-    def _remove_leftovers(self, pod_ns: podif.PodNetns, att: Attachment, host: str,
-                          alias: str) -> None:
-        """Undo what a crashed earlier attach of this attachment left behind."""
-        link = get_link(self.ipr, host)
-        if link is not None:
-            if netlink.link_alias(link) != alias:
-                raise BackendError(f"interface {host} exists in the node namespace and is not "
-                                   f"vpcni's (alias {netlink.link_alias(link)!r})")
-            with netlink_errors(f"could not delete leftover {host}"):
-                delete_if_exists(self.ipr, host)
-            self.guard.remove_port(host)
-        pod = get_link(pod_ns.ipr, att.ifname)
-        if pod is not None:
-            if netlink.link_alias(pod) != alias:
-                raise BackendError(f"interface {att.ifname} already exists in netns {att.netns}")
-            with netlink_errors(f"could not delete leftover {att.ifname} in netns {att.netns}"):
-                delete_if_exists(pod_ns.ipr, att.ifname)
-
-    def _quietly_forget_port(self, host: str) -> None:
-        try:
-            self.guard.remove_port(host)
-        except BackendError as exc:
-            LOG.error("rollback: %s", exc)
-
-    def _undo_veth(self, host: str) -> None:
-        try:
-            delete_if_exists(self.ipr, host)
-        except NetlinkError as exc:
-            LOG.error("rollback: could not delete %s: %s", host, describe(exc))
-
-    def attach(self, net: VpcNetwork, att: Attachment) -> Attachment:
-        host = host_ifname(att.network, att.container_id, att.ifname)
-        alias = netlink.attachment_alias(att.network, att.container_id, att.ifname)
+    def add_port(self, net: VpcNetwork, att: Attachment) -> None:
+        host = att.host_ifname
         bridge = bridge_name(net.vni)
-        mtu = pod_mtu(net, self._underlay())
         bridge_index = self._bridge_for_attach(net.vni)["index"]
-        with podif.open_netns(att.netns) as pod_ns, ExitStack() as undo:
-            self._remove_leftovers(pod_ns, att, host, alias)
-            with podif.netns_fd(att.netns) as fd, netlink_errors(
-                    f'could not create veth "{host}" with peer {att.ifname} in netns {att.netns}'):
-                netlink.add_veth(self.ipr, host, att.ifname, fd, mtu, att.mac)
-            undo.callback(self._undo_veth, host)
-            with netlink_errors(f'could not add "{host}" to {bridge}'):
-                index = get_link(self.ipr, host)["index"]
-                netlink.claim(self.ipr, index, alias, master=bridge_index)
-                netlink.set_link(self.ipr, index, state="up")
-            with netlink_errors(f"could not configure {att.ifname} in netns {att.netns}"):
-                pod = podif.configure_interface(pod_ns, att.ifname, att.ips, att.routes,
-                                                alias=alias)
-            # Until this the port drops everything (the guard fails closed).
-            ips = [ip.address.ip for ip in att.ips]
-            undo.callback(self._quietly_forget_port, host)
-            self.guard.add_port(host, pod.mac, ips)
-            undo.pop_all()
+        link = get_link(self.ipr, host)
+        alias = podif.attachment_alias(*att.key)
+        if link is None or link.get("IFLA_IFALIAS") != alias:
+            raise BackendError(f"port {host} of attachment {'/'.join(att.key)} is missing or "
+                               "not marked as its own")
+        with netlink_errors(f'could not add "{host}" to {bridge}'):
+            netlink.set_link(self.ipr, link["index"], master=bridge_index)
+            netlink.set_link(self.ipr, link["index"], state="up")
+        # Until this the port drops everything (the guard fails closed).
+        self.guard.add_port(host, att.mac, [ip.address.ip for ip in att.ips])
         # The pods of this node that knew the address behind another MAC
         # (it moved here) learn the new one now.
-        self._refresh_pod_caches(bridge, [(ip.address.ip, pod.mac) for ip in att.ips])
-        return att.model_copy(update={"host_ifname": host, "mac": pod.mac, "mtu": pod.mtu})
+        self._refresh_pod_caches(bridge, [(ip.address.ip, att.mac) for ip in att.ips])
 
-    def detach(self, att: Attachment) -> None:
-        host = att.host_ifname or host_ifname(att.network, att.container_id, att.ifname)
-        alias = netlink.attachment_alias(att.network, att.container_id, att.ifname)
-        podif.delete_host_link(self.ipr, host, att, alias)
-        podif.delete_pod_interface(att, alias)
+    def remove_port(self, att: Attachment) -> None:
+        host = att.host_ifname or self.port_name(att)
         self.guard.remove_port(host, att.mac, [ip.address.ip for ip in att.ips])
+        if att.interface == "veth":
+            return  # the provider deletes the veth, and the bridge lets go of it
+        link = get_link(self.ipr, host)
+        if link is not None and link.get("IFLA_IFALIAS") == podif.attachment_alias(*att.key):
+            with netlink_errors(f"could not take {host} out of its bridge"):
+                netlink.set_link(self.ipr, link["index"], master=0, state="down")
 
-    def check(self, net: VpcNetwork, att: Attachment) -> None:
-        problems = podif.check_pod(att) + self._check_node(net, att)
-        if problems:
-            raise CheckFailed(f"attachment {'/'.join(att.key)}: " + "; ".join(problems))
+    def check_port(self, net: VpcNetwork, att: Attachment) -> list[str]:
+        return self._check_node(net, att)
 
     def _check_node(self, net: VpcNetwork, att: Attachment) -> list[str]:
         problems = []
@@ -308,11 +257,12 @@ class KernelBackend(Backend):
             if br is not None and vx.get("IFLA_MASTER") != br["index"]:
                 problems.append(f"{vxlan} is not a port of {bridge}")
         host = att.host_ifname or host_ifname(att.network, att.container_id, att.ifname)
+        what = "host veth" if att.interface == "veth" else "representor"
         veth = get_link(self.ipr, host)
         if veth is None:
-            problems.append(f"host veth {host} missing")
+            problems.append(f"{what} {host} missing")
         elif br is None or veth.get("IFLA_MASTER") != br["index"]:
-            problems.append(f"host veth {host} is not enslaved to {bridge}")
+            problems.append(f"{what} {host} is not enslaved to {bridge}")
         missing = self.guard.missing(host, att.mac, [ip.address.ip for ip in att.ips])
         if missing:
             problems.append(f"anti-spoofing of {host} lacks {', '.join(missing)} "
@@ -443,7 +393,7 @@ class KernelBackend(Backend):
             vni = netlink.alias_vni(alias)
             if vni is not None:
                 vnis.add(vni)
-            key = netlink.alias_attachment(alias)
+            key = podif.alias_attachment(alias)
             if key is not None:
                 attachments[link.get("IFLA_IFNAME")] = key
         return Owned(vnis=vnis, attachments=attachments)

@@ -8,7 +8,6 @@ errors into messages naming the object.
 from __future__ import annotations
 
 import errno
-import hashlib
 import ipaddress
 from typing import Optional
 
@@ -17,13 +16,11 @@ from pyroute2.netlink.exceptions import NetlinkError
 from pyroute2.netlink.rtnl import ndmsg
 
 from vpcni.core.models import IPAddress
-from vpcni.backends.common.podif import IFF_UP, get_link
+from vpcni.backends.common.podif import IFF_UP, claim_port, get_link, port_name
 
 ALIAS_PREFIX = "vpcni:"
 VNI_ALIAS = ALIAS_PREFIX + "vni="
-ATTACHMENT_ALIAS = ALIAS_PREFIX + "att="
 FLOOD_MAC = "00:00:00:00:00:00"
-IN6_ADDR_GEN_MODE_NONE = 1
 FDB_STATE = ndmsg.states["permanent"] | ndmsg.states["noarp"]
 NUD_PERMANENT = ndmsg.states["permanent"]
 
@@ -37,17 +34,12 @@ def vxlan_name(vni: int) -> str:
 
 
 def host_ifname(network: str, container_id: str, ifname: str) -> str:
-    """The node-side veth name of an attachment: 'vp' + 11 hex digits (fits IFNAMSIZ)."""
-    digest = hashlib.sha256(f"{network}/{container_id}/{ifname}".encode()).hexdigest()
-    return "vp" + digest[:11]
+    """The node-side port name of an attachment: 'vp' + 11 hex digits (fits IFNAMSIZ)."""
+    return port_name("vp", network, container_id, ifname)
 
 
 def vni_alias(vni: int) -> str:
     return f"{VNI_ALIAS}{vni}"
-
-
-def attachment_alias(network: str, container_id: str, ifname: str) -> str:
-    return f"{ATTACHMENT_ALIAS}{network}/{container_id}/{ifname}"
 
 
 def alias_vni(alias: Optional[str]) -> Optional[int]:
@@ -56,15 +48,6 @@ def alias_vni(alias: Optional[str]) -> Optional[int]:
         return None
     value = alias[len(VNI_ALIAS):]
     return int(value) if value.isdigit() else None
-
-
-def alias_attachment(alias: Optional[str]) -> Optional[tuple[str, str, str]]:
-    """(network, container_id, ifname) of a veth alias, or None when it is not one of ours."""
-    if not alias or not alias.startswith(ATTACHMENT_ALIAS):
-        return None
-    parts = alias[len(ATTACHMENT_ALIAS):].split("/")
-    # None of the three may contain '/', so anything else is not ours.
-    return (parts[0], parts[1], parts[2]) if len(parts) == 3 and all(parts) else None
 
 
 def link_alias(link) -> Optional[str]:
@@ -107,18 +90,6 @@ def add_link(ipr: IPRoute, ifname: str, kind: str, **attrs) -> bool:
     return True
 
 
-def claim(ipr: IPRoute, index: int, alias: str, **attrs) -> None:
-    """Mark a link as vpcni's and keep IPv6 from giving it a link-local address
-    (the node has no business in a VPC at L3); `attrs` go in the same message.
-
-    The kernel ignores IFLA_IFALIAS and IFLA_AF_SPEC on creation, hence a
-    separate call; it must come before the link goes up.
-    """
-    ipr.link("set", index=index, ifalias=alias, **attrs,
-             af_spec={"attrs": [["AF_INET6", {"attrs": [
-                 ["IFLA_INET6_ADDR_GEN_MODE", IN6_ADDR_GEN_MODE_NONE]]}]]})
-
-
 def create_claimed(ipr: IPRoute, ifname: str, kind: str, alias: str, **attrs) -> bool:
     """add_link + claim, deleting the link again when claiming fails."""
     if not add_link(ipr, ifname, kind, **attrs):
@@ -127,20 +98,11 @@ def create_claimed(ipr: IPRoute, ifname: str, kind: str, alias: str, **attrs) ->
     if link is None:
         return False
     try:
-        claim(ipr, link["index"], alias)
+        claim_port(ipr, link["index"], alias)
     except NetlinkError:
         ipr.link("del", index=link["index"])
         raise
     return True
-
-
-def add_veth(ipr: IPRoute, ifname: str, peer: str, peer_netns_fd: int, mtu: int,
-             peer_mac: Optional[str] = None) -> None:
-    """A veth pair whose peer is born inside the container namespace."""
-    peer_spec = {"ifname": peer, "net_ns_fd": peer_netns_fd, "mtu": mtu}
-    if peer_mac:
-        peer_spec["address"] = peer_mac
-    ipr.link("add", ifname=ifname, kind="veth", mtu=mtu, peer=peer_spec)
 
 
 def set_link(ipr: IPRoute, index: int, **attrs) -> None:

@@ -17,7 +17,6 @@ the same VXLAN as the kernel backend, so both serve one VNI through EVPN.
 from __future__ import annotations
 
 import fcntl
-import hashlib
 import ipaddress
 import logging
 import threading
@@ -26,25 +25,23 @@ from pathlib import Path
 from typing import Iterator, Optional
 
 from pyroute2 import IPRoute
-from pyroute2.netlink.exceptions import NetlinkError
 
 from vpcni.backends.common.nft import load_binding
 from vpcni.backends.common import podif
 from vpcni.core.backend import Backend
 from vpcni.core.config import NodeConfig
-from vpcni.core.errors import BackendError, CheckFailed
-from vpcni.core.models import Attachment, Owned, Probe, RemoteState, VpcNetwork
-from vpcni.backends.common.podif import delete_if_exists, describe, get_link
+from vpcni.core.errors import BackendError
+from vpcni.core.models import Attachment, Capabilities, Owned, Probe, RemoteState, VpcNetwork
+from vpcni.backends.common.podif import describe, get_link
 from vpcni.backends.common.underlay import Underlay, find_underlay, netlink_errors, pod_mtu
 
 from . import flows as fl
+from .config import OvsConfig
 from . import switch as sw
 from .guard import HostPortGuard
 
 LOG = logging.getLogger(__name__)
 
-ATTACHMENT_ALIAS = "vpcni:att="
-IN6_ADDR_GEN_MODE_NONE = 1
 # Preference when several backends are usable and the node pins none: the
 # kernel datapath of OVS beats the kernel backend (flows, offload-capable
 # NICs); the userspace datapath does not (measured here: < 1 Gbit/s against
@@ -53,13 +50,8 @@ SCORE = {"system": 20, "netdev": 5}
 
 
 def host_ifname(network: str, container_id: str, ifname: str) -> str:
-    """The node-side veth (and OVS port) name of an attachment: 'vo' + 11 hex digits."""
-    digest = hashlib.sha256(f"{network}/{container_id}/{ifname}".encode()).hexdigest()
-    return "vo" + digest[:11]
-
-
-def attachment_alias(network: str, container_id: str, ifname: str) -> str:
-    return f"{ATTACHMENT_ALIAS}{network}/{container_id}/{ifname}"
+    """The node-side port name of an attachment: 'vo' + 11 hex digits."""
+    return podif.port_name("vo", network, container_id, ifname)
 
 
 def vswitchd_pid(run_dir: Path) -> Optional[int]:
@@ -74,10 +66,10 @@ def vswitchd_pid(run_dir: Path) -> Optional[int]:
 
 class OvsBackend(Backend):
     name = "ovs"
+    config_model = OvsConfig
 
     def __init__(self, node: NodeConfig):
         super().__init__(node)
-        self.cfg = node.ovs
         self.ipr = IPRoute()
         self._switch: Optional[sw.Switch] = None
         self._guard = threading.Lock()
@@ -89,7 +81,7 @@ class OvsBackend(Backend):
         # Connected on first use and kept: the agent is long-lived, one OVSDB session serves all.
         with self._guard:
             if self._switch is None:
-                self._switch = sw.Switch(self.cfg)
+                self._switch = sw.Switch(self.settings)
             return self._switch
 
     def close(self) -> None:
@@ -114,7 +106,7 @@ class OvsBackend(Backend):
 
     @classmethod
     def probe(cls, node: NodeConfig) -> Probe:
-        cfg = node.ovs
+        cfg = node.section(cls.name, OvsConfig)
         sock = cfg.db_socket
         facts = {"ovsdb": str(sock), "bridge": cfg.bridge, "datapath_type": cfg.datapathType}
 
@@ -259,42 +251,39 @@ class OvsBackend(Backend):
         return (ext.get(sw.EXT_NETWORK), ext.get(sw.EXT_CONTAINER), ext.get(sw.EXT_IFNAME)) == \
             att.key
 
-    def _remove_leftovers(self, pod_ns: podif.PodNetns, att: Attachment, host: str,
-                          alias: str) -> None:
-        """Undo what a crashed earlier attach of this attachment left behind."""
-        row = self.switch.row("Interface", host)
-        if row is not None:
-            if not self._is_of(row, att):
-                raise BackendError(f"OVS port {host} exists and is not this attachment's "
-                                   f"(external_ids {row['external_ids']})")
-            self.switch.del_port(host)
-        link = get_link(self.ipr, host)
-        if link is not None:
-            if link.get("IFLA_IFALIAS") != alias:
-                raise BackendError(f"interface {host} exists in the node namespace and is not "
-                                   f"vpcni's (alias {link.get('IFLA_IFALIAS')!r})")
-            with netlink_errors(f"could not delete leftover {host}"):
-                delete_if_exists(self.ipr, host)
-        pod = get_link(pod_ns.ipr, att.ifname)
-        if pod is not None:
-            if pod.get("IFLA_IFALIAS") != alias:
-                raise BackendError(f"interface {att.ifname} already exists in netns {att.netns}")
-            with netlink_errors(f"could not delete leftover {att.ifname} in netns {att.netns}"):
-                delete_if_exists(pod_ns.ipr, att.ifname)
+    def describe(self) -> Capabilities:
+        netdev = self.settings.datapathType == "netdev"
+        return Capabilities(ports=["veth", "representor"], offload=not netdev,
+                            pod_tx_checksum_off=netdev, port_prefix="vo")
 
-    def _add_veth(self, host: str, att: Attachment, mtu: int, alias: str) -> None:
-        peer = {"ifname": att.ifname, "mtu": mtu}
-        if att.mac:
-            peer["address"] = att.mac
-        with podif.netns_fd(att.netns) as fd:
-            peer["net_ns_fd"] = fd
-            self.ipr.link("add", ifname=host, kind="veth", mtu=mtu, peer=peer)
-        index = get_link(self.ipr, host)["index"]
-        # Marked as ours, and no IPv6 link-local on the node's end: the node has
-        # no business in a VPC at layer 3 (the kernel ignores both on creation).
-        self.ipr.link("set", index=index, ifalias=alias, state="up",
-                      af_spec={"attrs": [["AF_INET6", {"attrs": [
-                          ["IFLA_INET6_ADDR_GEN_MODE", IN6_ADDR_GEN_MODE_NONE]]}]]})
+    def port_name(self, att: Attachment) -> str:
+        return host_ifname(att.network, att.container_id, att.ifname)
+
+    def pod_mtu(self, net: VpcNetwork) -> int:
+        return pod_mtu(net, self._underlay())
+
+    def add_port(self, net: VpcNetwork, att: Attachment) -> None:
+        host = att.host_ifname
+        if self._tunnel_ofport(net.vni) is None:
+            raise BackendError(f"VNI {net.vni} is not set up on {self.settings.bridge}: "
+                               "ensure_network must come before add_port")
+        link = get_link(self.ipr, host)
+        if link is None or link.get("IFLA_IFALIAS") != podif.attachment_alias(*att.key):
+            raise BackendError(f"port {host} of attachment {'/'.join(att.key)} is missing or "
+                               "not marked as its own")
+        row = self.switch.row("Interface", host)
+        if row is not None and not self._is_of(row, att):
+            raise BackendError(f"OVS port {host} exists and is not this attachment's "
+                               f"(external_ids {row['external_ids']})")
+        with ExitStack() as undo:
+            self.switch.add_port(host, self._external_ids(att, att.mac))
+            undo.callback(self._undo_port, host, att.vni)
+            with netlink_errors(f"could not set {host} up"):
+                self.ipr.link("set", index=link["index"], state="up")
+            self._converge_local(att.vni)
+            undo.pop_all()
+        if att.interface != "vfio" and att.netns:
+            podif.announce(att.netns, att.ifname, att.mac, att.ips)
 
     def _undo_port(self, host: str, vni: int) -> None:
         try:
@@ -302,60 +291,23 @@ class OvsBackend(Backend):
             self._converge_local(vni)
         except BackendError as exc:
             LOG.error("rollback: could not remove OVS port %s: %s", host, exc)
-        try:
-            delete_if_exists(self.ipr, host)
-        except NetlinkError as exc:
-            LOG.error("rollback: could not delete %s: %s", host, describe(exc))
 
-    def attach(self, net: VpcNetwork, att: Attachment) -> Attachment:
-        host = host_ifname(att.network, att.container_id, att.ifname)
-        alias = attachment_alias(att.network, att.container_id, att.ifname)
-        mtu = pod_mtu(net, self._underlay())
-        if self._tunnel_ofport(net.vni) is None:
-            raise BackendError(f"VNI {net.vni} is not set up on {self.cfg.bridge}: "
-                               "ensure_network must come before attach")
-        with podif.open_netns(att.netns) as pod_ns, ExitStack() as undo:
-            self._remove_leftovers(pod_ns, att, host, alias)
-            with netlink_errors(f'could not create veth "{host}" with peer {att.ifname} in '
-                                f'netns {att.netns}'):
-                self._add_veth(host, att, mtu, alias)
-            undo.callback(self._undo_port, host, att.vni)
-            with netlink_errors(f"could not read {att.ifname} in netns {att.netns}"):
-                mac = get_link(pod_ns.ipr, att.ifname).get("IFLA_ADDRESS")
-            self.switch.add_port(host, self._external_ids(att, mac))
-            with netlink_errors(f"could not configure {att.ifname} in netns {att.netns}"):
-                pod = podif.configure_interface(pod_ns, att.ifname, att.ips, att.routes,
-                                                alias=alias)
-            if self.cfg.datapathType == "netdev":
-                with netlink_errors(f"could not turn tx checksum offload off on {att.ifname} "
-                                    f"in netns {att.netns}"):
-                    podif.disable_tx_checksum(att.netns, att.ifname)
-            self._converge_local(att.vni)
-            undo.pop_all()
-        podif.announce(att.netns, att.ifname, pod.mac, att.ips)
-        return att.model_copy(update={"host_ifname": host, "mac": pod.mac, "mtu": pod.mtu})
-
-    def detach(self, att: Attachment) -> None:
+    def remove_port(self, att: Attachment) -> None:
         host = att.host_ifname or host_ifname(att.network, att.container_id, att.ifname)
-        alias = attachment_alias(att.network, att.container_id, att.ifname)
         row = self.switch.row("Interface", host)
         if row is not None:
             if self._is_of(row, att):
                 self.switch.del_port(host)
             else:
-                LOG.warning("detach %s: OVS port %s is not this attachment's: left alone",
+                LOG.warning("remove_port %s: OVS port %s is not this attachment's: left alone",
                             att.key, host)
         self._converge_local(att.vni)
-        podif.delete_host_link(self.ipr, host, att, alias)
-        podif.delete_pod_interface(att, alias)
 
-    def check(self, net: VpcNetwork, att: Attachment) -> None:
-        problems = podif.check_pod(att) + self._check_node(net, att)
-        if problems:
-            raise CheckFailed(f"attachment {'/'.join(att.key)}: " + "; ".join(problems))
+    def check_port(self, net: VpcNetwork, att: Attachment) -> list[str]:
+        return self._check_node(net, att)
 
     def _check_node(self, net: VpcNetwork, att: Attachment) -> list[str]:
-        bridge = self.cfg.bridge
+        bridge = self.settings.bridge
         if not self.switch.bridge_exists():
             return [f"OVS bridge {bridge} missing"]
         problems = []
@@ -365,7 +317,8 @@ class OvsBackend(Backend):
                             f"missing on {bridge}")
         host = att.host_ifname or host_ifname(att.network, att.container_id, att.ifname)
         if get_link(self.ipr, host) is None:
-            problems.append(f"host veth {host} missing")
+            what = "host veth" if att.interface == "veth" else "representor"
+            problems.append(f"{what} {host} missing")
         row = self.switch.row("Interface", host)
         if row is None or not self._is_of(row, att):
             return problems + [f"OVS port {host} missing on {bridge}"]

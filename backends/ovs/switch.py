@@ -15,7 +15,7 @@ import subprocess
 from pathlib import Path
 from typing import Any, Optional
 
-from vpcni.core.config import OvsConfig
+from .config import OvsConfig
 from vpcni.core.errors import BackendError
 
 from . import flows as fl

@@ -16,7 +16,9 @@ import threading
 import pytest
 
 from tests.functional.netstate import inside
+from tests.functional.compose import Composed
 from vpcni.backends.kernel import KernelBackend
+from vpcni.backends.veth import VethProvider
 from vpcni.backends.kernel.netlink import host_ifname
 from vpcni.core.config import NodeConfig
 from vpcni.core.errors import BackendError, CheckFailed, InvalidConfig, InvalidEnvironment
@@ -34,16 +36,25 @@ NET = VpcNetwork(name="vpc-a", vni=VNI)
 
 
 class OnNode:
-    """A KernelBackend whose every call runs inside the node's namespace."""
+    """A KernelBackend (with the veth provider, composed as core does) whose every call
+    runs inside the node's namespace."""
 
     def __init__(self, ns: Netns, node: NodeConfig):
         self.ns = ns
         self.node = node
         with inside(ns):
             self.backend = KernelBackend(node)
+            self.veth = VethProvider(node)
+        self.composed = Composed(self.backend, self.veth)
+
+    def close(self) -> None:
+        with inside(self.ns):
+            self.backend.close()
+            self.veth.close()
 
     def __getattr__(self, name):
-        attr = getattr(self.backend, name)
+        target = self.composed if name in ("attach", "detach", "check") else self.backend
+        attr = getattr(target, name)
         if not callable(attr):
             return attr
 
@@ -187,12 +198,16 @@ def test_one_backend_serves_several_threads(nodes):
     pods = [nodes.pod(f"p{i}") for i in range(6)]
     script = f"""
 import sys, threading
+from tests.functional.compose import Composed
 from vpcni.backends.kernel import KernelBackend
+from vpcni.backends.veth import VethProvider
 from vpcni.core.config import NodeConfig
 from vpcni.core.models import Attachment, IPConfig, VpcNetwork
-backend = KernelBackend(NodeConfig(vtepAddress="{N1}", logFile=None))
+node = NodeConfig(vtepAddress="{N1}", logFile=None)
+switch = KernelBackend(node)
+backend = Composed(switch, VethProvider(node))
 net = VpcNetwork(name="vpc-a", vni={VNI})
-backend.ensure_network(net)
+switch.ensure_network(net)
 errors = []
 def attach(i, path):
     try:

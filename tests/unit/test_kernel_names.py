@@ -7,9 +7,10 @@ import re
 
 import pytest
 
+from vpcni.backends.common import modules
+from vpcni.backends.common.podif import alias_attachment, attachment_alias
 from vpcni.backends.kernel import backend as kernel
-from vpcni.backends.kernel.netlink import (alias_attachment, alias_vni, attachment_alias,
-                                           host_ifname, vni_alias)
+from vpcni.backends.kernel.netlink import alias_vni, host_ifname, vni_alias
 from vpcni.core.config import NodeConfig
 
 
@@ -45,8 +46,8 @@ def fake_kernel(tmp_path, monkeypatch):
     release = lib_modules / os.uname().release
     sys_module.mkdir()
     release.mkdir(parents=True)
-    monkeypatch.setattr(kernel, "SYS_MODULE", sys_module)
-    monkeypatch.setattr(kernel, "LIB_MODULES", lib_modules)
+    monkeypatch.setattr(modules, "SYS_MODULE", sys_module)
+    monkeypatch.setattr(modules, "LIB_MODULES", lib_modules)
     return sys_module, release
 
 
@@ -56,10 +57,10 @@ def test_kernel_support_loaded_builtin_loadable(fake_kernel):
     (release / "modules.builtin").write_text("kernel/net/bridge/br_netfilter.ko\n")
     (release / "modules.dep").write_text(
         "kernel/drivers/net/vxlan/vxlan.ko.xz: kernel/net/ipv4/udp_tunnel.ko.xz\n")
-    assert kernel.kernel_support("bridge") == "loaded"
-    assert kernel.kernel_support("vxlan") == "loadable"
-    assert kernel.kernel_support("br_netfilter") == "built-in"
-    assert kernel.kernel_support("netfilter") is None
+    assert modules.kernel_support("bridge") == "loaded"
+    assert modules.kernel_support("vxlan") == "loadable"
+    assert modules.kernel_support("br_netfilter") == "built-in"
+    assert modules.kernel_support("netfilter") is None
 
 
 def test_probe_names_missing_kernel_support(fake_kernel):
