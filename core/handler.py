@@ -414,12 +414,18 @@ class Handler:
             owned = backend.owned()
         except VpcniError as exc:
             return [exc]
-        try:
-            orphans = dict(self.provider_named("veth").owned())
-        except VpcniError as exc:
-            errors.append(exc)
-            orphans = {}
-        orphans.update(owned.attachments)
+        # Node-side ports no record explains, and which provider marked them.
+        providers = ["veth"] + sorted(n.removeprefix("interface:") for n in self._backends
+                                      if n.startswith("interface:") and n != "interface:veth")
+        orphans: dict[str, tuple[str, str, str]] = dict(owned.attachments)
+        made_by: dict[str, str] = {}
+        for name in providers:
+            try:
+                for port, key in self.provider_named(name).owned().items():
+                    orphans[port] = key
+                    made_by[port] = name
+            except VpcniError as exc:
+                errors.append(exc)
         for host_ifname, (network, cid, ifname) in orphans.items():
             if network != cfg.name or (cid, ifname) in valid:
                 continue
@@ -430,7 +436,7 @@ class Handler:
                                           ifname=ifname, backend=backend.name,
                                           host_ifname=host_ifname)
                         backend.remove_port(bare)
-                        self.provider_named("veth").unplug(bare)
+                        self.provider_named(made_by.get(host_ifname, "veth")).unplug(bare)
                         LOG.info("GC: removed orphan interface %s", host_ifname)
             except VpcniError as exc:
                 errors.append(exc)

@@ -24,14 +24,25 @@ def cmd_probe(args) -> int:
         rc = 0
     except VpcniError as exc:
         verdict, why, rc = None, exc.msg, 1
+    interfaces = backends.probe_all(node, backends.INTERFACES)
     if args.json:
         print(json.dumps({"backends": [p.model_dump(mode="json") for p in probes],
+                          "interfaces": [p.model_dump(mode="json") for p in interfaces],
                           "chosen": verdict, "why": why}, indent=2))
         return rc
-    width = max([len(p.name) for p in probes] + [7])
-    print(f"{'BACKEND':<{width}}  USABLE  SCORE  REASON")
+    width = max([len(p.name) for p in probes + interfaces] + [9])
+    print(f"{'SWITCH':<{width}}  USABLE  SCORE  REASON")
     for p in probes:
         print(f"{p.name:<{width}}  {'yes' if p.available else 'no':<6}  {p.score:>5}  {p.reason}")
+    print()
+    print(f"{'INTERFACE':<{width}}  USABLE  REASON")
+    for p in interfaces:
+        print(f"{p.name:<{width}}  {'yes' if p.available else 'no':<6}  {p.reason}")
+        if p.name == "sriov":
+            for pf, f in sorted(p.facts.items()):
+                print(f"{'':<{width}}    PF {pf} ({f['pci']}): mode {f['mode']}, "
+                      f"{f['free_vfs']} of {f['vfs']} VFs free (total {f['total_vfs']}), "
+                      f"offload {'yes' if f['offload'] else 'no'}: {f['why']}")
     print()
     print(f"this node uses: {verdict} ({why})" if verdict else f"this node cannot serve ADD: {why}")
     return rc
@@ -114,7 +125,7 @@ def cmd_lab(args) -> int:
                   f"{lab.converged_after * 1000:.0f} ms after the last ADD")
             for pod in lab.pods.values():
                 print(f"  pod {pod.name:10} node {pod.node:8} vpc {pod.vpc:6} (VNI {pod.vni}) "
-                      f"{pod.address:18} mac {pod.mac}")
+                      f"{pod.address:18} mac {pod.mac}  {pod.origin}")
             return 0
         name = _lab_name(args.topology)
         if args.action == "check":

@@ -21,6 +21,7 @@ from vpcni.cni.install import install_shim
 from vpcni.cni.shim import agent_call
 
 from .daemons import Ovs
+from .simnic import SimNic
 from .netns import Fabric, Netns, Sandbox, run, wait_for
 
 REFERENCE_PLUGINS = Path("/usr/lib/cni")
@@ -79,6 +80,7 @@ class Node:
     dir: Path
     cni_bin: Path
     node_config: dict = field(default_factory=dict)
+    nic: Any = None  # a lab.simnic.SimNic when the node has a simulated SR-IOV NIC
 
     @property
     def config_path(self) -> Path:
@@ -195,14 +197,23 @@ class Cluster:
         ipam.unlink(missing_ok=True)
         ipam.symlink_to(installed_executable("vpcni-ipam"))
 
-    def add_node(self, name: str, address: str, agent: bool = False, **node_config) -> Node:
-        """A node on the fabric; with `agent`, served by its own running `vpcnictl agent`."""
+    def add_node(self, name: str, address: str, agent: bool = False,
+                 nic: Optional[dict] = None, **node_config) -> Node:
+        """A node on the fabric; with `agent`, served by its own running `vpcnictl agent`;
+        with `nic` (SimNic keywords: vfs, mode, vf_driver), a simulated SR-IOV NIC and the
+        node config's `sriov` section pointing at it."""
         ns = self.sandbox.netns(name)
         port = self.fabric.connect(ns, address)
         node = Node(name=name, ns=ns, address=address, dir=self.sandbox.dir(name),
                     cni_bin=self.cni_bin)
         if node_config.get("backend") == "ovs":
             node_config = {"ovs": self.start_ovs(node, port)} | node_config
+        if nic is not None:
+            node.nic = SimNic(node.dir / "sysfs", ns, **nic).build()
+            node_config = {"sriov": {"sysfsRoot": str(node.nic.sysfs_root),
+                                     "pfDriver": "simulated",
+                                     "simulatedStateFile": str(node.nic.state_file)}
+                           } | node_config
         if agent:
             node_config = {"mode": "agent", "agentSocket": str(node.dir / "agent.sock"),
                            "healthAddress": "127.0.0.1:9471"} | node_config

@@ -48,6 +48,8 @@ class PodInfo:
     container_id: str
     mac: str = ""
     ipam: bool = False  # the address came from vpcni-ipam (the topology gave none)
+    interface: str = "veth"  # or "vf": an SR-IOV VF of the node's simulated NIC
+    origin: str = ""  # where the pod's interface came from, as `lab up` prints it
 
     @property
     def ip(self) -> str:
@@ -99,7 +101,7 @@ class Lab:
                     self.node(node.name).wait_agent_ready()
             for pod in self.topo.pods:
                 self.add_pod(pod.name, pod.node, pod.vpc,
-                             str(pod.address) if pod.address else None)
+                             str(pod.address) if pod.address else None, pod.interface)
             self._save()
             self.converged_after = self.wait_converged()
         except BaseException:
@@ -157,7 +159,9 @@ class Lab:
                              "asn": self.topo.asn}}
         if spec.backend:
             node_cfg["backend"] = spec.backend
-        node = self.cluster.add_node(spec.name, str(spec.address), agent=True, **node_cfg)
+        nic = spec.nic.model_dump() if spec.nic else None
+        node = self.cluster.add_node(spec.name, str(spec.address), agent=True, nic=nic,
+                                     **node_cfg)
         Gobgpd(node.ns, node.dir, render.gobgpd_node_toml(spec.address, self.topo.asn,
                                                           reflectors)).start()
         node.start_agent()
@@ -208,10 +212,13 @@ class Lab:
 
     def pod_config(self, info: PodInfo) -> dict:
         conf = self.network_config(info.vpc)
+        if info.interface == "vf":
+            conf["interface"] = "vf"
         return conf | ({"ipam": self.ipam_config(info.vpc)} if info.ipam
                        else {"addr": info.address})
 
-    def add_pod(self, name: str, node: str, vpc: str, address: Optional[str] = None) -> PodInfo:
+    def add_pod(self, name: str, node: str, vpc: str, address: Optional[str] = None,
+                interface: str = "veth") -> PodInfo:
         """Attach pod `name`; without `address` the VPC's vpcni-ipam hands one out."""
         spec = self.topo.node(node)
         if address is None and spec.kind == "frr":
@@ -219,16 +226,22 @@ class Lab:
         ns = self.box.netns(f"pod-{name}")
         info = PodInfo(name=name, node=node, vpc=vpc, vni=self.topo.vpc(vpc).vni,
                        address=address or "", netns=ns.name,
-                       container_id=f"{self.box.prefix}-{name}", ipam=address is None)
+                       container_id=f"{self.box.prefix}-{name}", ipam=address is None,
+                       interface=interface)
         if spec.kind == "frr":
             self._attach_frr_pod(ns, info)
+            info.origin = "veth (plain FRR VTEP, built with ip)"
         else:
             res = self.node(node).cni("ADD", self.pod_config(info), info.container_id, ns.path,
                                       "eth1", args=f"K8S_POD_NAMESPACE=lab;K8S_POD_NAME={name}")
             if not res.ok:
                 raise LabError(f"ADD of pod {name} on {node} failed: {res.stdout or res.stderr}")
             result = res.json
-            info.mac = result["interfaces"][result["ips"][0]["interface"]]["mac"]
+            pod_if = result["interfaces"][result["ips"][0]["interface"]]
+            info.mac = pod_if["mac"]
+            port = next((i["name"] for i in result["interfaces"] if not i.get("sandbox")), "")
+            info.origin = (f"VF {pod_if['pciID']} (representor as {port})"
+                           if pod_if.get("pciID") else f"veth (node end {port})")
             info.address = result["ips"][0]["address"]
         start_ident_server(ns, name)
         self.pods[name] = info

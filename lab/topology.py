@@ -29,12 +29,20 @@ class Reflector(_Strict):
     daemon: Literal["frr", "gobgpd"] = "frr"
 
 
+class Nic(_Strict):
+    """A simulated SR-IOV NIC (lab.simnic): VFs as veth pairs, a fake sysfs tree."""
+
+    vfs: int = Field(default=4, ge=1, le=32)
+    mode: Literal["switchdev", "legacy"] = "switchdev"
+
+
 class Node(_Strict):
     name: str = Field(pattern=_SHORT)
     address: IPvAnyAddress
     # vpcni: agent + gobgpd; frr: a plain FRR VTEP as the seed deploys it.
     kind: Literal["vpcni", "frr"] = "vpcni"
     backend: Optional[str] = Field(default=None, pattern=NAME_PATTERN)
+    nic: Optional[Nic] = None
 
 
 class Vpc(_Strict):
@@ -51,6 +59,8 @@ class Pod(_Strict):
     node: str
     vpc: str
     address: Optional[IPvAnyInterface] = None
+    # "vf": an SR-IOV VF from the node's (simulated) NIC instead of a veth.
+    interface: Literal["veth", "vf"] = "veth"
 
 
 class Topology(_Strict):
@@ -88,6 +98,9 @@ class Topology(_Strict):
                 raise ValueError(f"pod {p.name}: no node {p.node!r}")
             if p.vpc not in vpcs:
                 raise ValueError(f"pod {p.name}: no vpc {p.vpc!r}")
+            if p.interface == "vf" and nodes[p.node].nic is None:
+                raise ValueError(f"pod {p.name}: interface 'vf' needs a node with a nic "
+                                 f"({p.node} has none)")
             if p.address is None:
                 if nodes[p.node].kind == "frr":
                     raise ValueError(f"pod {p.name}: 'address' is required on FRR node "

@@ -170,9 +170,20 @@ class VfRequest(ifinfmsg):
     (`nla_len(attr) < sizeof(struct ifla_vf_vlan_info)`) refuse it with EINVAL.
     """
 
+    # pyroute2 compiles a class's NLA table once and marks the class; a subclass
+    # inherits the mark (and the table naming its parent's classes) when the parent
+    # was used first. Each overriding class keeps a table of its own.
+    _nlmsg_base__compiled_nla = False
+
     class vflist(ifinfmsg.vflist):
+        _nlmsg_base__compiled_nla = False
+
         class vfinfo(ifinfmsg.vflist.vfinfo):
+            _nlmsg_base__compiled_nla = False
+
             class vf_vlist(ifinfmsg.vflist.vfinfo.vf_vlist):
+                _nlmsg_base__compiled_nla = False
+
                 class ivvi(ifinfmsg.vflist.vfinfo.vf_vlist.ivvi):
                     fields = (("vf", "I"), ("vlan", "I"), ("qos", "I"), ("proto", ">H"),
                               ("__pad", "2x"))

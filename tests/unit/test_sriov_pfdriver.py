@@ -8,8 +8,12 @@ from __future__ import annotations
 
 import errno
 import json
+import os
 import struct
+import subprocess
+import sys
 import threading
+from pathlib import Path
 
 import pytest
 from pyroute2.netlink import NLM_F_ACK, NLM_F_REQUEST
@@ -313,3 +317,17 @@ def test_simulated_updates_are_not_lost_under_concurrency(sim, tmp_path):
     for t in threads:
         t.join()
     assert [sim.get_vf("enp1s0f0", vf).vlan for vf in range(4)] == [15, 115, 215, 315]
+
+
+def test_kernel_size_holds_after_pyroute2_compiled_its_own_vlan_list_first():
+    """pyroute2 compiles a class's NLA table on first use and marks the class; VfRequest
+    must not inherit its parent's mark and table (then the VLAN info is 14 bytes again).
+    A fresh interpreter, in which pyroute2's own classes are used first."""
+    script = ("from pyroute2.netlink.rtnl.ifinfmsg import ifinfmsg\n"
+              "ifinfmsg.vflist(); ifinfmsg.vflist.vfinfo(); ifinfmsg.vflist.vfinfo.vf_vlist()\n"
+              "from tests.unit.test_sriov_pfdriver import "
+              "test_qinq_vlan_goes_in_a_vlan_list_of_kernel_size as check\n"
+              "check()\n")
+    root = Path(__file__).resolve().parents[2]
+    subprocess.run([sys.executable, "-c", script], check=True, cwd=root,
+                   env={**os.environ, "PYTHONPATH": str(root)})
