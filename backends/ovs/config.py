@@ -24,9 +24,6 @@ class OvsConfig(BaseModel):
     # system: the kernel datapath (production); netdev: the userspace datapath,
     # for nodes without the openvswitch kernel module.
     datapathType: Literal["system", "netdev"] = "system"
-    # other_config:hw-offload on the switch: None follows the probe (on when a
-    # switchdev NIC is found, which needs an ovs-vswitchd restart to take effect).
-    hwOffload: Optional[bool] = None
 
     @property
     def db_socket(self) -> Path:

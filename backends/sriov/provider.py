@@ -204,6 +204,10 @@ class SriovProvider(InterfaceProvider):
             if claim.mode == "vf":
                 pod = self._move_into_pod(vf, att, mtu, mac, alias)
                 out.mtu = pod.mtu
+                if switch.pod_tx_checksum_off:
+                    with netlink_errors(f"could not turn tx checksum offload off on "
+                                        f"{att.ifname} in netns {att.netns}"):
+                        podif.disable_tx_checksum(att.netns, att.ifname)
             else:
                 out.mtu = None
             if att.device_info_file:

@@ -17,7 +17,7 @@ import pytest
 
 from tests.functional.outcome import failed, ok
 from vpcni.backends.sriov.provider import attachment_mac
-from vpcni.lab.cluster import seed_network
+from vpcni.lab.cluster import installed_executable, seed_network
 from vpcni.lab.netns import wait_for
 
 pytestmark = pytest.mark.functional
@@ -242,3 +242,24 @@ def test_a_node_without_a_usable_vf_says_why(cluster):
     assert "no SR-IOV PF" in body["msg"], body
     # A veth pod on the same nodes is unaffected.
     ok(plain.cni("ADD", net("172.16.71.43/24"), pod2.container_id, pod2.netns))
+
+
+def test_probe_on_a_switchdev_a_legacy_and_a_plain_node(cluster):
+    nodes = {"sdev": cluster.add_node("sdev", N1, nic={"vfs": 2, "mode": "switchdev"}),
+             "leg": cluster.add_node("leg", N2, nic={"vfs": 2, "mode": "legacy"}),
+             "plain": cluster.add_node("plain", "198.51.100.3")}
+    out = {}
+    for name, node in nodes.items():
+        proc = node.ns.exec(installed_executable("vpcnictl"), "probe", "--node-config",
+                            str(node.config_path))
+        out[name] = proc.stdout
+        sriov = [l for l in proc.stdout.splitlines() if l.startswith("sriov")]
+        assert len(sriov) == 1, proc.stdout
+    assert "sriov      yes" in out["sdev"] and "enp1s0f0 in switchdev mode, 2 VF(s) free" \
+        in out["sdev"]
+    assert "PF enp1s0f0 (0000:01:00.0): mode switchdev, 2 of 2 VFs free" in out["sdev"]
+    assert "sriov      no" in out["leg"] and "legacy mode" in out["leg"] and "VLAN" in out["leg"]
+    assert "offload no" in out["leg"]
+    assert "sriov      no" in out["plain"] and "no SR-IOV PF" in out["plain"]
+    for text in out.values():
+        assert "veth       yes" in text and "this node uses: kernel" in text
