@@ -35,6 +35,14 @@ def combo(request, cluster):
     return cluster, node, switch, provider, net
 
 
+def attached(combo, name: str = "a", addr: str = "172.16.82.1/24"):
+    """A pod of `combo`'s node attached to the network; (pod, its config, the result)."""
+    cluster, node, _, _, net = combo
+    pod = cluster.add_pod(node, name)
+    cfg = net(addr=addr)
+    return pod, cfg, cluster.attach(pod, cfg)
+
+
 def pod_side(res: dict) -> dict:
     return [i for i in res["interfaces"] if i.get("sandbox")][0]
 
@@ -97,20 +105,16 @@ def test_pods_of_one_vni_reach_each_other_and_not_another_vni(combo):
 
 
 def test_del_with_the_netns_gone_succeeds_and_frees_the_port(combo):
-    cluster, node, switch, provider, net = combo
-    pod = cluster.add_pod(node, "a")
-    cfg = net(addr="172.16.82.1/24")
-    res = cluster.attach(pod, cfg)
+    _, node, switch, _, _ = combo
+    pod, cfg, res = attached(combo)
     pod.ns.delete()
     ok(node.cni("DEL", cfg, pod.container_id, pod.netns))
     assert not in_switch(node, switch, port_of(res), 820)
 
 
 def test_check_names_what_differs(combo):
-    cluster, node, switch, provider, net = combo
-    pod = cluster.add_pod(node, "a")
-    cfg = net(addr="172.16.82.1/24")
-    res = cluster.attach(pod, cfg)
+    node = combo[1]
+    pod, cfg, res = attached(combo)
     pod.ns.ip("addr", "flush", "dev", "eth1")
     body = failed(node.cni("CHECK", cfg | {"prevResult": res}, pod.container_id, pod.netns))
     assert "lacks recorded address" in body["msg"] and "172.16.82.1/24" in body["msg"]
@@ -129,10 +133,8 @@ def test_gc_removes_what_is_not_valid(combo):
 
 
 def test_bad_input_is_a_clean_error_and_keeps_the_attachment(combo):
-    cluster, node, switch, provider, net = combo
-    pod = cluster.add_pod(node, "a")
-    cfg = net(addr="172.16.82.1/24")
-    res = cluster.attach(pod, cfg)
+    node = combo[1]
+    pod, cfg, res = attached(combo)
     body = failed(node.cni("ADD", cfg | {"runtimeConfig": {"mac": "01:00:00:00:00:01"}},
                            pod.container_id, pod.netns), code=7)
     assert "runtimeConfig.mac" in body["msg"]
