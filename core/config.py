@@ -92,7 +92,10 @@ class NetworkConfig(BaseModel):
     port: int = Field(default=4789, ge=1, le=65535)
     backend: Optional[str] = Field(default=None, pattern=NAME_PATTERN)
     # "vf": every attachment of this network needs an SR-IOV VF (the sriov provider).
-    interface: Literal["veth", "vf"] = "veth"
+    # "host-vf": on a DPU, the attachment is the host's VF `hostVF`, whose
+    # representor the DPU puts into its switch (what a host's `dpu` switch sends).
+    interface: Literal["veth", "vf", "host-vf"] = "veth"
+    hostVF: Optional[str] = Field(default=None, pattern=r"^pf[0-9]{1,3}vf[0-9]{1,4}$")
     # The VF Multus (from the device plugin) puts in the config: top-level deviceID
     # (pciBusID is an older spelling of it), or runtimeConfig.deviceID.
     deviceID: Optional[str] = Field(default=None, pattern=PCI_PATTERN)
@@ -130,6 +133,13 @@ class NetworkConfig(BaseModel):
         if len(given) > 1:
             raise ValueError(f"deviceID, pciBusID and runtimeConfig.deviceID name different "
                              f"devices ({', '.join(sorted(given))}): give one")
+        return self
+
+    @model_validator(mode="after")
+    def _host_vf(self) -> "NetworkConfig":
+        if (self.interface == "host-vf") != (self.hostVF is not None):
+            raise ValueError("'interface': 'host-vf' and 'hostVF' go together (the DPU "
+                             "side of a host's VF attachment)")
         return self
 
     def device_id(self) -> Optional[str]:

@@ -83,7 +83,7 @@ class Handler:
         """The interface provider of an attachment: a deviceID or a network that
         requires a VF selects `sriov`, anything else gets a veth. One that cannot
         serve here is NotAvailable (code 50) saying why."""
-        name = "sriov" if device_id or cfg.interface == "vf" else "veth"
+        name = "sriov" if device_id or cfg.interface in ("vf", "host-vf") else "veth"
         cached = self._choices.get(f"interface:{name}")
         now = time.monotonic()
         if cached is None or now - cached[1] > PROBE_TTL:
@@ -144,6 +144,8 @@ class Handler:
             att = Attachment(network=cfg.name, vni=cfg.vni, container_id=req.container_id,
                              ifname=req.ifname, netns=req.netns, backend=backend.name,
                              provider=provider.name, pci_id=device_id,
+                             interface="host-vf" if cfg.interface == "host-vf" else "veth",
+                             provider_state={"host_vf": cfg.hostVF} if cfg.hostVF else {},
                              device_info_file=cfg.runtimeConfig.CNIDeviceInfoFile,
                              mac=mac, vteps=net.vteps, port=net.port,
                              ipam_type=cfg.ipam.type if cfg.ipam else None, created=time.time())

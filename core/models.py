@@ -108,7 +108,7 @@ class VpcNetwork(_Model):
     vteps: list[IPAddress] = []
 
 
-InterfaceKind = Literal["veth", "vf", "vfio"]
+InterfaceKind = Literal["veth", "vf", "vfio", "host-vf"]
 PCI_PATTERN = r"^[0-9a-fA-F]{4}:[0-9a-fA-F]{2}:[0-9a-fA-F]{2}\.[0-7]$"
 
 
@@ -116,8 +116,9 @@ class Attachment(_Model):
     """One pod interface in one VPC: the record kept per (network, container, ifname).
 
     `backend` is the node's switch that holds its port; `provider` built the pod
-    side, of kind `interface`: a veth, a VF netdev moved into the pod, or a VF
-    left on vfio-pci for a VM (`pci_id`, nothing in the pod's namespace).
+    side, of kind `interface`: a veth, a VF netdev moved into the pod, a VF left
+    on vfio-pci for a VM (`pci_id`, nothing in the pod's namespace), or, on a
+    DPU, a host's VF (`host-vf`: only its representor is here).
     """
 
     network: str
@@ -181,7 +182,9 @@ class Probe(_Model):
 class Capabilities(_Model):
     """What a switch backend can serve (Backend.describe)."""
 
-    # Port kinds it can put into its switch: "veth" host ends, VF "representor"s.
+    # Port kinds it can put into its switch: "veth" host ends, VF "representor"s;
+    # "remote-representor": the switch is on a DPU, which takes the VF's
+    # representor there (the host only hands the VF to the pod).
     ports: list[str] = ["veth"]
     # Its switch is offloaded to the NIC where the NIC allows (representors).
     offload: bool = False

@@ -224,6 +224,34 @@ class Cluster:
             node.wait_agent_ready()
         return node
 
+    def add_dpu_host(self, name: str, dpu: Node, nic: Optional[dict] = None,
+                     start: bool = True) -> Node:
+        """The host of DPU node `dpu`: a namespace with no underlay of its own, whose
+        simulated NIC's VF netdevs are here and whose representors are in the DPU's
+        namespace; its node config pins the `dpu` switch (the DPU agent's socket) and
+        its `sriov` section points at the host's sysfs view. The DPU's node config
+        gets the DPU's sysfs view (its agent is restarted if it runs)."""
+        ns = self.sandbox.netns(name)
+        node = Node(name=name, ns=ns, address=dpu.address, dir=self.sandbox.dir(name),
+                    cni_bin=self.cni_bin)
+        node.nic = SimNic(node.dir / "sysfs", ns, dpu_netns=dpu.ns,
+                          dpu_sysfs_root=dpu.dir / "sysfs", **(nic or {})).build()
+        dpu.nic = node.nic
+        dpu.write_node_config(**(dpu.node_config | {"sriov": {
+            "sysfsRoot": str(node.nic.dpu_sysfs_root)}}))
+        if self.sandbox.pids(dpu.ns.name, "vpcnictl"):
+            dpu.restart_agent()
+        node.write_node_config(
+            backend="dpu", mode="agent", agentSocket=str(node.dir / "agent.sock"),
+            healthAddress="127.0.0.1:9471", dpu={"agentSocket": dpu.agent_socket},
+            sriov={"sysfsRoot": str(node.nic.sysfs_root), "pfDriver": "simulated",
+                   "simulatedStateFile": str(node.nic.state_file), "dpuHost": True})
+        self.nodes[name] = node
+        if start:
+            node.start_agent()
+            node.wait_agent_ready()
+        return node
+
     def start_ovs(self, node: Node, fabric_port: str) -> dict:
         """Open vSwitch for `node` (userspace datapath, private dirs), the underlay address
         moved onto br-phy; the node config's `ovs` section that points at it."""

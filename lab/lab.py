@@ -160,17 +160,35 @@ class Lab:
         if spec.backend:
             node_cfg["backend"] = spec.backend
         nic = spec.nic.model_dump() if spec.nic else None
-        node = self.cluster.add_node(spec.name, str(spec.address), agent=True, nic=nic,
-                                     **node_cfg)
+        dpu = nic is not None and nic.pop("dpu")
+        node = self.cluster.add_node(spec.name, str(spec.address), agent=True,
+                                     nic=None if dpu else nic, **node_cfg)
         Gobgpd(node.ns, node.dir, render.gobgpd_node_toml(spec.address, self.topo.asn,
                                                           reflectors)).start()
+        if dpu:
+            self.cluster.add_dpu_host(self.host_of(spec.name), node, nic, start=False)
         node.start_agent()
+        if dpu:
+            node.wait_agent_ready()
+            self.node(self.host_of(spec.name)).start_agent()
+
+    @staticmethod
+    def host_of(name: str) -> str:
+        """The host namespace's node name of DPU node `name`."""
+        return f"{name}-host"
+
+    def cni_node(self, name: str) -> Node:
+        """Where the CNI calls for the pods of node `name` go: the node, or its DPU's host."""
+        spec = self.topo.node(name)
+        if spec.nic is not None and spec.nic.dpu:
+            return self.node(self.host_of(name))
+        return self.node(name)
 
     def node(self, name: str) -> Node:
         """The vpcni node `name` (works after load() too)."""
         if self.cluster is not None and name in self.cluster.nodes:
             return self.cluster.nodes[name]
-        spec = self.topo.node(name)
+        spec = self.topo.node(name.removesuffix("-host"))
         d = self.box.root_dir / name
         return Node(name=name, ns=self.box.namespaces[name], address=str(spec.address), dir=d,
                     cni_bin=self.box.root_dir / "cni-bin",
@@ -232,8 +250,9 @@ class Lab:
             self._attach_frr_pod(ns, info)
             info.origin = "veth (plain FRR VTEP, built with ip)"
         else:
-            res = self.node(node).cni("ADD", self.pod_config(info), info.container_id, ns.path,
-                                      "eth1", args=f"K8S_POD_NAMESPACE=lab;K8S_POD_NAME={name}")
+            res = self.cni_node(node).cni("ADD", self.pod_config(info), info.container_id,
+                                          ns.path, "eth1",
+                                          args=f"K8S_POD_NAMESPACE=lab;K8S_POD_NAME={name}")
             if not res.ok:
                 raise LabError(f"ADD of pod {name} on {node} failed: {res.stdout or res.stderr}")
             result = res.json
@@ -251,8 +270,9 @@ class Lab:
     def remove_pod(self, name: str) -> None:
         info = self.pods.pop(name)
         if self.topo.node(info.node).kind == "vpcni":
-            res = self.node(info.node).cni("DEL", self.pod_config(info), info.container_id,
-                                           str(Path("/var/run/netns") / info.netns), "eth1")
+            res = self.cni_node(info.node).cni("DEL", self.pod_config(info),
+                                               info.container_id,
+                                               str(Path("/var/run/netns") / info.netns), "eth1")
             if not res.ok:
                 raise LabError(f"DEL of pod {name} failed: {res.stdout or res.stderr}")
         short = info.netns.removeprefix(self.box.prefix + "-")

@@ -30,10 +30,14 @@ class Reflector(_Strict):
 
 
 class Nic(_Strict):
-    """A simulated SR-IOV NIC (lab.simnic): VFs as veth pairs, a fake sysfs tree."""
+    """A simulated SR-IOV NIC (lab.simnic): VFs as veth pairs, a fake sysfs tree.
+    With `dpu`, the NIC is a simulated DPU: the node's namespace is the DPU's (switch,
+    VTEP, gobgpd, agent), and a host namespace `<node>-host` has the VFs; its pods are
+    the host's."""
 
     vfs: int = Field(default=4, ge=1, le=32)
     mode: Literal["switchdev", "legacy"] = "switchdev"
+    dpu: bool = False
 
 
 class Node(_Strict):
@@ -84,6 +88,10 @@ class Topology(_Strict):
                 raise ValueError(f"address {a} is outside the underlay {self.underlay}")
         if len(set(addresses)) != len(addresses):
             raise ValueError("underlay addresses must be unique")
+        for n in self.nodes:
+            if n.nic is not None and n.nic.dpu and (len(n.name) > 7 or n.kind != "vpcni"):
+                raise ValueError(f"node {n.name}: a DPU node needs kind vpcni and a name of "
+                                 "at most 7 characters (its host is <name>-host)")
         vnis = [v.vni for v in self.vpcs]
         if len(set(vnis)) != len(vnis):
             raise ValueError("two VPCs share a VNI")
@@ -101,6 +109,9 @@ class Topology(_Strict):
             if p.interface == "vf" and nodes[p.node].nic is None:
                 raise ValueError(f"pod {p.name}: interface 'vf' needs a node with a nic "
                                  f"({p.node} has none)")
+            nic = nodes[p.node].nic
+            if nic is not None and nic.dpu and p.interface != "vf":
+                raise ValueError(f"pod {p.name}: a DPU host's pods get VFs (interface 'vf')")
             if p.address is None:
                 if nodes[p.node].kind == "frr":
                     raise ValueError(f"pod {p.name}: 'address' is required on FRR node "

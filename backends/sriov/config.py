@@ -19,6 +19,9 @@ class SriovConfig(BaseModel):
     simulatedStateFile: Optional[Path] = None
     # PFs whose VFs this node hands out when no deviceID names one (empty: all).
     pfs: list[str] = Field(default=[], max_length=64)
+    # This node is a DPU's host: the eswitch and the representors are on the DPU
+    # (switch backend `dpu`), so a PF with VFs serves VPCs whatever the host sees.
+    dpuHost: bool = False
 
     @model_validator(mode="after")
     def _simulated_needs_state(self) -> "SriovConfig":

@@ -108,6 +108,20 @@ class SriovProvider(InterfaceProvider):
             return Probe(name=cls.name, available=False, facts=facts,
                          reason=f"no SR-IOV PF under {cfg.sysfsRoot}/class/net "
                                 "(no device/sriov_totalvfs)")
+        if cfg.dpuHost:
+            usable = [pf for pf in pfs if pf.vfs]
+            free = sum(facts[pf.name]["free_vfs"] for pf in usable)
+            if usable:
+                return Probe(name=cls.name, available=True, score=10, facts=facts,
+                             reason=f"DPU host: {', '.join(pf.name for pf in usable)}, "
+                                    f"{free} VF(s) free; their representors are the DPU's")
+        hosts = [pf for pf in pfs
+                 if any(r.port.flavour == "vf" for r in pf.external_representors)]
+        if hosts:
+            reps = sum(r.port.flavour == "vf" for pf in hosts for r in pf.external_representors)
+            return Probe(name=cls.name, available=True, score=10, facts=facts,
+                         reason=f"DPU: {', '.join(pf.name for pf in hosts)} carries the "
+                                f"representors of {reps} host VF(s)")
         usable = [pf for pf in pfs if pf.vpc_offload.possible]
         if not usable:
             return Probe(name=cls.name, available=False, facts=facts,
@@ -132,12 +146,12 @@ class SriovProvider(InterfaceProvider):
                                f"{self.settings.sysfsRoot}")
         return vf, pf
 
-    def _candidates(self) -> list[tuple[sysfs.VF, sysfs.PF]]:
+    def _candidates(self, remote: bool = False) -> list[tuple[sysfs.VF, sysfs.PF]]:
         out = []
         for pf in self._pfs().values():
             if self.settings.pfs and pf.name not in self.settings.pfs:
                 continue
-            if not pf.vpc_offload.possible:
+            if not remote and not pf.vpc_offload.possible:
                 continue
             for vf in pf.vfs:
                 # The pool hands out VFs for pods: netdev VFs that are on the node.
@@ -157,11 +171,12 @@ class SriovProvider(InterfaceProvider):
                      saved=saved.to_dict(), netdev=vf.netdev, mtu=mtu,
                      representor=vf.representor)
 
-    def _take(self, att: Attachment) -> tuple[sysfs.VF, sysfs.PF, Claim]:
-        """The attachment's VF, claimed: the requested one, or the first free one."""
+    def _take(self, att: Attachment, remote: bool = False) -> tuple[sysfs.VF, sysfs.PF, Claim]:
+        """The attachment's VF, claimed: the requested one, or the first free one. With
+        `remote` the switch is on a DPU: the host sees no eswitch and no representors."""
         if att.pci_id:
             vf, pf = self._requested(att.pci_id)
-            if not pf.vpc_offload.possible:
+            if not remote and not pf.vpc_offload.possible:
                 raise NotAvailable(f"deviceID {vf.pci} (VF {vf.index} of {pf.name}) cannot join "
                                    f"a VXLAN VPC: {pf.vpc_offload.reason}")
             claim = self._claim(att, vf)
@@ -170,7 +185,7 @@ class SriovProvider(InterfaceProvider):
                 raise InvalidConfig(f"deviceID {vf.pci} is in use by attachment "
                                     f"{'/'.join(holder.key) if holder else '(being released)'}")
             return vf, pf, claim
-        candidates = self._candidates()
+        candidates = self._candidates(remote)
         for vf, pf in candidates:
             claim = self._claim(att, vf)
             if self.pool.claim(claim):
@@ -185,22 +200,27 @@ class SriovProvider(InterfaceProvider):
 
     def plug(self, net: VpcNetwork, att: Attachment, mtu: int,
              switch: Capabilities) -> tuple[Attachment, bool]:
-        if "representor" not in switch.ports:
+        remote = "remote-representor" in switch.ports
+        if att.interface != "host-vf" and not remote and "representor" not in switch.ports:
             raise NotAvailable("the node's switch cannot take a VF representor as a port")
         leftover = self.pool.of(att.key)
         if leftover is not None:
             # A crashed earlier ADD of this attachment: put its VF back first.
             self._release(leftover, att)
-        vf, pf, claim = self._take(att)
+        if att.interface == "host-vf":
+            return self._plug_host_vf(att, mtu), leftover is not None
+        vf, pf, claim = self._take(att, remote)
         mac = (att.mac or attachment_mac(att.key)).lower()
         alias = podif.attachment_alias(*att.key)
         with self.pool.locked(vf.pci), ExitStack() as undo:
             undo.callback(self._quietly, self._release, claim, att)
             self.driver.set_vf(vf.pf, vf.index, mac=mac, spoofchk=True, trust=False)
-            self._take_representor(vf, att.host_ifname, alias)
+            if not remote:
+                self._take_representor(vf, att.host_ifname, alias)
             out = att.model_copy(update={
                 "mac": mac, "pci_id": vf.pci, "interface": claim.mode, "provider": self.name,
-                "provider_state": {"pf": vf.pf, "vf": vf.index, "pf_pci": vf.pf_pci}})
+                "provider_state": {"pf": vf.pf, "vf": vf.index, "pf_pci": vf.pf_pci,
+                                   "pf_number": pf.number, "dpu": remote}})
             if claim.mode == "vf":
                 pod = self._move_into_pod(vf, att, mtu, mac, alias)
                 out.mtu = pod.mtu
@@ -211,9 +231,37 @@ class SriovProvider(InterfaceProvider):
             else:
                 out.mtu = None
             if att.device_info_file:
-                self._write_device_info(att.device_info_file, vf, att.host_ifname)
+                self._write_device_info(att.device_info_file, vf,
+                                        None if remote else att.host_ifname)
             undo.pop_all()
         return out, leftover is not None
+
+    def _plug_host_vf(self, att: Attachment, mtu: int) -> Attachment:
+        """On a DPU: the host's VF `pf<N>vf<M>` is the attachment; its representor (here,
+        `c1pf<N>vf<M>`) becomes the port. Nothing to move, nothing to set through a PF:
+        the host did that. The claim keeps the representor's name for DEL."""
+        host_vf = att.provider_state.get("host_vf", "")
+        pf_number, vf_index = (int(x) for x in host_vf[2:].split("vf"))
+        rep = sysfs.host_vf_representor(self.settings.sysfsRoot, pf_number, vf_index)
+        claim = Claim(pci=f"host-{host_vf}", key=att.key, pf=f"host-pf{pf_number}",
+                      index=vf_index, mode="host-vf", saved={}, representor=rep)
+        if not self.pool.claim(claim):
+            holder = self.pool.get(claim.pci)
+            raise InvalidConfig(f"hostVF {host_vf} is in use by attachment "
+                                f"{'/'.join(holder.key) if holder else '(being released)'}")
+        if not att.mac:
+            self.pool.release(claim.pci)
+            raise InvalidConfig("a host-vf attachment needs runtimeConfig.mac (the MAC the "
+                                "host gave the VF)")
+        with self.pool.locked(claim.pci), ExitStack() as undo:
+            undo.callback(self._quietly, self._release, claim, att)
+            rep_vf = sysfs.VF(pf=claim.pf, pf_pci="", index=vf_index, pci=claim.pci,
+                              driver=None, netdev=None, representor=rep)
+            self._take_representor(rep_vf, att.host_ifname, podif.attachment_alias(*att.key))
+            undo.pop_all()
+        return att.model_copy(update={"provider": self.name, "mtu": mtu,
+                                      "provider_state": {"host_vf": host_vf,
+                                                         "representor": rep}})
 
     def _take_representor(self, vf: sysfs.VF, port: str, alias: str) -> None:
         """Rename the VF's representor to the switch's port name and mark it as ours."""
@@ -282,7 +330,8 @@ class SriovProvider(InterfaceProvider):
             self._return_representor(claim, att.host_ifname, alias)
             if att.device_info_file:
                 Path(att.device_info_file).unlink(missing_ok=True)
-            self.driver.restore_vf(claim.pf, claim.index, VfState.from_dict(claim.saved))
+            if claim.mode != "host-vf":
+                self.driver.restore_vf(claim.pf, claim.index, VfState.from_dict(claim.saved))
             self.pool.release(claim.pci)
 
     def _move_back(self, claim: Claim, att: Attachment, alias: str) -> None:
@@ -336,6 +385,12 @@ class SriovProvider(InterfaceProvider):
         claim = self.pool.of(att.key)
         if claim is None:
             return [f"no VF is claimed for {'/'.join(att.key)}"]
+        if claim.mode == "host-vf":
+            port = get_link(self.ipr, att.host_ifname) if att.host_ifname else None
+            if port is None or port.get("IFLA_IFALIAS") != podif.attachment_alias(*att.key):
+                return [f"representor {claim.representor} of host VF is not the port "
+                        f"{att.host_ifname}"]
+            return []
         problems = []
         if att.pci_id and claim.pci != att.pci_id:
             problems.append(f"VF {claim.pci} is claimed, the record says {att.pci_id}")

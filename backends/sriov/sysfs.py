@@ -25,6 +25,7 @@ What is read, and the choices made where the kernel leaves room:
   host's VF M. `c<K>pf<N>...` with K >= 1 is a function of an external
   controller: on a DPU's Arm side, the representors of the host's PF and VFs.
   Those are listed in `PF.external_representors`, never matched to local VFs.
+  `host_vf_representor` finds the one of host PF N's VF M by that port name.
 """
 
 from __future__ import annotations
@@ -200,6 +201,47 @@ def vf_by_pci(root: Path, pci: str, field_name: str = "deviceID") -> VF:
         if vf.pci == pci:
             return vf
     raise BackendError(f"VF {pci}: its PF {pf.name} ({pf_pci}) has no virtfn link to it")
+
+
+def host_vf_representor(root: Path, pf: int, vf: int, controller: int = 1) -> str:
+    """The representor netdev of the host's VF `vf` of PF `pf`, as a DPU sees it.
+
+    That is the eswitch port (non-empty `phys_switch_id`) under `root`/class/net whose
+    `phys_port_name` is `c<controller>pf<pf>vf<vf>`; controller 0 is the local one
+    (`pf<pf>vf<vf>`). BackendError naming what is missing when there is no such port
+    (or, with two eswitches under one root, more than one).
+    """
+    for name, value in (("pf", pf), ("vf", vf), ("controller", controller)):
+        if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+            raise ValueError(f"host_vf_representor: {name} {value!r} is not a number >= 0")
+    net = Path(root) / "class" / "net"
+    wanted = controller or None  # `pf<N>vf<M>` and `c0pf<N>vf<M>` are both the local one
+    port_name = f"c{controller}pf{pf}vf{vf}" if controller else f"pf{pf}vf{vf}"
+    what = f"host PF {pf} VF {vf} (controller {controller})"
+    if not net.is_dir():
+        raise BackendError(f"no representor of {what}: {net} does not exist")
+    ports = _switch_ports(Path(root))
+    found = [name for name, (_, port) in ports.items()
+             if port is not None and port.flavour == "vf" and port.pf == pf
+             and port.number == vf and (port.controller or None) == wanted]
+    if len(found) == 1:
+        return found[0]
+    if found:
+        raise BackendError(f"{what}: several representors with phys_port_name {port_name} "
+                           f"under {net}: {', '.join(found)}")
+    if not ports:
+        raise BackendError(f"no representor of {what}: no eswitch port (netdev with a "
+                           f"phys_switch_id) under {net}; is the eswitch in switchdev mode?")
+    siblings = sorted(port.number for _, port in ports.values()
+                      if port is not None and port.flavour == "vf" and port.pf == pf
+                      and (port.controller or None) == wanted)
+    if siblings:
+        raise BackendError(f"no representor of {what}: no eswitch port with phys_port_name "
+                           f"{port_name} under {net} (there are VF {', '.join(map(str, siblings))}"
+                           f" of that PF); is VF {vf} enabled on the host (sriov_numvfs)?")
+    raise BackendError(f"no representor of {what}: no eswitch port with phys_port_name "
+                       f"{port_name} under {net}, nor any of that controller's PF {pf}; is "
+                       "this a DPU that owns the host's eswitch?")
 
 
 # ---------------------------------------------------------------- helpers

@@ -1,5 +1,6 @@
 """The simulated SR-IOV NIC in a node namespace: sysfs discovery against the real links,
-and the PF drivers (simulated and netlink) against the kernel.
+the PF drivers (simulated and netlink) against the kernel, and the NIC of a DPU whose
+switch side lives in a namespace of its own.
 
 Everything lives in namespaces of the `sandbox` fixture and in its directory;
 what discovery reports is checked against `ip -j link` inside the node.
@@ -14,7 +15,7 @@ from pyroute2 import IPRoute
 
 from tests.functional.netstate import inside
 from vpcni.backends.sriov.pfdriver import NetlinkPfDriver, VfState
-from vpcni.backends.sriov.sysfs import discover, vf_by_pci
+from vpcni.backends.sriov.sysfs import PortName, discover, host_vf_representor, vf_by_pci
 from vpcni.core.errors import BackendError
 from vpcni.lab.netns import Netns
 from vpcni.lab.simnic import SimNic
@@ -159,3 +160,142 @@ def test_netlink_driver_requests_reach_the_pf_driver(node, sysfs):
                           link_state="enable")
         with pytest.raises(BackendError, match="PF enp1s0f9: no such network device"):
             driver.set_vf("enp1s0f9", 0, trust=True)
+
+
+# ---------------------------------------------------------------- DPU mode
+
+
+@pytest.fixture
+def dpu(sandbox) -> Netns:
+    return sandbox.netns("dpu")
+
+
+@pytest.fixture
+def dpu_sysfs(sandbox):
+    return sandbox.dir("dpu") / "sys"
+
+
+def addresses_of(ns: Netns, ifname: str) -> list[str]:
+    [info] = json.loads(ns.ip("-j", "-4", "addr", "show", "dev", ifname).stdout)
+    return [a["local"] for a in info["addr_info"]]
+
+
+def test_dpu_mode_keeps_the_switch_out_of_the_host(sandbox, node, sysfs, dpu, dpu_sysfs):
+    nics = [
+        SimNic(sysfs, node, vfs=3, vf_driver={2: "vfio-pci"}, dpu_netns=dpu,
+               dpu_sysfs_root=dpu_sysfs),
+        SimNic(sysfs, node, pf="enp1s0f1", pf_pci="0000:01:00.1", vfs=1, dpu_netns=dpu,
+               dpu_sysfs_root=dpu_sysfs),  # the NIC's second port, on the same DPU
+    ]
+    for nic in nics:
+        nic.build()
+    n0, n1 = nics
+    assert (n0.dpu_uplink, n0.wire, n0.host_pf_representor, n0.representor(1)) == (
+        "p0", "p0w", "pf0hpf", "pf0vf1")
+    assert (n1.dpu_uplink, n1.representor(0), n1.switch_netns) == ("p1", "pf1vf0", dpu)
+
+    # Links: the host has its PFs and the VF ends, nothing else; the DPU has the switch.
+    host, arm = links(node), links(dpu)
+    assert set(host) == {"lo", "enp1s0f0", "enp1s0f0v0", "enp1s0f0v1", "enp1s0f0v2",
+                         "enp1s0f1", "enp1s0f1v0"}
+    assert set(arm) == {"lo", "p0", "p0w", "pf0hpf", "pf0vf0", "pf0vf1", "pf0vf2",
+                        "p1", "p1w", "pf1hpf", "pf1vf0"}
+    for nic in nics:
+        assert is_up(host[nic.pf]) and is_up(arm[nic.dpu_uplink])
+        assert not is_up(arm[nic.wire]) and arm[nic.wire]["link"] == nic.dpu_uplink
+        assert is_up(arm[nic.host_pf_representor])
+        for i in range(nic.vfs):
+            assert not is_up(host[nic.vf_netdev(i)]) and is_up(arm[nic.representor(i)])
+            # Each pair spans the two namespaces: its peer is in the other one.
+            assert "link_netnsid" in host[nic.vf_netdev(i)]
+            assert "link_netnsid" in arm[nic.representor(i)]
+
+    # The host's tree: PFs and VFs, no eswitch (no representors, switch id, port name, mode).
+    pfs = {pf.name: pf for pf in discover(sysfs)}
+    assert sorted(pfs) == ["enp1s0f0", "enp1s0f1"]
+    for nic in nics:
+        pf = pfs[nic.pf]
+        assert (pf.pci, pf.num_vfs, pf.number) == (nic.pf_pci, nic.vfs, nic.pf_number)
+        assert (pf.eswitch_mode, pf.switch_id, pf.uplink, pf.external_representors) == (
+            None, None, None, [])
+        assert [(vf.index, vf.pci, vf.representor) for vf in pf.vfs] == [
+            (i, nic.vf_pci(i), None) for i in range(nic.vfs)]
+        assert not pf.vpc_offload.possible
+    assert [vf.netdev for vf in pfs["enp1s0f0"].vfs] == ["enp1s0f0v0", "enp1s0f0v1", None]
+    assert vf_by_pci(sysfs, n0.vf_pci(1)) == pfs["enp1s0f0"].vfs[1]
+    host_net = sysfs / "class" / "net"
+    assert not list(host_net.glob("*/phys_switch_id")) and not list(host_net.glob("*/compat"))
+
+    # The DPU's tree: p0 and p1, each with the host's functions of its PF number as
+    # external representors; no VFs of its own.
+    dpu_pfs = {pf.name: pf for pf in discover(dpu_sysfs)}
+    assert sorted(dpu_pfs) == ["p0", "p1"]
+    for nic in nics:
+        pf, n = dpu_pfs[nic.dpu_uplink], nic.pf_number
+        assert (pf.pci, pf.eswitch_mode, pf.switch_id, pf.uplink, pf.number, pf.vfs) == (
+            nic.dpu_pci, "switchdev", nic.switch_id, nic.dpu_uplink, n, [])
+        assert {(r.netdev, r.port) for r in pf.external_representors} == (
+            {(nic.host_pf_representor, PortName("pf", n, None, 1))}
+            | {(nic.representor(i), PortName("vf", n, i, 1)) for i in range(nic.vfs)})
+        for i in range(nic.vfs):
+            assert host_vf_representor(dpu_sysfs, n, i) == nic.representor(i)
+    assert dpu_pfs["p0"].switch_id == dpu_pfs["p1"].switch_id  # one NIC, one eswitch
+    with pytest.raises(BackendError, match="c1pf0vf3 .*is VF 3 enabled on the host"):
+        host_vf_representor(dpu_sysfs, 0, 3)
+    with pytest.raises(BackendError, match=r"no eswitch port \(netdev with a phys_switch_id"):
+        host_vf_representor(sysfs, 0, 0)  # the host does not see the switch
+
+    # A frame path: VF end in the host, representor on the DPU, one wire between them.
+    vf, rep = n0.vf_netdev(0), n0.representor(0)
+    node.ip("addr", "add", "192.0.2.1/30", "dev", vf)
+    node.ip("link", "set", vf, "up")
+    dpu.ip("addr", "add", "192.0.2.2/30", "dev", rep)
+    assert node.ping("192.0.2.2", count=3) and dpu.ping("192.0.2.1", count=3)
+    assert addresses_of(node, vf) == ["192.0.2.1"] and addresses_of(dpu, rep) == ["192.0.2.2"]
+
+    # The PF driver is the host's: registered with the host namespace, applied there.
+    driver = n0.pf_driver()
+    assert json.loads(n0.state_file.read_text())["pfs"][n0.pf]["netns"]["path"] == node.path
+    with inside(node):
+        driver.set_vf(n0.pf, 1, mac="02:00:5e:00:00:31")
+    assert links(node)[n0.vf_netdev(1)]["address"] == "02:00:5e:00:00:31"
+    assert driver.get_vf(n0.pf, 1).mac == "02:00:5e:00:00:31"
+
+    # remove() undoes both sides, one port at a time; the other port stays whole.
+    pod = sandbox.netns("pod")
+    node.ip("link", "set", n0.vf_netdev(1), "netns", pod.name)  # a VF in a pod
+    n0.remove()
+    assert set(links(node)) == {"lo", "enp1s0f1", "enp1s0f1v0"}
+    assert set(links(dpu)) == {"lo", "p1", "p1w", "pf1hpf", "pf1vf0"}
+    assert set(links(pod)) == {"lo"}
+    assert [pf.name for pf in discover(sysfs)] == ["enp1s0f1"]
+    assert [pf.name for pf in discover(dpu_sysfs)] == ["p1"]
+    assert sorted(p.name for p in (dpu_sysfs / "class" / "net").iterdir()) == [
+        "p1", "pf1hpf", "pf1vf0"]
+    with pytest.raises(BackendError, match="simulated PF enp1s0f0: not in"):
+        driver.get_vf(n0.pf, 0)
+    n1.remove()
+    assert set(links(node)) == set(links(dpu)) == {"lo"}
+    assert discover(sysfs) == discover(dpu_sysfs) == []
+
+
+def test_dpu_mode_without_devlink_compat_has_no_mode_file(node, sysfs, dpu, dpu_sysfs):
+    nic = SimNic(sysfs, node, vfs=1, devlink_compat=False, dpu_netns=dpu,
+                 dpu_sysfs_root=dpu_sysfs).build()
+    [pf] = discover(dpu_sysfs)
+    assert (pf.eswitch_mode, pf.switch_id) == (None, nic.switch_id)
+    assert host_vf_representor(dpu_sysfs, 0, 0) == "pf0vf0"
+
+
+def test_dpu_mode_arguments(node, sysfs, dpu, dpu_sysfs):
+    with pytest.raises(ValueError, match="both dpu_netns and dpu_sysfs_root"):
+        SimNic(sysfs, node, dpu_netns=dpu)
+    with pytest.raises(ValueError, match="both dpu_netns and dpu_sysfs_root"):
+        SimNic(sysfs, node, dpu_sysfs_root=dpu_sysfs)
+    with pytest.raises(ValueError, match="a DPU's eswitch is in switchdev mode, not legacy"):
+        SimNic(sysfs, node, mode="legacy", dpu_netns=dpu, dpu_sysfs_root=dpu_sysfs)
+    with pytest.raises(ValueError, match="a namespace of its own"):
+        SimNic(sysfs, node, dpu_netns=node, dpu_sysfs_root=dpu_sysfs)
+    with pytest.raises(ValueError, match="a sysfs tree of its own"):
+        SimNic(sysfs, node, dpu_netns=dpu, dpu_sysfs_root=sysfs)
+    assert set(links(node)) == set(links(dpu)) == {"lo"}

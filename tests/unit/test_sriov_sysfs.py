@@ -13,8 +13,8 @@ from typing import Optional
 
 import pytest
 
-from vpcni.backends.sriov.sysfs import (PF, VF, PortName, discover, parse_phys_port_name,
-                                        vf_by_pci)
+from vpcni.backends.sriov.sysfs import (PF, VF, PortName, discover, host_vf_representor,
+                                        parse_phys_port_name, vf_by_pci)
 from vpcni.core.errors import BackendError, InvalidConfig
 
 SWITCH = "b8cef60300a1b2c3"
@@ -244,6 +244,94 @@ def test_dpu_arm_side_sees_host_functions_as_external(fake):
         ("pf0vf0", PortName("vf", 0, 0, 1)),
         ("pf0vf1", PortName("vf", 0, 1, 1)),
     }
+
+
+# ---------------------------------------------------------------- host_vf_representor
+
+
+def dpu_arm_side(fake: FakeSys) -> None:
+    """A BlueField's Arm side: both ports, the host's PF 0 with 2 VFs and PF 1 with 1."""
+    p0 = fake.pf("p0", "0000:03:00.0", [("0000:03:00.2", "mlx5_core", "arm0v0")],
+                 mode="switchdev", port="p0", switch_id=SWITCH)
+    p1 = fake.pf("p1", "0000:03:00.1", [], mode="switchdev", port="p1", switch_id=SWITCH)
+    fake.representor("pf0hpf", p0, "c1pf0")
+    fake.representor("pf0vf0", p0, "c1pf0vf0")
+    fake.representor("pf0vf1", p0, "c1pf0vf1")
+    fake.representor("armrep0", p0, "pf0vf0")  # the Arm's own VF 0, local controller
+    fake.representor("pf1hpf", p1, "c1pf1")
+    fake.representor("pf1vf0", p1, "c1pf1vf0")
+    fake.representor("ext2rep", p0, "c2pf0vf0")  # a second external host
+    fake.netdev("lo")
+
+
+def test_host_vf_representor_resolves_each_host_vf(fake):
+    dpu_arm_side(fake)
+    assert host_vf_representor(fake.root, 0, 0) == "pf0vf0"
+    assert host_vf_representor(fake.root, 0, 1) == "pf0vf1"
+    assert host_vf_representor(fake.root, 1, 0) == "pf1vf0"
+    assert host_vf_representor(fake.root, 0, 0, controller=2) == "ext2rep"
+    # Controller 0 is the DPU's own: `pf0vf0` without a prefix, never the host's VF 0.
+    assert host_vf_representor(fake.root, 0, 0, controller=0) == "armrep0"
+    # The same answer discovery gives.
+    [p0] = [pf for pf in discover(fake.root) if pf.name == "p0"]
+    assert {(r.port.pf, r.port.number): r.netdev for r in p0.external_representors
+            if r.port.flavour == "vf" and r.port.controller == 1} == {(0, 0): "pf0vf0",
+                                                                      (0, 1): "pf0vf1"}
+
+
+def test_host_vf_representor_accepts_a_string_root(fake):
+    dpu_arm_side(fake)
+    assert host_vf_representor(str(fake.root), 0, 1) == "pf0vf1"
+
+
+def test_host_vf_representor_names_the_missing_vf(fake):
+    dpu_arm_side(fake)
+    with pytest.raises(BackendError, match=r"^no representor of host PF 0 VF 5 \(controller 1\):"
+                                           r" no eswitch port with phys_port_name c1pf0vf5 "
+                                           r"under .*/class/net \(there are VF 0, 1 of that "
+                                           r"PF\); is VF 5 enabled on the host"):
+        host_vf_representor(fake.root, 0, 5)
+
+
+def test_host_vf_representor_names_the_missing_pf(fake):
+    dpu_arm_side(fake)
+    with pytest.raises(BackendError, match=r"phys_port_name c1pf3vf0 under .*, nor any of that "
+                                           r"controller's PF 3; is this a DPU"):
+        host_vf_representor(fake.root, 3, 0)
+    with pytest.raises(BackendError, match=r"c3pf0vf0 .* nor any of that controller's PF 0"):
+        host_vf_representor(fake.root, 0, 0, controller=3)
+
+
+def test_host_vf_representor_ignores_ports_without_a_switch_id(fake):
+    # A host (or a legacy NIC): `pf0vf0` as a name means nothing without phys_switch_id.
+    dev = fake.pf("ens1f0", "0000:05:00.0", [("0000:05:00.2", "mlx5_core", "ens1f0v0")],
+                  mode="legacy")
+    fake.netdev("fake0", dev, phys_port_name="c1pf0vf0")
+    with pytest.raises(BackendError, match=r"no eswitch port \(netdev with a phys_switch_id\) "
+                                           r"under .*/class/net; is the eswitch in switchdev"):
+        host_vf_representor(fake.root, 0, 0)
+
+
+def test_host_vf_representor_without_a_tree(tmp_path):
+    with pytest.raises(BackendError, match=r"no representor of host PF 0 VF 0 \(controller 1\)"
+                                           r": .*nothing/class/net does not exist"):
+        host_vf_representor(tmp_path / "nothing", 0, 0)
+
+
+def test_host_vf_representor_refuses_two_eswitches_under_one_root(fake):
+    dpu_arm_side(fake)
+    other = fake.pf("q0", "0000:04:00.0", [], mode="switchdev", port="p0",
+                    switch_id="0011223344556677")
+    fake.representor("q0vf0", other, "c1pf0vf0", switch_id="0011223344556677")
+    with pytest.raises(BackendError, match=r"several representors with phys_port_name c1pf0vf0"
+                                           r" under .*: pf0vf0, q0vf0"):
+        host_vf_representor(fake.root, 0, 0)
+
+
+@pytest.mark.parametrize("args", [(-1, 0), (0, -2), (0, 0, -1), ("0", 0), (0, True)])
+def test_host_vf_representor_rejects_what_is_no_number(fake, args):
+    with pytest.raises(ValueError, match="host_vf_representor: .* is not a number >= 0"):
+        host_vf_representor(fake.root, *args)
 
 
 def test_missing_tree_means_no_pfs(tmp_path):
