@@ -132,6 +132,11 @@ class InterfaceProvider(_Configurable, abc.ABC):
     def probe(cls, node: NodeConfig) -> Probe:
         """Can this provider build interfaces on this node, and why (not)?"""
 
+    def preflight(self, att: Attachment, switch: Capabilities) -> None:
+        """Refuse what plug would refuse (a device that is unknown or in use, a switch
+        that cannot take this interface) before an earlier attachment is torn down.
+        The default has nothing to check early."""
+
     @abc.abstractmethod
     def plug(self, net: VpcNetwork, att: Attachment, mtu: int,
              switch: Capabilities) -> tuple[Attachment, bool]:

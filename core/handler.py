@@ -98,6 +98,18 @@ class Handler:
             self._choices[f"interface:{name}"] = (name, now)
         return self.provider_named(name)
 
+    @staticmethod
+    def provider_names() -> list[str]:
+        """Every installed interface provider (their entry points, without loading them)."""
+        from importlib.metadata import entry_points
+
+        return sorted({ep.name for ep in entry_points(group=backends.INTERFACES)})
+
+    def _unplug_leftovers(self, name: str, bare: Attachment) -> None:
+        """Let provider `name` remove what it may have left of `bare` (no record)."""
+        if backends.probe_one(self.node, name).available:
+            self.provider_named(name).unplug(bare.model_copy(update={"provider": name}))
+
     def backend_for(self, cfg: NetworkConfig) -> backends.Guarded:
         """The backend serving `cfg` on this node.
 
@@ -132,6 +144,13 @@ class Handler:
         static = None if cfg.ipam else static_ips(self._static_addresses(req))
         device_id = cfg.device_id()
         provider = self.provider_for(cfg, device_id)
+        interface = "host-vf" if cfg.interface == "host-vf" else "veth"
+        provider_state = {"host_vf": cfg.hostVF} if cfg.hostVF else {}
+        provider.preflight(Attachment(network=cfg.name, vni=cfg.vni,
+                                      container_id=req.container_id, ifname=req.ifname,
+                                      backend=backend.name, provider=provider.name,
+                                      pci_id=device_id, interface=interface,
+                                      provider_state=provider_state), backend.describe())
         with self.store.attachment_lock(*key):
             old = self.store.get(*key)
             if old is not None:
@@ -144,8 +163,7 @@ class Handler:
             att = Attachment(network=cfg.name, vni=cfg.vni, container_id=req.container_id,
                              ifname=req.ifname, netns=req.netns, backend=backend.name,
                              provider=provider.name, pci_id=device_id,
-                             interface="host-vf" if cfg.interface == "host-vf" else "veth",
-                             provider_state={"host_vf": cfg.hostVF} if cfg.hostVF else {},
+                             interface=interface, provider_state=dict(provider_state),
                              device_info_file=cfg.runtimeConfig.CNIDeviceInfoFile,
                              mac=mac, vteps=net.vteps, port=net.port,
                              ipam_type=cfg.ipam.type if cfg.ipam else None, created=time.time())
@@ -153,8 +171,11 @@ class Handler:
             # The intent is recorded before anything is built, so a crash at any
             # later step leaves a record that DEL, GC or the next ADD cleans up.
             self.store.put(att)
+            kept: list[str] = []
             with contextlib.ExitStack() as undo:
-                undo.callback(self._quietly, self._forget, att)
+                # The record goes last, and only if every other undo step worked: a VF or
+                # port that could not be given back stays on record for DEL or GC.
+                undo.callback(lambda: kept or self._quietly(self._forget, att))
                 dns = cfg.dns or DNS()
                 if cfg.ipam:
                     ipam = req.ipam()
@@ -172,15 +193,15 @@ class Handler:
                     self.apply_remote(backend, net.vni, att)
                     caps = backend.describe()
                     att, leftovers = provider.plug(net, att, backend.pod_mtu(net), caps)
-                    undo.callback(self._quietly, provider.unplug, att)
-                    # The provider's bookkeeping (a VF's saved settings) is on record
+                    undo.callback(self._undo, kept, provider.unplug, att)
+                    # What the provider built (a VF's address, its kind) is on record
                     # before the port joins the switch.
                     self.store.put(att)
                     if att.host_ifname:
                         if leftovers:
                             # A crashed earlier ADD may have left filters of other addresses.
                             backend.remove_port(att.model_copy(update={"mac": None}))
-                        undo.callback(self._quietly, backend.remove_port, att)
+                        undo.callback(self._undo, kept, backend.remove_port, att)
                         backend.add_port(net, att)
                     att.state = "ready"
                     self.store.put(att)
@@ -285,13 +306,13 @@ class Handler:
             LOG.info("DEL %s: no record; releasing IPAM and leftovers only", key)
             if cfg.ipam:
                 req.ipam().delete()
-            with contextlib.suppress(VpcniError):
-                backend = self.backend_for(cfg)
-                bare = Attachment(network=cfg.name, vni=cfg.vni, container_id=req.container_id,
-                                  ifname=req.ifname, netns=req.netns, backend=backend.name)
-                bare.host_ifname = backend.port_name(bare)
-                backend.remove_port(bare)
-                self.provider_named("veth").unplug(bare)
+            backend = self.backend_for(cfg)
+            bare = Attachment(network=cfg.name, vni=cfg.vni, container_id=req.container_id,
+                              ifname=req.ifname, netns=req.netns, backend=backend.name)
+            bare.host_ifname = backend.port_name(bare)
+            self._quietly(backend.remove_port, bare)
+            for name in self.provider_names():
+                self._quietly(self._unplug_leftovers, name, bare)
 
     def _teardown(self, att: Attachment, req: Request, release_ipam: bool = True) -> None:
         """Remove one attachment completely; the caller holds its lock."""
@@ -318,14 +339,21 @@ class Handler:
             else:
                 self.apply_remote(backend, att.vni)
 
+    def _undo(self, kept: list[str], fn, *args) -> None:
+        """An undo step of ADD; when it fails, the record is kept (see add)."""
+        if not self._quietly(fn, *args):
+            kept.append(getattr(fn, "__name__", str(fn)))
+
     @staticmethod
-    def _quietly(fn, *args) -> None:
+    def _quietly(fn, *args) -> bool:
         try:
             fn(*args)
+            return True
         except Exception as exc:
             # A warning, not a traceback: the caller gets the original error.
             LOG.warning("step %s failed: %s", getattr(fn, "__qualname__", fn), exc)
             LOG.debug("step %s failed", getattr(fn, "__qualname__", fn), exc_info=True)
+            return False
 
     # ------------------------------------------------------------ CHECK
 
@@ -417,8 +445,8 @@ class Handler:
         except VpcniError as exc:
             return [exc]
         # Node-side ports no record explains, and which provider marked them.
-        providers = ["veth"] + sorted(n.removeprefix("interface:") for n in self._backends
-                                      if n.startswith("interface:") and n != "interface:veth")
+        providers = [n for n in self.provider_names()
+                     if n in ("veth",) or backends.probe_one(self.node, n).available]
         orphans: dict[str, tuple[str, str, str]] = dict(owned.attachments)
         made_by: dict[str, str] = {}
         for name in providers:
@@ -438,7 +466,8 @@ class Handler:
                                           ifname=ifname, backend=backend.name,
                                           host_ifname=host_ifname)
                         backend.remove_port(bare)
-                        self.provider_named(made_by.get(host_ifname, "veth")).unplug(bare)
+                        if host_ifname in made_by:
+                            self.provider_named(made_by[host_ifname]).unplug(bare)
                         LOG.info("GC: removed orphan interface %s", host_ifname)
             except VpcniError as exc:
                 errors.append(exc)

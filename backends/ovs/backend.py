@@ -195,7 +195,7 @@ class OvsBackend(Backend):
         ports = []
         for row in self.switch.attachment_rows():
             ext = row["external_ids"]
-            ofport = sw._ofport(row)
+            ofport = sw.ofport_of(row)
             if ext.get(sw.EXT_VNI) != str(vni) or not ofport or not ext.get(sw.EXT_MAC):
                 continue
             ips = tuple(ipaddress.ip_address(a) for a in ext.get(sw.EXT_IPS, "").split(",") if a)
@@ -322,10 +322,10 @@ class OvsBackend(Backend):
         row = self.switch.row("Interface", host)
         if row is None or not self._is_of(row, att):
             return problems + [f"OVS port {host} missing on {bridge}"]
-        ofport = sw._ofport(row)
+        ofport = sw.ofport_of(row)
         if not ofport:
             return problems + [f"OVS port {host} is not working "
-                               f"({sw._first(row.get('error')) or 'no ofport'})"]
+                               f"({sw.first_value(row.get('error')) or 'no ofport'})"]
         ext = row["external_ids"]
         port = fl.LocalPort(host, ofport, ext.get(sw.EXT_MAC, ""),
                             tuple(ip.address.ip for ip in att.ips))

@@ -157,7 +157,7 @@ class Switch:
         for row in self.api.db_list("Interface", columns=["name", "ofport", "external_ids"]
                                     ).execute(check_error=True):
             port = row["external_ids"].get(EXT_TUNNEL)
-            ofport = _ofport(row)
+            ofport = ofport_of(row)
             if port and port.isdigit() and ofport:
                 out[int(port)] = ofport
         return out
@@ -174,11 +174,11 @@ class Switch:
                       self.api.add_port(self.bridge, name, may_exist=False,
                                         external_ids=external_ids))
         row = self.row("Interface", name)
-        ofport = _ofport(row) if row else None
+        ofport = ofport_of(row) if row else None
         if not ofport:
             error = (row or {}).get("error") or "no ofport assigned"
             raise BackendError(f"ovs-vswitchd could not add port {name} to {self.bridge}: "
-                               f"{_first(error)}")
+                               f"{first_value(error)}")
         return ofport
 
     def del_port(self, name: str) -> None:
@@ -217,14 +217,14 @@ class Switch:
         self._ofctl("del-flows", spec)
 
 
-def _ofport(row: dict) -> Optional[int]:
+def ofport_of(row: dict) -> Optional[int]:
     value = row.get("ofport")
     if isinstance(value, list):
         value = value[0] if value else None
     return value if isinstance(value, int) and value > 0 else None
 
 
-def _first(value: Any) -> str:
+def first_value(value: Any) -> str:
     if isinstance(value, list):
         return str(value[0]) if value else ""
     return str(value)

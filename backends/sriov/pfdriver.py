@@ -154,9 +154,26 @@ class PfDriver(abc.ABC):
     def set_vf(self, pf: str, index: int, **changes) -> None:
         """Change some settings (VfState field names) of VF `index` of `pf`."""
 
-    def restore_vf(self, pf: str, index: int, state: VfState) -> None:
-        """Put back a state recorded earlier with `get_vf`."""
-        self.set_vf(pf, index, **state.settings())
+    def restore_vf(self, pf: str, index: int, state: VfState) -> list[str]:
+        """Put back a state recorded earlier with `get_vf`: only what differs now, one
+        setting per request (a driver stops a request at its first refusal, and some
+        refuse a zero MAC or have no setter for rates or trust). Returns what could not
+        be restored, for the caller to log; the VF is released all the same."""
+        current = self.get_vf(pf, index)
+        want, have = state.settings(), current.settings()
+        changes: list[dict] = []
+        for group in (("mac",), ("vlan", "qos", "vlan_proto"), ("spoofchk",), ("trust",),
+                      ("link_state",), ("min_tx_rate", "max_tx_rate")):
+            change = {k: want[k] for k in group if k in want and want[k] != have.get(k)}
+            if change:
+                changes.append({k: want[k] for k in group if k in want})
+        failed = []
+        for change in changes:
+            try:
+                self.set_vf(pf, index, **change)
+            except BackendError as exc:
+                failed.append(f"{', '.join(change)}: {exc}")
+        return failed
 
 
 # ---------------------------------------------------------------- netlink

@@ -15,13 +15,31 @@ import contextlib
 import errno
 import fcntl
 import json
+import logging
 import os
 import threading
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Iterator, Optional
 
 from vpcni.core.errors import BackendError
+
+LOG = logging.getLogger(__name__)
+
+
+def _write_synced(path: Path, data: dict) -> None:
+    with open(path, "w") as f:
+        json.dump(data, f)
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def _sync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 def _tmp(path: Path) -> Path:
@@ -40,7 +58,6 @@ class Claim:
     netdev: Optional[str] = None     # the VF netdev's name on the node
     mtu: Optional[int] = None        # ... and its MTU
     representor: Optional[str] = None  # the representor's name before we renamed it
-    extra: dict = field(default_factory=dict)
 
 
 class VfPool:
@@ -65,19 +82,19 @@ class VfPool:
     def get(self, pci: str) -> Optional[Claim]:
         try:
             data = json.loads(self._path(pci).read_text())
+            data["key"] = tuple(data["key"])
+            return Claim(**data)
         except FileNotFoundError:
             return None
-        except (OSError, ValueError) as exc:
+        except (OSError, ValueError, TypeError, KeyError) as exc:
             raise BackendError(f"VF claim {self._path(pci)} is unreadable: {exc}") from None
-        data["key"] = tuple(data["key"])
-        return Claim(**data)
 
     def claim(self, claim: Claim) -> bool:
         """Take the VF for `claim.key`; False when another attachment holds it."""
         self.claims.mkdir(parents=True, exist_ok=True)
         path = self._path(claim.pci)
         tmp = _tmp(path)
-        tmp.write_text(json.dumps(asdict(claim)))
+        _write_synced(tmp, asdict(claim))
         try:
             os.link(tmp, path)  # atomic, fails when the claim exists
         except OSError as exc:
@@ -87,16 +104,19 @@ class VfPool:
             return False
         finally:
             tmp.unlink(missing_ok=True)
+        _sync_dir(self.claims)
         return True
 
     def update(self, claim: Claim) -> None:
         path = self._path(claim.pci)
         tmp = _tmp(path)
-        tmp.write_text(json.dumps(asdict(claim)))
+        _write_synced(tmp, asdict(claim))
         os.replace(tmp, path)
+        _sync_dir(self.claims)
 
     def release(self, pci: str) -> None:
         self._path(pci).unlink(missing_ok=True)
+        _sync_dir(self.claims)
 
     def all(self) -> list[Claim]:
         try:
@@ -105,7 +125,13 @@ class VfPool:
             return []
         out = []
         for name in names:
-            claim = self.get(name[:-len(".json")])
+            try:
+                claim = self.get(name[:-len(".json")])
+            except BackendError as exc:
+                # One damaged claim must not stop every ADD, DEL and probe of the node;
+                # its VF stays taken (the file still exists) until someone looks.
+                LOG.error("%s", exc)
+                continue
             if claim is not None:
                 out.append(claim)
         return out

@@ -36,7 +36,8 @@ from vpcni.backends.common.podif import describe, get_link
 from vpcni.backends.common.underlay import netlink_errors
 from vpcni.core.backend import InterfaceProvider
 from vpcni.core.config import NodeConfig
-from vpcni.core.errors import BackendError, InvalidConfig, InvalidEnvironment, NotAvailable
+from vpcni.core.errors import (BackendError, InvalidConfig, InvalidEnvironment, NotAvailable,
+                               TryAgainLater)
 from vpcni.core.models import Attachment, Capabilities, Probe, VpcNetwork
 
 from . import sysfs
@@ -160,16 +161,44 @@ class SriovProvider(InterfaceProvider):
                 out.append((vf, pf))
         return out
 
-    def _claim(self, att: Attachment, vf: sysfs.VF) -> Claim:
-        mode = "vfio" if vf.userspace else "vf"
-        saved = self.driver.get_vf(vf.pf, vf.index)
-        mtu = None
-        if mode == "vf" and vf.netdev:
-            link = get_link(self.ipr, vf.netdev)
-            mtu = link.get("IFLA_MTU") if link is not None else None
-        return Claim(pci=vf.pci, key=att.key, pf=vf.pf, index=vf.index, mode=mode,
-                     saved=saved.to_dict(), netdev=vf.netdev, mtu=mtu,
+    @staticmethod
+    def _claim(att: Attachment, vf: sysfs.VF) -> Claim:
+        """A claim on `vf` for `att`; the VF's settings are read and saved in it only once
+        it is ours (under its lock), so a DEL that is still restoring the VF for its
+        previous holder can never make that holder's MAC look like the original."""
+        return Claim(pci=vf.pci, key=att.key, pf=vf.pf, index=vf.index,
+                     mode="vfio" if vf.userspace else "vf", saved={}, netdev=vf.netdev,
                      representor=vf.representor)
+
+    def _save_original(self, claim: Claim) -> None:
+        claim.saved = self.driver.get_vf(claim.pf, claim.index).to_dict()
+        if claim.mode == "vf" and claim.netdev:
+            link = get_link(self.ipr, claim.netdev)
+            claim.mtu = link.get("IFLA_MTU") if link is not None else None
+        self.pool.update(claim)
+
+    def preflight(self, att: Attachment, switch: Capabilities) -> None:
+        """What plug would refuse, checked before an earlier attachment is torn down."""
+        remote = "remote-representor" in switch.ports
+        if att.interface == "host-vf":
+            host_vf = att.provider_state.get("host_vf", "")
+            pf_number, vf_index = (int(x) for x in host_vf[2:].split("vf"))
+            try:
+                sysfs.host_vf_representor(self.settings.sysfsRoot, pf_number, vf_index)
+            except BackendError as exc:
+                raise InvalidConfig(f"hostVF {host_vf}: {exc}") from None
+            return
+        if not remote and "representor" not in switch.ports:
+            raise NotAvailable("the node's switch cannot take a VF representor as a port")
+        if att.pci_id:
+            vf, pf = self._requested(att.pci_id)
+            if not remote and not pf.vpc_offload.possible:
+                raise NotAvailable(f"deviceID {vf.pci} (VF {vf.index} of {pf.name}) cannot join "
+                                   f"a VXLAN VPC: {pf.vpc_offload.reason}")
+            holder = self.pool.get(vf.pci)
+            if holder is not None and holder.key != att.key:
+                raise TryAgainLater(f"deviceID {vf.pci} is in use by attachment "
+                                    f"{'/'.join(holder.key)}")
 
     def _take(self, att: Attachment, remote: bool = False) -> tuple[sysfs.VF, sysfs.PF, Claim]:
         """The attachment's VF, claimed: the requested one, or the first free one. With
@@ -182,7 +211,7 @@ class SriovProvider(InterfaceProvider):
             claim = self._claim(att, vf)
             if not self.pool.claim(claim):
                 holder = self.pool.get(vf.pci)
-                raise InvalidConfig(f"deviceID {vf.pci} is in use by attachment "
+                raise TryAgainLater(f"deviceID {vf.pci} is in use by attachment "
                                     f"{'/'.join(holder.key) if holder else '(being released)'}")
             return vf, pf, claim
         candidates = self._candidates(remote)
@@ -212,27 +241,30 @@ class SriovProvider(InterfaceProvider):
         vf, pf, claim = self._take(att, remote)
         mac = (att.mac or attachment_mac(att.key)).lower()
         alias = podif.attachment_alias(*att.key)
-        with self.pool.locked(vf.pci), ExitStack() as undo:
+        with ExitStack() as undo:
             undo.callback(self._quietly, self._release, claim, att)
-            self.driver.set_vf(vf.pf, vf.index, mac=mac, spoofchk=True, trust=False)
-            if not remote:
-                self._take_representor(vf, att.host_ifname, alias)
-            out = att.model_copy(update={
-                "mac": mac, "pci_id": vf.pci, "interface": claim.mode, "provider": self.name,
-                "provider_state": {"pf": vf.pf, "vf": vf.index, "pf_pci": vf.pf_pci,
-                                   "pf_number": pf.number, "dpu": remote}})
-            if claim.mode == "vf":
-                pod = self._move_into_pod(vf, att, mtu, mac, alias)
-                out.mtu = pod.mtu
-                if switch.pod_tx_checksum_off:
-                    with netlink_errors(f"could not turn tx checksum offload off on "
-                                        f"{att.ifname} in netns {att.netns}"):
-                        podif.disable_tx_checksum(att.netns, att.ifname)
-            else:
-                out.mtu = None
-            if att.device_info_file:
-                self._write_device_info(att.device_info_file, vf,
-                                        None if remote else att.host_ifname)
+            with self.pool.locked(vf.pci):
+                self._save_original(claim)
+                self.driver.set_vf(vf.pf, vf.index, mac=mac, spoofchk=True, trust=False)
+                if not remote:
+                    self._take_representor(vf, att.host_ifname, alias, mtu)
+                out = att.model_copy(update={
+                    "mac": mac, "pci_id": vf.pci, "interface": claim.mode,
+                    "provider": self.name,
+                    "provider_state": {"pf": vf.pf, "vf": vf.index, "pf_pci": vf.pf_pci,
+                                       "pf_number": pf.number, "dpu": remote}})
+                if claim.mode == "vf":
+                    pod = self._move_into_pod(vf, att, mtu, mac, alias)
+                    out.mtu = pod.mtu
+                    if switch.pod_tx_checksum_off:
+                        with netlink_errors(f"could not turn tx checksum offload off on "
+                                            f"{att.ifname} in netns {att.netns}"):
+                            podif.disable_tx_checksum(att.netns, att.ifname)
+                else:
+                    out.mtu = mtu  # the VM's to set: the port takes no more
+                if att.device_info_file:
+                    self._write_device_info(att.device_info_file, vf,
+                                            None if remote else att.host_ifname)
             undo.pop_all()
         return out, leftover is not None
 
@@ -253,18 +285,22 @@ class SriovProvider(InterfaceProvider):
             self.pool.release(claim.pci)
             raise InvalidConfig("a host-vf attachment needs runtimeConfig.mac (the MAC the "
                                 "host gave the VF)")
-        with self.pool.locked(claim.pci), ExitStack() as undo:
+        with ExitStack() as undo:
             undo.callback(self._quietly, self._release, claim, att)
-            rep_vf = sysfs.VF(pf=claim.pf, pf_pci="", index=vf_index, pci=claim.pci,
-                              driver=None, netdev=None, representor=rep)
-            self._take_representor(rep_vf, att.host_ifname, podif.attachment_alias(*att.key))
+            with self.pool.locked(claim.pci):
+                rep_vf = sysfs.VF(pf=claim.pf, pf_pci="", index=vf_index, pci=claim.pci,
+                                  driver=None, netdev=None, representor=rep)
+                self._take_representor(rep_vf, att.host_ifname,
+                                       podif.attachment_alias(*att.key), mtu)
             undo.pop_all()
         return att.model_copy(update={"provider": self.name, "mtu": mtu,
                                       "provider_state": {"host_vf": host_vf,
                                                          "representor": rep}})
 
-    def _take_representor(self, vf: sysfs.VF, port: str, alias: str) -> None:
-        """Rename the VF's representor to the switch's port name and mark it as ours."""
+    def _take_representor(self, vf: sysfs.VF, port: str, alias: str,
+                          mtu: Optional[int] = None) -> None:
+        """Rename the VF's representor to the switch's port name, give it the VPC's MTU
+        and mark it as ours."""
         link = get_link(self.ipr, port)
         if link is None:
             link = get_link(self.ipr, vf.representor) if vf.representor else None
@@ -273,7 +309,8 @@ class SriovProvider(InterfaceProvider):
                                "is not in the node's namespace")
         with netlink_errors(f"could not take representor {vf.representor} as {port}"):
             self.ipr.link("set", index=link["index"], state="down")
-            podif.claim_port(self.ipr, link["index"], alias, ifname=port)
+            extra = {"mtu": mtu} if mtu else {}
+            podif.claim_port(self.ipr, link["index"], alias, ifname=port, **extra)
 
     def _move_into_pod(self, vf: sysfs.VF, att: Attachment, mtu: int, mac: str,
                        alias: str) -> podif.PodInterface:
@@ -287,7 +324,10 @@ class SriovProvider(InterfaceProvider):
             with podif.netns_fd(att.netns) as fd, netlink_errors(
                     f"could not move VF {vf.netdev} into netns {att.netns} as {att.ifname}"):
                 self.ipr.link("set", index=link["index"], state="down")
-                self.ipr.link("set", index=link["index"], net_ns_fd=fd, ifname=att.ifname)
+                # Marked in the same message: a crash right after the move leaves a
+                # netdev that DEL recognises as the attachment's and moves back.
+                self.ipr.link("set", index=link["index"], net_ns_fd=fd, ifname=att.ifname,
+                              ifalias=alias)
             with netlink_errors(f"could not configure {att.ifname} in netns {att.netns}"):
                 return podif.configure_interface(pod_ns, att.ifname, att.ips, att.routes,
                                                  mtu=mtu, mac=mac, alias=alias)
@@ -330,8 +370,11 @@ class SriovProvider(InterfaceProvider):
             self._return_representor(claim, att.host_ifname, alias)
             if att.device_info_file:
                 Path(att.device_info_file).unlink(missing_ok=True)
-            if claim.mode != "host-vf":
-                self.driver.restore_vf(claim.pf, claim.index, VfState.from_dict(claim.saved))
+            if claim.mode != "host-vf" and claim.saved:
+                for problem in self.driver.restore_vf(claim.pf, claim.index,
+                                                      VfState.from_dict(claim.saved)):
+                    LOG.warning("VF %s of %s: could not restore %s", claim.pci, claim.pf,
+                                problem)
             self.pool.release(claim.pci)
 
     def _move_back(self, claim: Claim, att: Attachment, alias: str) -> None:
@@ -357,12 +400,29 @@ class SriovProvider(InterfaceProvider):
                 LOG.info("netns %s of %s is gone: VF %s is restored through its PF only",
                          att.netns, "/".join(claim.key), claim.pci)
         link = get_link(self.ipr, claim.netdev) if claim.netdev else None
+        if link is None and claim.netdev:
+            link = self._returned_netdev(claim)
         if link is not None:
             with netlink_errors(f"could not restore VF netdev {claim.netdev}"):
                 settings = {"ifalias": ""}
                 if claim.mtu:
                     settings["mtu"] = claim.mtu
                 self.ipr.link("set", index=link["index"], state="down", **settings)
+
+    def _returned_netdev(self, claim: Claim):
+        """A VF netdev that came back to the host by itself (its pod's namespace went
+        away) under the kernel's name for it: found by PCI address, given its own name."""
+        try:
+            name = sysfs.vf_by_pci(self.settings.sysfsRoot, claim.pci).netdev
+        except (BackendError, InvalidConfig):
+            return None
+        link = get_link(self.ipr, name) if name and name != claim.netdev else None
+        if link is None:
+            return None
+        with netlink_errors(f"could not give VF netdev {name} ({claim.pci}) its name "
+                            f"{claim.netdev} back"):
+            self.ipr.link("set", index=link["index"], state="down", ifname=claim.netdev)
+        return get_link(self.ipr, claim.netdev)
 
     def _return_representor(self, claim: Claim, port: Optional[str], alias: str) -> None:
         if not claim.representor or not port:
@@ -397,16 +457,21 @@ class SriovProvider(InterfaceProvider):
         state = self.driver.get_vf(claim.pf, claim.index)
         if att.mac and state.mac.lower() != att.mac.lower():
             problems.append(f"VF {claim.pci} has admin MAC {state.mac}, recorded {att.mac}")
-        if not state.spoofchk:
+        if state.spoofchk is False:
             problems.append(f"VF {claim.pci} has spoof checking off")
         if claim.mode == "vf":
             problems += podif.check_pod(att)
         return problems
 
     def owned(self) -> dict[str, tuple[str, str, str]]:
+        """Representors renamed for an attachment, and every claim (by PCI address when
+        its representor was never taken: a crash right after the claim)."""
+        claims = {c.key: c for c in self.pool.all()}
         out = {}
         for link in self.ipr.link("dump"):
             key = podif.alias_attachment(link.get("IFLA_IFALIAS"))
-            if key is not None and self.pool.of(key) is not None:
+            if key is not None and key in claims:
                 out[link.get("IFLA_IFNAME")] = key
+        named = set(out.values())
+        out.update({c.pci: key for key, c in claims.items() if key not in named})
         return out

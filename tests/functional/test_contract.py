@@ -130,6 +130,10 @@ def test_gc_removes_what_is_not_valid(combo):
     ok(node.cni("GC", cfg))
     assert in_switch(node, switch, port_of(kept), 820)
     assert not in_switch(node, switch, port_of(dropped), 820)
+    if provider == "sriov":
+        # The dropped pod's VF is free again; the kept one's is still claimed.
+        claims = sorted(p.stem for p in (node.state_dir / "sriov" / "claims").glob("*.json"))
+        assert claims == [pod_side(kept)["pciID"]]
 
 
 def test_bad_input_is_a_clean_error_and_keeps_the_attachment(combo):
@@ -141,4 +145,8 @@ def test_bad_input_is_a_clean_error_and_keeps_the_attachment(combo):
     body = failed(node.cni("ADD", cfg | {"deviceID": "0000:0g:00.1"}, pod.container_id,
                            pod.netns), code=7)
     assert "deviceID" in body["msg"]
+    # Well formed but not a VF here: refused before the working attachment is touched.
+    body = failed(node.cni("ADD", cfg | {"deviceID": "0000:77:00.1"}, pod.container_id,
+                           pod.netns))
+    assert "0000:77:00.1" in body["msg"] and body["code"] in (7, 50)
     ok(node.cni("CHECK", cfg | {"prevResult": res}, pod.container_id, pod.netns))

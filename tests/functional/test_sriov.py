@@ -12,6 +12,7 @@ import json
 import os
 import signal
 import threading
+import time
 
 import pytest
 
@@ -120,8 +121,9 @@ def test_a_vf_in_use_is_not_given_twice_and_bad_device_ids_are_clean_errors(node
     cluster, n1, _ = nodes
     a, b = cluster.add_pod(n1, "a"), cluster.add_pod(n1, "b")
     cluster.attach(a, net("172.16.71.21/24", deviceID=n1.nic.vf_pci(1)))
+    # In use: try again later (its holder's DEL may be on its way).
     body = failed(n1.cni("ADD", net("172.16.71.22/24", deviceID=n1.nic.vf_pci(1)),
-                         b.container_id, b.netns), code=7)
+                         b.container_id, b.netns), code=11)
     assert n1.nic.vf_pci(1) in body["msg"] and "in use" in body["msg"]
     body = failed(n1.cni("ADD", net("172.16.71.22/24", deviceID="0000:99:00.1"),
                          b.container_id, b.netns), code=7)
@@ -171,28 +173,25 @@ def test_200_parallel_add_del_cycles_never_give_a_vf_twice(cluster, eight_vfs):
     node = eight_vfs
     fresh = {i: vf_state(node, i) for i in range(8)}
     pods = [cluster.add_pod(node, f"p{i}") for i in range(8)]
-    errors, taken, done = [], [], []
+    errors, held = [], []  # held: (pci, ADD answered, DEL sent) per cycle
     lock = threading.Lock()
 
     def cycle(i: int, pod) -> None:
         for round_ in range(25):
             cfg = net(f"172.16.{72 + i}.{round_ + 1}/24", interface="vf")
             res = node.cni("ADD", cfg, pod.container_id, pod.netns)
-            if res.ok:
-                pci = [x for x in res.json["interfaces"] if x.get("sandbox")][0]["pciID"]
-                with lock:
-                    if pci in taken:
-                        errors.append(f"{pci} given twice")
-                    taken.append(pci)
-                    done.append(pci)
-                # Held from ADD's answer until DEL is sent (it is released inside DEL).
-                with lock:
-                    taken.remove(pci)
-                del_res = node.cni("DEL", cfg, pod.container_id, pod.netns)
-                if not del_res.ok:
-                    errors.append(del_res.stdout)
-            elif json.loads(res.stdout)["code"] not in (50, 11):
-                errors.append(res.stdout)
+            if not res.ok:
+                if json.loads(res.stdout)["code"] not in (50, 11):
+                    errors.append(res.stdout)
+                continue
+            got = time.monotonic()
+            pci = [x for x in res.json["interfaces"] if x.get("sandbox")][0]["pciID"]
+            sent = time.monotonic()
+            del_res = node.cni("DEL", cfg, pod.container_id, pod.netns)
+            with lock:
+                held.append((pci, got, sent))
+            if not del_res.ok:
+                errors.append(del_res.stdout)
 
     threads = [threading.Thread(target=cycle, args=(i, p)) for i, p in enumerate(pods)]
     for t in threads:
@@ -200,7 +199,16 @@ def test_200_parallel_add_del_cycles_never_give_a_vf_twice(cluster, eight_vfs):
     for t in threads:
         t.join()
     assert not errors, errors
-    assert len(done) == 200
+    assert len(held) == 200
+    # A VF is held from its ADD's answer until its DEL is sent: no two holds of one VF
+    # may overlap (the ADD that got it again answered after the DEL that freed it began).
+    by_vf: dict[str, list] = {}
+    for pci, got, sent in held:
+        by_vf.setdefault(pci, []).append((got, sent))
+    for pci, spans in by_vf.items():
+        spans.sort()
+        for (a_got, a_sent), (b_got, _) in zip(spans, spans[1:]):
+            assert b_got > a_sent, f"{pci} given twice"
     assert {i: vf_state(node, i) for i in range(8)} == fresh
     assert_all_vfs_back(node)
 
