@@ -32,7 +32,7 @@ STEPS = [
     ("attach (veth, pod config, GARP)", "vpcni.backends.kernel.backend:KernelBackend.attach"),
     ("pod interface config", "vpcni.backends.common.podif:configure_interface"),
     ("gratuitous ARP (AF_PACKET socket)", "vpcni.backends.common.podif:announce"),
-    ("socket made inside a netns (thread + setns)", "vpcni.backends.common.podif:_socket_in"),
+    ("socket made inside a netns (thread + setns)", "vpcni.backends.common.podif:socket_in"),
     ("detach", "vpcni.backends.kernel.backend:KernelBackend.detach"),
     ("release_network", "vpcni.backends.kernel.backend:KernelBackend.release_network"),
     ("result conversion", "vpcni.cni.versions:convert"),

@@ -23,7 +23,7 @@ import threading
 import time
 from typing import Optional
 
-from vpcni.backends.common.podif import _socket_in, netns_fd
+from vpcni.backends.common.podif import socket_in, netns_fd
 
 ETH_P_ALL = 0x0003
 ETH_P_ARP = 0x0806
@@ -51,7 +51,7 @@ class FirstReply:
 
     def __init__(self, netns: str, ifname: str, src: str, interval: float = 0.005):
         with netns_fd(netns) as fd:
-            self.sock = _socket_in(fd, socket.AF_PACKET, socket.SOCK_RAW, socket.htons(ETH_P_ALL))
+            self.sock = socket_in(fd, socket.AF_PACKET, socket.SOCK_RAW, socket.htons(ETH_P_ALL))
         self.sock.bind((ifname, ETH_P_ALL))
         self.mac = self.sock.getsockname()[4]
         self.src = ipaddress.IPv4Address(src)
@@ -139,7 +139,7 @@ class NeighbourWatch:
 
     def __init__(self, netns: str):
         with netns_fd(netns) as fd:
-            self.sock = _socket_in(fd, socket.AF_NETLINK, socket.SOCK_RAW, NETLINK_ROUTE)
+            self.sock = socket_in(fd, socket.AF_NETLINK, socket.SOCK_RAW, NETLINK_ROUTE)
         self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4 << 20)
         self.sock.bind((0, RTMGRP_NEIGH))
         self._thread: Optional[threading.Thread] = None

@@ -96,6 +96,10 @@ class NetworkConfig(BaseModel):
     # representor the DPU puts into its switch (what a host's `dpu` switch sends).
     interface: Literal["veth", "vf", "host-vf"] = "veth"
     hostVF: Optional[str] = Field(default=None, pattern=r"^pf[0-9]{1,3}vf[0-9]{1,4}$")
+    # Settings of the attachment's VF, applied through its PF (vlan, qos, vlan_proto,
+    # spoofchk, trust, link_state, min_tx_rate, max_tx_rate): the sriov provider's
+    # to validate and apply (docs/backends/sriov.md).
+    vf: Optional[dict[str, Any]] = None
     # The VF Multus (from the device plugin) puts in the config: top-level deviceID
     # (pciBusID is an older spelling of it), or runtimeConfig.deviceID.
     deviceID: Optional[str] = Field(default=None, pattern=PCI_PATTERN)

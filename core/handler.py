@@ -146,6 +146,8 @@ class Handler:
         provider = self.provider_for(cfg, device_id)
         interface = "host-vf" if cfg.interface == "host-vf" else "veth"
         provider_state = {"host_vf": cfg.hostVF} if cfg.hostVF else {}
+        if cfg.vf is not None:
+            provider_state["vf"] = cfg.vf
         provider.preflight(Attachment(network=cfg.name, vni=cfg.vni,
                                       container_id=req.container_id, ifname=req.ifname,
                                       backend=backend.name, provider=provider.name,

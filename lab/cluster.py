@@ -214,6 +214,8 @@ class Cluster:
                                      "pfDriver": "simulated",
                                      "simulatedStateFile": str(node.nic.state_file)}
                            } | node_config
+            if "ovs" in node_config:
+                node_config["ovs"] = node_config["ovs"] | {"sysfsRoot": str(node.nic.sysfs_root)}
         if agent:
             node_config = {"mode": "agent", "agentSocket": str(node.dir / "agent.sock"),
                            "healthAddress": "127.0.0.1:9471"} | node_config

@@ -1,4 +1,4 @@
-"""What the running kernel can do, from /sys/module and the module lists."""
+"""What the running kernel and its NICs can do, from sysfs and the module lists."""
 
 from __future__ import annotations
 
@@ -24,3 +24,22 @@ def kernel_support(module: str) -> Optional[str]:
         except OSError:
             continue
     return None
+
+
+def switchdev_ports(sysfs_root: Path = Path("/sys")) -> list[str]:
+    """Netdevs of NICs whose embedded switch is in switchdev mode (mlx5's
+    `compat/devlink/mode`), whose representors can carry offloaded flows."""
+    found = []
+    try:
+        names = sorted(p.name for p in (Path(sysfs_root) / "class" / "net").iterdir())
+    except OSError:
+        return found
+    for name in names:
+        try:
+            mode = (Path(sysfs_root) / "class" / "net" / name / "compat" / "devlink" /
+                    "mode").read_text().strip()
+        except OSError:
+            continue
+        if mode == "switchdev":
+            found.append(name)
+    return found

@@ -125,7 +125,7 @@ def netns_fd(path: Optional[str]) -> Iterator[int]:
         os.close(fd)
 
 
-def _socket_in(fd: int, family: int, kind: int, proto: int) -> socket.socket:
+def socket_in(fd: int, family: int, kind: int, proto: int) -> socket.socket:
     """A socket living in the namespace `fd` refers to.
 
     A short-lived thread enters the namespace (setns moves only the calling
@@ -151,7 +151,7 @@ def _socket_in(fd: int, family: int, kind: int, proto: int) -> socket.socket:
 
 
 def _netlink_socket_in(fd: int) -> socket.socket:
-    return _socket_in(fd, socket.AF_NETLINK, socket.SOCK_DGRAM, NETLINK_ROUTE)
+    return socket_in(fd, socket.AF_NETLINK, socket.SOCK_DGRAM, NETLINK_ROUTE)
 
 
 ETH_P_ARP = 0x0806
@@ -167,7 +167,7 @@ def send_only_packet_socket(netns_fd: Optional[int] = None) -> socket.socket:
     """
     if netns_fd is None:
         return socket.socket(socket.AF_PACKET, socket.SOCK_RAW, 0)
-    return _socket_in(netns_fd, socket.AF_PACKET, socket.SOCK_RAW, 0)
+    return socket_in(netns_fd, socket.AF_PACKET, socket.SOCK_RAW, 0)
 
 
 def gratuitous_arp(mac: str, ip: ipaddress.IPv4Address) -> bytes:
@@ -211,7 +211,7 @@ def disable_tx_checksum(path: str, ifname: str) -> None:
     so the peer drops every TCP segment (measured: pings pass, TCP does not).
     """
     with netns_fd(path) as fd:
-        sock = _socket_in(fd, socket.AF_INET, socket.SOCK_DGRAM, 0)
+        sock = socket_in(fd, socket.AF_INET, socket.SOCK_DGRAM, 0)
     with sock:
         value = array.array("I", [ETHTOOL_STXCSUM, 0])
         # struct ifreq: 16 bytes of name, then a union of 24 whose first member

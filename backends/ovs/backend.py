@@ -26,6 +26,7 @@ from typing import Iterator, Optional
 
 from pyroute2 import IPRoute
 
+from vpcni.backends.common.modules import switchdev_ports
 from vpcni.backends.common.nft import load_binding
 from vpcni.backends.common import podif
 from vpcni.core.backend import Backend
@@ -75,6 +76,7 @@ class OvsBackend(Backend):
         self._guard = threading.Lock()
         self._locks: dict[str, threading.Lock] = {}
         self.host_ports = HostPortGuard()
+        self._offload_checked = False
 
     @property
     def switch(self) -> sw.Switch:
@@ -177,9 +179,27 @@ class OvsBackend(Backend):
         underlay = self._underlay()
         pod_mtu(net, underlay)
         self.host_ports.ensure(check=False)
+        self._ensure_hw_offload()
         self.switch.ensure_network(net.vni, str(underlay.address), net.port)
         with self._lock("base"):
             self.switch.converge(fl.cookie(fl.BASE), fl.base_flows(self.switch.tunnels().values()))
+
+    def _ensure_hw_offload(self) -> None:
+        """other_config:hw-offload as the config says, or on when a switchdev NIC is here:
+        its VF representors are ports of br-int, and their flows go to the NIC."""
+        if self._offload_checked:
+            return
+        wanted = self.settings.hwOffload
+        if wanted is None:
+            ports = switchdev_ports(self.settings.sysfsRoot)
+            wanted = bool(ports) or None
+        if wanted is not None:
+            have = self.switch.hw_offload()
+            if have != ("true" if wanted else "false"):
+                self.switch.set_hw_offload(wanted)
+                LOG.warning("set other_config:hw-offload=%s on Open vSwitch; ovs-vswitchd "
+                            "applies it when it restarts", "true" if wanted else "false")
+        self._offload_checked = True
 
     def release_network(self, vni: int) -> None:
         if not self.switch.bridge_exists():

@@ -24,6 +24,10 @@ class OvsConfig(BaseModel):
     # system: the kernel datapath (production); netdev: the userspace datapath,
     # for nodes without the openvswitch kernel module.
     datapathType: Literal["system", "netdev"] = "system"
+    # other_config:hw-offload: null follows the node (on when a NIC in switchdev mode
+    # is found under sysfsRoot); true/false decide. ovs-vswitchd reads it at start.
+    hwOffload: Optional[bool] = None
+    sysfsRoot: Path = Path("/sys")
 
     @property
     def db_socket(self) -> Path:

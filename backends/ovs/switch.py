@@ -101,6 +101,16 @@ class Switch:
         rows = self.api.db_list(table, [name], if_exists=True).execute(check_error=True)
         return rows[0] if rows else None
 
+    def hw_offload(self) -> Optional[str]:
+        """other_config:hw-offload of the Open_vSwitch record, if set."""
+        rows = self.api.db_list("Open_vSwitch", columns=["other_config"]).execute(
+            check_error=True)
+        return rows[0]["other_config"].get("hw-offload") if rows else None
+
+    def set_hw_offload(self, on: bool) -> None:
+        self.transact("hw-offload", self.api.db_set(
+            "Open_vSwitch", ".", ("other_config", {"hw-offload": "true" if on else "false"})))
+
     def bridge_exists(self) -> bool:
         return self.row("Bridge", self.bridge) is not None
 

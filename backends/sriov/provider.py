@@ -42,7 +42,7 @@ from vpcni.core.models import Attachment, Capabilities, Probe, VpcNetwork
 
 from . import sysfs
 from .config import SriovConfig
-from .pfdriver import NetlinkPfDriver, PfDriver, SimulatedPfDriver, VfState
+from .pfdriver import NetlinkPfDriver, PfDriver, SimulatedPfDriver, VfState, check_settings
 from .pool import Claim, VfPool
 
 LOG = logging.getLogger(__name__)
@@ -177,6 +177,22 @@ class SriovProvider(InterfaceProvider):
             claim.mtu = link.get("IFLA_MTU") if link is not None else None
         self.pool.update(claim)
 
+    @staticmethod
+    def _vf_settings(att: Attachment) -> dict:
+        """The network's `vf` settings, checked, over the defaults: spoof checking on and
+        trust off, whatever the VF had (a pod must not send as another)."""
+        raw = att.provider_state.get("vf") or {}
+        if not isinstance(raw, dict):
+            raise InvalidConfig(f"network config: invalid 'vf' = {raw!r}: must be an object")
+        try:
+            settings = check_settings(raw)
+        except InvalidConfig as exc:
+            raise InvalidConfig(f"network config 'vf': {exc.msg}") from None
+        if "mac" in settings:
+            raise InvalidConfig("network config 'vf': the MAC is runtimeConfig.mac's "
+                                "(or CNI_ARGS MAC), not a VF setting")
+        return {"spoofchk": True, "trust": False} | settings
+
     def preflight(self, att: Attachment, switch: Capabilities) -> None:
         """What plug would refuse, checked before an earlier attachment is torn down."""
         remote = "remote-representor" in switch.ports
@@ -190,6 +206,7 @@ class SriovProvider(InterfaceProvider):
             return
         if not remote and "representor" not in switch.ports:
             raise NotAvailable("the node's switch cannot take a VF representor as a port")
+        self._vf_settings(att)
         if att.pci_id:
             vf, pf = self._requested(att.pci_id)
             if not remote and not pf.vpc_offload.possible:
@@ -245,7 +262,7 @@ class SriovProvider(InterfaceProvider):
             undo.callback(self._quietly, self._release, claim, att)
             with self.pool.locked(vf.pci):
                 self._save_original(claim)
-                self.driver.set_vf(vf.pf, vf.index, mac=mac, spoofchk=True, trust=False)
+                self.driver.set_vf(vf.pf, vf.index, mac=mac, **self._vf_settings(att))
                 if not remote:
                     self._take_representor(vf, att.host_ifname, alias, mtu)
                 out = att.model_copy(update={
@@ -365,7 +382,10 @@ class SriovProvider(InterfaceProvider):
         """Put the VF back as it was and give it back to the pool; what is gone is fine."""
         alias = podif.attachment_alias(*claim.key)
         with self.pool.locked(claim.pci):
-            if claim.mode == "vf":
+            if claim.mode == "vf" and self._now_userspace(claim):
+                LOG.warning("VF %s was rebound to a user-space driver since its ADD: "
+                            "nothing to move back", claim.pci)
+            elif claim.mode == "vf":
                 self._move_back(claim, att, alias)
             self._return_representor(claim, att.host_ifname, alias)
             if att.device_info_file:
@@ -408,6 +428,13 @@ class SriovProvider(InterfaceProvider):
                 if claim.mtu:
                     settings["mtu"] = claim.mtu
                 self.ipr.link("set", index=link["index"], state="down", **settings)
+
+    def _now_userspace(self, claim: Claim) -> bool:
+        """The VF's driver as sysfs says now (it may have changed since ADD)."""
+        try:
+            return sysfs.vf_by_pci(self.settings.sysfsRoot, claim.pci).userspace
+        except (BackendError, InvalidConfig):
+            return False
 
     def _returned_netdev(self, claim: Claim):
         """A VF netdev that came back to the host by itself (its pod's namespace went

@@ -74,6 +74,13 @@ def test_add_builds_a_pod_interface_whose_port_is_in_the_switch(combo):
     assert in_switch(node, switch, port_of(res), 820)
     ok(node.cni("CHECK", net(addr="172.16.82.1/24", prevResult=res), pod.container_id,
                 pod.netns))
+    if switch == "ovs":
+        from tests.functional.leftovers import node_ovs
+
+        # A switchdev NIC on the node: OVS is told to offload (the simulated one is
+        # in switchdev mode whenever the provider is sriov).
+        offload = node_ovs(node).vsctl("get", "Open_vSwitch", ".", "other_config").strip()
+        assert ('hw-offload="true"' in offload) == (provider == "sriov"), offload
 
 
 def test_add_is_repeatable_and_del_twice_leaves_nothing(combo):

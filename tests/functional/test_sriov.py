@@ -271,3 +271,22 @@ def test_probe_on_a_switchdev_a_legacy_and_a_plain_node(cluster):
     assert "sriov      no" in out["plain"] and "no SR-IOV PF" in out["plain"]
     for text in out.values():
         assert "veth       yes" in text and "this node uses: kernel" in text
+
+
+def test_vf_settings_from_the_network_are_applied_and_restored(nodes):
+    cluster, n1, _ = nodes
+    pod = cluster.add_pod(n1, "s")
+    before = vf_state(n1, 0)
+    cfg = net("172.16.71.51/24", interface="vf", vf={"vlan": 10, "qos": 2, "trust": True,
+                                                     "max_tx_rate": 1000})
+    cluster.attach(pod, cfg)
+    state = vf_state(n1, 0)
+    assert (state["vlan"], state["qos"], state["trust"], state["max_tx_rate"],
+            state["spoofchk"]) == (10, 2, True, 1000, True)
+    cluster.detach(pod, cfg)
+    assert vf_state(n1, 0) == before
+    for bad, words in (({"vlan": 5000}, "vlan 5000"), ({"colour": 1}, "colour"),
+                       ({"mac": "02:00:00:00:00:09"}, "runtimeConfig.mac")):
+        body = failed(n1.cni("ADD", net("172.16.71.51/24", interface="vf", vf=bad),
+                             pod.container_id, pod.netns), code=7)
+        assert "'vf'" in body["msg"] and words in body["msg"], body

@@ -2,7 +2,7 @@
 
 import struct
 
-from vpcni.lab.frames import _checksum, arp_frame, vxlan_frame
+from vpcni.lab.frames import checksum, arp_frame, vxlan_frame
 
 
 def test_vxlan_frame_layout_and_ip_checksum():
@@ -11,7 +11,7 @@ def test_vxlan_frame_layout_and_ip_checksum():
                     301, inner)
     assert f[12:14] == b"\x08\x00"
     ip = f[14:34]
-    assert _checksum(ip) == 0                      # a valid header sums to 0xffff
+    assert checksum(ip) == 0                      # a valid header sums to 0xffff
     assert struct.unpack("!H", ip[2:4])[0] == len(f) - 14
     udp = f[34:42]
     assert struct.unpack("!HH", udp[:4])[1] == 4789
