@@ -196,9 +196,6 @@ class Handler:
                     caps = backend.describe()
                     att, leftovers = provider.plug(net, att, backend.pod_mtu(net), caps)
                     undo.callback(self._undo, kept, provider.unplug, att)
-                    # What the provider built (a VF's address, its kind) is on record
-                    # before the port joins the switch.
-                    self.store.put(att)
                     if att.host_ifname:
                         if leftovers:
                             # A crashed earlier ADD may have left filters of other addresses.

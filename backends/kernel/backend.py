@@ -217,8 +217,8 @@ class KernelBackend(Backend):
             raise BackendError(f"port {host} of attachment {'/'.join(att.key)} is missing or "
                                "not marked as its own")
         with netlink_errors(f'could not add "{host}" to {bridge}'):
-            netlink.set_link(self.ipr, link["index"], master=bridge_index)
-            netlink.set_link(self.ipr, link["index"], state="up")
+            # One message: the kernel enslaves the port before it applies the up flag.
+            netlink.set_link(self.ipr, link["index"], master=bridge_index, state="up")
         # Until this the port drops everything (the guard fails closed).
         self.guard.add_port(host, att.mac, [ip.address.ip for ip in att.ips])
         # The pods of this node that knew the address behind another MAC
