@@ -19,6 +19,7 @@ import os
 import signal
 import socket
 import socketserver
+from concurrent.futures import ThreadPoolExecutor
 import threading
 import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -36,15 +37,28 @@ from .metrics import Metrics
 
 LOG = logging.getLogger("vpcni.agent")
 MAX_REQUEST = 4 * 1024 * 1024
+# Worker threads for the shim's requests (CNI calls run in parallel up to this).
+REQUEST_WORKERS = 16
+# How long a client may take to send its request.
+REQUEST_READ_TIMEOUT = 10.0
 GOBGPD_RESTART_GRACE = 20.0
 
 
-class _RequestServer(socketserver.ThreadingMixIn, socketserver.UnixStreamServer):
-    daemon_threads = True
+class _RequestServer(socketserver.UnixStreamServer):
+    """The shim's requests, served by a fixed pool of worker threads.
+
+    Not a thread per request: pyroute2 keeps per-thread state (an event loop
+    and its sockets) for every thread that uses a shared IPRoute, so a new
+    thread per request leaked descriptors and memory on every ADD and DEL.
+    A fixed pool bounds that state by the pool's size.
+    """
+
     allow_reuse_address = True
 
     def __init__(self, path: str, agent: "Agent"):
         self.agent = agent
+        self._pool = ThreadPoolExecutor(max_workers=REQUEST_WORKERS,
+                                        thread_name_prefix="vpcni-request")
         super().__init__(path, _RequestHandler, bind_and_activate=False)
         old = os.umask(0o177)  # the socket is born 0600: no window with wider access
         try:
@@ -55,8 +69,26 @@ class _RequestServer(socketserver.ThreadingMixIn, socketserver.UnixStreamServer)
         self.server_activate()
 
 
+    def process_request(self, request, client_address) -> None:
+        self._pool.submit(self._serve_one, request, client_address)
+
+    def _serve_one(self, request, client_address) -> None:
+        try:
+            self.finish_request(request, client_address)
+        except Exception:
+            self.handle_error(request, client_address)
+        finally:
+            self.shutdown_request(request)
+
+    def server_close(self) -> None:
+        super().server_close()
+        self._pool.shutdown(wait=False, cancel_futures=True)
+
+
 class _RequestHandler(socketserver.StreamRequestHandler):
     def handle(self) -> None:
+        # A client that connects and sends nothing cannot hold a worker for long.
+        self.request.settimeout(REQUEST_READ_TIMEOUT)
         data = b""
         while len(data) <= MAX_REQUEST:
             chunk = self.request.recv(65536)

@@ -119,3 +119,23 @@ def test_agent_not_ready_without_gobgpd(cluster, tmp_path):
     assert status["ready"] is False and "gobgpd" in status["readyReason"]
     code, body = http_get(node, "/readyz")
     assert code == 503 and "gobgpd" in body
+
+
+def test_add_del_cycles_do_not_leak_descriptors_or_threads(cluster):
+    """The agent serves requests from a fixed pool of threads: pyroute2's per-thread
+    state (an event loop and its sockets) no longer piles up with every request."""
+    node = cluster.add_node("n1", "198.51.100.1", agent=True, backend="kernel")
+    pid = node.ns.sandbox.pids(node.ns.name, "vpcnictl")[0]
+    pod = cluster.add_pod(node, "a")
+    cfg = seed_network("vpc-leak", 960, "172.16.96.1/24")
+
+    def cycles(n: int) -> None:
+        for _ in range(n):
+            cluster.attach(pod, cfg)
+            cluster.detach(pod, cfg)
+
+    cycles(10)  # the pool's threads and the backends' sockets exist now
+    fds, threads = (len(os.listdir(f"/proc/{pid}/{d}")) for d in ("fd", "task"))
+    cycles(40)
+    assert len(os.listdir(f"/proc/{pid}/fd")) <= fds + 2
+    assert len(os.listdir(f"/proc/{pid}/task")) <= threads + 2
