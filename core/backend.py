@@ -28,7 +28,7 @@ from typing import Callable, ClassVar, Optional
 from pydantic import BaseModel
 
 from .config import NodeConfig
-from .errors import BackendError, NotAvailable, VpcniError
+from .errors import BackendError, InvalidConfig, NotAvailable, VpcniError
 from .models import Attachment, Capabilities, Owned, Probe, RemoteState, VpcNetwork
 
 LOG = logging.getLogger(__name__)
@@ -221,6 +221,8 @@ def probe_one(node: NodeConfig, name: str, group: str = INTERFACES) -> Probe:
         if ext.name == name:
             try:
                 return ext.plugin.probe(node)
+            except InvalidConfig:
+                raise  # its node config section is wrong: code 7 naming the field, not 50
             except Exception as exc:
                 return Probe(name=name, available=False, reason=f"probe failed: {exc}")
     installed = ", ".join(sorted(e.name for e in mgr)) or "none"

@@ -290,3 +290,13 @@ def test_vf_settings_from_the_network_are_applied_and_restored(nodes):
         body = failed(n1.cni("ADD", net("172.16.71.51/24", interface="vf", vf=bad),
                              pod.container_id, pod.netns), code=7)
         assert "'vf'" in body["msg"] and words in body["msg"], body
+
+
+def test_a_bad_sriov_section_is_a_config_error(cluster):
+    node = cluster.add_node("n1", N1, nic={"vfs": 1, "mode": "switchdev"})
+    node.write_node_config(**(node.node_config | {"sriov": node.node_config["sriov"] | {
+        "pfDriver": "simulated", "simulatedStateFile": None}}))
+    pod = cluster.add_pod(node, "a")
+    body = failed(node.cni("ADD", net("172.16.71.61/24", interface="vf"), pod.container_id,
+                           pod.netns), code=7)
+    assert "sriov" in body["msg"] and "simulatedStateFile" in body["msg"], body
