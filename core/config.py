@@ -205,6 +205,9 @@ class NodeConfig(BaseModel):
     # plugin process (standalone: no agent, static flood list only).
     mode: Literal["agent", "standalone"] = "agent"
     agentSocket: Path = Path("/run/vpcni/agent.sock")
+    # Standalone mode: the Python that has vpcni installed, which the shim execs
+    # (default: the one it was built for by `vpcnictl install-cni`).
+    standalonePython: Optional[Path] = None
     # Agent only: EVPN (absent: static flood lists only), health/metrics
     # HTTP address ("" disables it), full reconcile period in seconds.
     evpn: Optional[EvpnConfig] = None

@@ -87,8 +87,13 @@ def cmd_status(args) -> int:
 def cmd_install_cni(args) -> int:
     from vpcni.cni.install import install_shim
 
-    target = install_shim(args.dest, args.python)
-    print(f"installed {target} (run by {args.python} -S; standalone mode runs {sys.executable})")
+    try:
+        target = install_shim(args.dest, args.python, kind=args.kind)
+    except (OSError, RuntimeError) as exc:
+        print(f"vpcnictl install-cni: {exc}", file=sys.stderr)
+        return 1
+    how = "static Go binary" if args.kind == "go" else f"run by {args.python} -S"
+    print(f"installed {target} ({how}; standalone mode runs {sys.executable})")
     return 0
 
 
@@ -256,8 +261,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_status)
     p = sub.add_parser("install-cni", help="install the vpcni shim into a CNI bin dir")
     p.add_argument("--dest", default="/opt/cni/bin", help="CNI bin dir (default /opt/cni/bin)")
+    p.add_argument("--kind", choices=["go", "python"], default="go",
+                   help="the static Go shim (default; built with the Go toolchain) or the "
+                        "Python one")
     p.add_argument("--python", default="/usr/bin/python3",
-                   help="interpreter for the shim (stdlib only; default /usr/bin/python3)")
+                   help="interpreter for the Python shim (stdlib only; default /usr/bin/python3)")
     p.set_defaults(func=cmd_install_cni)
     p = sub.add_parser("lab", help="a simulated multi-node cluster in network namespaces")
     p.add_argument("action", choices=["up", "check", "down"])

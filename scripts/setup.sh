@@ -34,4 +34,7 @@ fi
 # gobgpd's gRPC stubs, generated from the .proto files of the installed gobgpd
 # (golang-github-osrg-gobgp-dev), pinned to its version; never committed.
 .venv/bin/python -m vpcni.evpn.genstubs
+# The `vpcni` executable runtimes exec: a static Go program, built once (cached
+# under /var/cache/vpcni) for this venv's Python (its standalone mode).
+.venv/bin/python -c 'import sys; from vpcni.cni.install import build_go_shim; print("setup: shim", build_go_shim(sys.executable))'
 echo "setup: done ($(.venv/bin/python --version), vpcni at $(readlink -f .venv/bin/vpcni))"

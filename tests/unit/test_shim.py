@@ -2,12 +2,15 @@
 
 import ast
 import json
+import re
 import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 from vpcni.cni import shim, versions
-from vpcni.cni.install import install_shim
+from vpcni.cni.install import GO_SOURCE, install_shim
 
 STDLIB = set(sys.stdlib_module_names)
 
@@ -24,8 +27,9 @@ def test_shim_imports_only_the_standard_library_at_top_level():
     assert names and names <= STDLIB, names - STDLIB
 
 
-def test_installed_shim_runs_without_site_packages(tmp_path):
-    target = install_shim(tmp_path, "/usr/bin/python3", standalone_python="/nonexistent/python")
+def test_installed_python_shim_runs_without_site_packages(tmp_path):
+    target = install_shim(tmp_path, "/usr/bin/python3", standalone_python="/nonexistent/python",
+                          kind="python")
     assert target.read_text().startswith("#!/usr/bin/python3 -S\n")
     assert "STANDALONE_PYTHON = '/nonexistent/python'" in target.read_text()
     env = {"CNI_COMMAND": "VERSION", "PATH": "/usr/bin:/bin"}
@@ -36,8 +40,10 @@ def test_installed_shim_runs_without_site_packages(tmp_path):
                                       "supportedVersions": list(versions.SUPPORTED)}
 
 
-def test_unreadable_node_config_and_no_agent_is_a_config_error(tmp_path):
-    target = install_shim(tmp_path, "/usr/bin/python3", standalone_python="/nonexistent/python")
+@pytest.mark.parametrize("kind", ["go", "python"])
+def test_unreadable_node_config_and_no_agent_is_a_config_error(tmp_path, kind):
+    target = install_shim(tmp_path, "/usr/bin/python3", standalone_python="/nonexistent/python",
+                          kind=kind)
     env = {"CNI_COMMAND": "ADD", "PATH": "/usr/bin:/bin",
            "VPCNI_NODE_CONFIG": str(tmp_path / "missing.json")}
     out = subprocess.run([str(target)], input=b'{"cniVersion": "1.0.0"}', env=env,
@@ -45,3 +51,41 @@ def test_unreadable_node_config_and_no_agent_is_a_config_error(tmp_path):
     body = json.loads(out.stdout)
     assert out.returncode == 1 and body["code"] == 7
     assert str(tmp_path / "missing.json") in body["msg"]
+
+
+def test_go_shim_versions_match_the_spec_layer():
+    listed = re.search(r"supportedVersions = \[\]string\{([^}]*)\}", GO_SOURCE.read_text())
+    assert tuple(v.strip().strip('"') for v in listed.group(1).split(",")) == versions.SUPPORTED
+
+
+def test_go_shim_is_static_and_answers_version(tmp_path):
+    target = install_shim(tmp_path, standalone_python="/nonexistent/python")
+    assert not target.read_bytes().startswith(b"#!")
+    assert b"/lib64/ld-linux" not in target.read_bytes()  # no dynamic loader: static
+    out = subprocess.run([str(target)], input=b'{"cniVersion": "0.4.0"}',
+                         env={"CNI_COMMAND": "VERSION"}, capture_output=True, timeout=30)
+    assert out.returncode == 0, out.stderr
+    assert json.loads(out.stdout) == {"cniVersion": "0.4.0",
+                                      "supportedVersions": list(versions.SUPPORTED)}
+
+
+def test_go_shim_spools_a_del_when_the_agent_is_away(tmp_path):
+    target = install_shim(tmp_path / "bin", standalone_python="/nonexistent/python")
+    node = tmp_path / "node.json"
+    node.write_text(json.dumps({"agentSocket": str(tmp_path / "none.sock"),
+                                "stateDir": str(tmp_path / "state")}))
+    env = {"CNI_COMMAND": "DEL", "CNI_CONTAINERID": "c1", "CNI_IFNAME": "eth1",
+           "VPCNI_NODE_CONFIG": str(node), "CNI_NETNS": "/x", "UNRELATED": "no"}
+    out = subprocess.run([str(target)], input=b'{"cniVersion": "1.0.0", "name": "n"}', env=env,
+                         capture_output=True, timeout=30)
+    assert out.returncode == 0 and out.stdout == b"", out
+    [spooled] = (tmp_path / "state" / "pending-del").iterdir()
+    body = json.loads(spooled.read_text())
+    assert body["stdin"] == '{"cniVersion": "1.0.0", "name": "n"}'
+    assert body["env"]["CNI_CONTAINERID"] == "c1" and "UNRELATED" not in body["env"]
+    env["CNI_COMMAND"] = "ADD"
+    out = subprocess.run([str(target)], input=b'{"cniVersion": "1.0.0"}', env=env,
+                         capture_output=True, timeout=30)
+    body = json.loads(out.stdout)
+    assert out.returncode == 1 and body["code"] == 11 and str(tmp_path / "none.sock") in body["msg"]
+    assert body["cniVersion"] == "1.0.0"
