@@ -95,11 +95,13 @@ func readNodeConfig(path string) (nodeConfig, string) {
 		}
 		return cfg, "cannot read JSON: " + err.Error()
 	}
-	// Wrongly typed keys are the agent's to report; the shim takes what it can.
-	for key, dst := range map[string]*string{"mode": &cfg.Mode, "agentSocket": &cfg.AgentSocket,
-		"stateDir": &cfg.StateDir, "standalonePython": &cfg.StandalonePython} {
-		if v, ok := raw[key]; ok {
-			json.Unmarshal(v, dst)
+	for _, key := range []string{"mode", "agentSocket", "stateDir", "standalonePython"} {
+		dst := map[string]*string{"mode": &cfg.Mode, "agentSocket": &cfg.AgentSocket,
+			"stateDir": &cfg.StateDir, "standalonePython": &cfg.StandalonePython}[key]
+		if v, ok := raw[key]; ok && string(v) != "null" {
+			if err := json.Unmarshal(v, dst); err != nil {
+				return cfg, fmt.Sprintf("invalid '%s' = %s: must be a string", key, v)
+			}
 		}
 	}
 	return cfg, ""
@@ -226,6 +228,11 @@ func run() int {
 		cfgPath = defaultNodeConfig
 	}
 	node, problem := readNodeConfig(cfgPath)
+	if strings.HasPrefix(problem, "invalid ") {
+		// A key of the shim's own is malformed: no guessing which agent was meant.
+		stdin, _ := io.ReadAll(os.Stdin)
+		return cniError(7, fmt.Sprintf("node config %s: %s", cfgPath, problem), versionOf(stdin))
+	}
 	if node.Mode == "standalone" {
 		python := node.StandalonePython
 		if python == "" {

@@ -89,3 +89,15 @@ def test_go_shim_spools_a_del_when_the_agent_is_away(tmp_path):
     body = json.loads(out.stdout)
     assert out.returncode == 1 and body["code"] == 11 and str(tmp_path / "none.sock") in body["msg"]
     assert body["cniVersion"] == "1.0.0"
+
+
+def test_go_shim_refuses_a_malformed_agent_socket(tmp_path):
+    target = install_shim(tmp_path / "bin", standalone_python="/nonexistent/python")
+    node = tmp_path / "node.json"
+    node.write_text(json.dumps({"agentSocket": 5}))
+    out = subprocess.run([str(target)], input=b'{"cniVersion": "0.4.0"}',
+                         env={"CNI_COMMAND": "ADD", "VPCNI_NODE_CONFIG": str(node)},
+                         capture_output=True, timeout=30)
+    body = json.loads(out.stdout)
+    assert out.returncode == 1 and body["code"] == 7 and body["cniVersion"] == "0.4.0"
+    assert "agentSocket" in body["msg"] and str(node) in body["msg"]
