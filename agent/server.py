@@ -26,7 +26,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any, Iterable, Optional
 
-from vpcni.cni.plugin import Dispatcher
+from vpcni.cni.plugin import COMMANDS, Dispatcher
 from vpcni.core import backend as backends
 from vpcni.core.config import NodeConfig
 from vpcni.core.errors import VpcniError
@@ -209,6 +209,11 @@ class Agent:
     # ------------------------------------------------------------ requests
 
     def serve_request(self, data: bytes) -> dict:
+        if len(data) > MAX_REQUEST:
+            return {"stdout": json.dumps({
+                "cniVersion": "1.1.0", "code": 7,
+                "msg": f"request larger than {MAX_REQUEST // (1024 * 1024)} MiB: a network "
+                       "config is never that large"}), "rc": 1}
         try:
             req = json.loads(data)
             if req.get("op") == "status":
@@ -219,7 +224,9 @@ class Agent:
             return {"stdout": json.dumps({"cniVersion": "1.1.0", "code": 6,
                                           "msg": f"malformed request from the shim: {exc}"}),
                     "rc": 1}
-        command = env.get("CNI_COMMAND", "?")
+        # Metric labels from known commands only: bogus ones must not grow /metrics.
+        command = env.get("CNI_COMMAND", "")
+        command = command if command in COMMANDS else "invalid"
         t0 = time.perf_counter()
         out, rc = self.dispatcher.run(env, stdin)
         self.metrics.latency.labels(command).observe(time.perf_counter() - t0)

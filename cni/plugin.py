@@ -23,6 +23,8 @@ from . import versions
 
 LOG = logging.getLogger("vpcni.cni")
 COMMANDS = ("ADD", "DEL", "CHECK", "STATUS", "VERSION", "GC")
+# Container IDs become file names (with a suffix) in the store: keep under NAME_MAX.
+MAX_CONTAINER_ID = 200
 _CONTAINER_ID = re.compile(r"^[a-zA-Z0-9][a-zA-Z0-9_.\-]*$")
 # Which variables each command needs (CNI SPEC.md, "Parameters").
 _NEEDS = {
@@ -54,9 +56,12 @@ def validate_env(command: str, env: Mapping[str, str]) -> dict[str, Any]:
         if not env.get(var):
             raise InvalidEnvironment(f"{var} is required for {command}")
     cid = env.get("CNI_CONTAINERID", "")
-    if cid and not _CONTAINER_ID.match(cid):
+    if cid and not _CONTAINER_ID.fullmatch(cid):
         raise InvalidEnvironment(f"CNI_CONTAINERID {cid!r} must match "
                                  "^[a-zA-Z0-9][a-zA-Z0-9_.\\-]*$")
+    if len(cid) > MAX_CONTAINER_ID:
+        raise InvalidEnvironment(f"CNI_CONTAINERID is {len(cid)} characters long; at most "
+                                 f"{MAX_CONTAINER_ID} (a file name on the node)")
     ifname = env.get("CNI_IFNAME", "")
     if ifname:
         check_ifname(ifname)
@@ -114,6 +119,9 @@ class Dispatcher:
                 raw = json.loads(stdin)
             except ValueError as exc:
                 raise DecodeError(f"network config on stdin is not JSON: {exc}") from None
+            except RecursionError:
+                raise DecodeError("network config on stdin is nested too deeply to be a "
+                                  "network config") from None
             if not isinstance(raw, dict):
                 raise DecodeError("network config on stdin must be a JSON object")
             asked = raw.get("cniVersion")

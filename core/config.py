@@ -59,6 +59,26 @@ class IpamConfig(BaseModel):
     type: str = Field(pattern=NAME_PATTERN)
 
 
+def pod_address_text(v: Any) -> Any:
+    """A pod's address as the config gives it: a string with a prefix length."""
+    if not isinstance(v, str):
+        raise ValueError("must be a string like 172.16.32.1/24")
+    if "/" not in v:
+        raise ValueError("needs a prefix length, e.g. 172.16.32.1/24")
+    return v
+
+
+def usable_pod_address(v: Any) -> Any:
+    """Not an address a pod's interface could hold (and nothing the node routes)."""
+    if v is None:
+        return v
+    ip = v.ip
+    if ip.is_unspecified or ip.is_multicast or ip.is_loopback or v.network.prefixlen == 0:
+        raise ValueError(f"{v} cannot be a pod's address (unspecified, multicast, loopback "
+                         "or a /0 prefix)")
+    return v
+
+
 class RuntimeConfig(BaseModel):
     """Capabilities a runtime may pass; those vpcni does not use are ignored."""
 
@@ -70,6 +90,16 @@ class RuntimeConfig(BaseModel):
     deviceID: Optional[str] = Field(default=None, pattern=PCI_PATTERN)
     CNIDeviceInfoFile: Optional[str] = Field(default=None, pattern=r"^/[^\x00]*$",
                                              max_length=4096)
+
+    @field_validator("ips", mode="before")
+    @classmethod
+    def _ips_have_prefixes(cls, v: Any) -> Any:
+        return [pod_address_text(x) for x in v] if isinstance(v, list) else v
+
+    @field_validator("ips")
+    @classmethod
+    def _ips_usable(cls, v: list) -> list:
+        return [usable_pod_address(x) for x in v]
 
 
 class ValidAttachment(BaseModel):
@@ -85,11 +115,11 @@ class NetworkConfig(BaseModel):
 
     cniVersion: str
     name: str = Field(pattern=NAME_PATTERN)
-    type: str
-    vni: int = Field(ge=1, le=VNI_MAX)
+    type: Literal["vpcni"]
+    vni: int = Field(ge=1, le=VNI_MAX, strict=True)
     addr: Optional[IPInterface] = None
-    mtu: Optional[int] = Field(default=None, ge=576, le=65535)
-    port: int = Field(default=4789, ge=1, le=65535)
+    mtu: Optional[int] = Field(default=None, ge=576, le=65535, strict=True)
+    port: int = Field(default=4789, ge=1, le=65535, strict=True)
     backend: Optional[str] = Field(default=None, pattern=NAME_PATTERN)
     # "vf": every attachment of this network needs an SR-IOV VF (the sriov provider).
     # "host-vf": on a DPU, the attachment is the host's VF `hostVF`, whose
@@ -120,9 +150,12 @@ class NetworkConfig(BaseModel):
     @field_validator("addr", mode="before")
     @classmethod
     def _addr_has_prefix(cls, v: Any) -> Any:
-        if isinstance(v, str) and "/" not in v:
-            raise ValueError("needs a prefix length, e.g. 172.16.32.1/24")
-        return v
+        return None if v is None else pod_address_text(v)
+
+    @field_validator("addr")
+    @classmethod
+    def _addr_usable(cls, v: Any) -> Any:
+        return usable_pod_address(v)
 
     @model_validator(mode="after")
     def _one_ip_source(self) -> "NetworkConfig":

@@ -41,6 +41,9 @@ def check_ifname(value: str, what: str = "CNI_IFNAME") -> str:
     if value in (".", "..") or _IFNAME_BAD.search(value):
         raise InvalidEnvironment(f"{what} {value!r} must not be '.' or '..' nor contain "
                                  "'/', ':' or whitespace")
+    if not value.isascii() or not value.isprintable():
+        raise InvalidEnvironment(f"{what} {value!r} must be printable ASCII (an interface "
+                                 "name)")
     return value
 
 

@@ -157,12 +157,15 @@ func askAgent(sock string, req request) (reply, error) {
 	if err != nil {
 		return rep, err
 	}
-	if _, err := conn.Write(body); err != nil {
-		return rep, err
-	}
+	_, werr := conn.Write(body)
 	conn.(*net.UnixConn).CloseWrite()
+	// The agent may answer before reading everything (a request it refuses as too
+	// large): its answer counts even when our write was cut short.
 	data, err := io.ReadAll(conn)
-	if err != nil {
+	if len(data) == 0 && werr != nil {
+		return rep, werr
+	}
+	if err != nil && len(data) == 0 {
 		return rep, err
 	}
 	if err := json.Unmarshal(data, &rep); err != nil {

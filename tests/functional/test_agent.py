@@ -139,3 +139,13 @@ def test_add_del_cycles_do_not_leak_descriptors_or_threads(cluster):
     cycles(40)
     assert len(os.listdir(f"/proc/{pid}/fd")) <= fds + 2
     assert len(os.listdir(f"/proc/{pid}/task")) <= threads + 2
+
+
+def test_a_request_over_the_size_limit_is_a_clean_error(cluster):
+    node = cluster.add_node("n1", "198.51.100.1", agent=True, backend="kernel")
+    pod = cluster.add_pod(node, "a")
+    cfg = seed_network("vpc-big", 961, "172.16.96.2/24") | {"padding": "x" * (5 << 20)}
+    res = node.cni("ADD", cfg, pod.container_id, pod.netns)
+    body = json.loads(res.stdout)
+    assert res.rc == 1 and body["code"] == 7 and "MiB" in body["msg"], res
+    assert "Traceback" not in res.stderr
