@@ -20,6 +20,7 @@ the PF first, after the settings the PF had are saved in the VF's claim
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import logging
@@ -423,11 +424,15 @@ class SriovProvider(InterfaceProvider):
         if link is None and claim.netdev:
             link = self._returned_netdev(claim)
         if link is not None:
-            with netlink_errors(f"could not restore VF netdev {claim.netdev}"):
-                settings = {"ifalias": ""}
-                if claim.mtu:
-                    settings["mtu"] = claim.mtu
+            settings = {"ifalias": ""}
+            if claim.mtu:
+                settings["mtu"] = claim.mtu
+            try:
                 self.ipr.link("set", index=link["index"], state="down", **settings)
+            except NetlinkError as exc:
+                if exc.code != errno.ENODEV:
+                    raise BackendError(f"could not restore VF netdev {claim.netdev}: "
+                                       f"{describe(exc)}") from exc
 
     def _now_userspace(self, claim: Claim) -> bool:
         """The VF's driver as sysfs says now (it may have changed since ADD)."""
@@ -463,6 +468,8 @@ class SriovProvider(InterfaceProvider):
             # A representor stays up: it is the NIC's port (the simulated one too).
             self.ipr.link("set", index=link["index"], state="up")
         except NetlinkError as exc:
+            if exc.code == errno.ENODEV:
+                return  # gone meanwhile (a simulated VF dies with its pod's namespace)
             raise BackendError(f"could not give representor {port} its name "
                                f"{claim.representor} back: {describe(exc)}") from exc
 
