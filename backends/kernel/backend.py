@@ -16,11 +16,13 @@ itself, and accept VXLAN only on the underlay from the VTEPs each VNI knows.
 
 from __future__ import annotations
 
+import errno
 import logging
 import os
 import time
 
 from pyroute2 import IPRoute
+from pyroute2.netlink.exceptions import NetlinkError
 
 from vpcni.backends.common.modules import SYS_MODULE, kernel_support
 from vpcni.backends.common.nft import load_binding
@@ -232,8 +234,14 @@ class KernelBackend(Backend):
             return  # the provider deletes the veth, and the bridge lets go of it
         link = get_link(self.ipr, host)
         if link is not None and link.get("IFLA_IFALIAS") == podif.attachment_alias(*att.key):
-            with netlink_errors(f"could not take {host} out of its bridge"):
+            try:
                 netlink.set_link(self.ipr, link["index"], master=0, state="down")
+            except NetlinkError as exc:
+                # Gone meanwhile (a simulated VF's representor dies with the pod's
+                # namespace, which the kernel tears down asynchronously): nothing to do.
+                if exc.code != errno.ENODEV:
+                    raise BackendError(f"could not take {host} out of its bridge: "
+                                       f"{describe(exc)}") from exc
 
     def check_port(self, net: VpcNetwork, att: Attachment) -> list[str]:
         return self._check_node(net, att)

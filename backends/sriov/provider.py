@@ -451,9 +451,13 @@ class SriovProvider(InterfaceProvider):
         link = get_link(self.ipr, name) if name and name != claim.netdev else None
         if link is None:
             return None
-        with netlink_errors(f"could not give VF netdev {name} ({claim.pci}) its name "
-                            f"{claim.netdev} back"):
+        try:
             self.ipr.link("set", index=link["index"], state="down", ifname=claim.netdev)
+        except NetlinkError as exc:
+            if exc.code == errno.ENODEV:
+                return None
+            raise BackendError(f"could not give VF netdev {name} ({claim.pci}) its name "
+                               f"{claim.netdev} back: {describe(exc)}") from exc
         return get_link(self.ipr, claim.netdev)
 
     def _return_representor(self, claim: Claim, port: Optional[str], alias: str) -> None:
