@@ -37,6 +37,8 @@ from .metrics import Metrics
 
 LOG = logging.getLogger("vpcni.agent")
 MAX_REQUEST = 4 * 1024 * 1024
+# How often the agent checks that the backends' node-wide state (filters) is intact.
+QUICK_CHECK = 5.0
 # Worker threads for the shim's requests (CNI calls run in parallel up to this).
 REQUEST_WORKERS = 16
 # How long a client may take to send its request.
@@ -322,7 +324,7 @@ class Agent:
 
     def _reconcile_loop(self) -> None:
         interval = self.node.reconcileInterval
-        last_full = 0.0
+        last_full = last_local = last_quick = 0.0
         while not self._stop.is_set():
             self._kick.wait(timeout=min(interval, 5.0))
             self._kick.clear()
@@ -333,16 +335,23 @@ class Agent:
             if self.speaker is not None:
                 self._note_gobgpd_restart()
                 grace_ended = self._grace_ended()
-            full = grace_ended or time.monotonic() - last_full >= interval
-            # Isolation does not wait for BGP: the backends' filters are checked on
-            # every pass (quickly) and converged to the records on a full one.
-            try:
-                if self.handler.reconcile(full=full):
-                    with self._dirty_lock:
-                        self._dirty |= self.handler.local_vnis()
-            except Exception:
-                LOG.exception("reconcile of the backends' local state failed")
-                self.metrics.reconciles.labels("error").inc()
+            now = time.monotonic()
+            full = grace_ended or now - last_full >= interval
+            # Isolation does not wait for BGP: the backends' filters are checked at
+            # least every QUICK_CHECK seconds (however often remote changes wake the
+            # loop) and converged to the records every reconcileInterval.
+            local_full = now - last_local >= interval
+            if local_full or now - last_quick >= QUICK_CHECK * 0.9:
+                last_quick = now
+                if local_full:
+                    last_local = now
+                try:
+                    if self.handler.reconcile(full=local_full):
+                        with self._dirty_lock:
+                            self._dirty |= self.handler.local_vnis()
+                except Exception:
+                    LOG.exception("reconcile of the backends' local state failed")
+                    self.metrics.reconciles.labels("error").inc()
             # Never converge the FDB on a partial picture: wait for gobgpd's initial dump.
             if self.speaker is not None and not self.speaker.synced:
                 continue

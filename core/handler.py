@@ -148,11 +148,12 @@ class Handler:
         provider_state = {"host_vf": cfg.hostVF} if cfg.hostVF else {}
         if cfg.vf is not None:
             provider_state["vf"] = cfg.vf
+        caps = backend.describe()
         provider.preflight(Attachment(network=cfg.name, vni=cfg.vni,
                                       container_id=req.container_id, ifname=req.ifname,
                                       backend=backend.name, provider=provider.name,
                                       pci_id=device_id, interface=interface,
-                                      provider_state=provider_state), backend.describe())
+                                      provider_state=provider_state), caps)
         with self.store.attachment_lock(*key):
             old = self.store.get(*key)
             if old is not None:
@@ -193,7 +194,6 @@ class Handler:
                 with self.store.vni_lock(net.vni, exclusive=False):
                     backend.ensure_network(net)
                     self.apply_remote(backend, net.vni, att)
-                    caps = backend.describe()
                     att, leftovers = provider.plug(net, att, backend.pod_mtu(net), caps)
                     undo.callback(self._undo, kept, provider.unplug, att)
                     if att.host_ifname:
@@ -275,8 +275,11 @@ class Handler:
         """Let every backend in use converge its per-attachment state to the records
         (Backend.reconcile); what they corrected."""
         corrected: list[str] = []
-        names = {a.backend for a in self.store.all()} | {
-            n for n in self._backends if not n.startswith("interface:")}
+        names = {n for n in self._backends if not n.startswith("interface:")}
+        if full:
+            # Records may name a backend this process has not loaded yet; a quick pass
+            # only checks the ones in use here, without reading every record.
+            names |= {a.backend for a in self.store.all()}
         for name in sorted(names):
             corrected += self.backend_named(name).reconcile(
                 lambda n=name: [a for a in self.store.all() if a.backend == n], full)

@@ -5,13 +5,11 @@ nothing of the switch runs in the host's namespace."""
 from __future__ import annotations
 
 import json
-import os
-import subprocess
 
 import pytest
 
 from vpcni.lab.cluster import installed_executable
-from vpcni.lab.lab import Lab
+from tests.functional.labs import lab_up
 from vpcni.lab.topology import DEFAULT_TOPOLOGY
 from vpcni.lab.traffic import tcp_ident
 from vpcni.lab.netns import Netns, wait_for
@@ -22,17 +20,8 @@ DPU = DEFAULT_TOPOLOGY.with_name("dpu.toml")
 
 @pytest.fixture(scope="module")
 def lab(tmp_path_factory):
-    name = f"d{os.urandom(3).hex()}"
-    topo = tmp_path_factory.mktemp("dpu") / "topology.toml"
-    topo.write_text(DPU.read_text().replace('name = "dpu"', f'name = "{name}"', 1))
-    try:
-        proc = subprocess.run([installed_executable("vpcnictl"), "lab", "up", str(topo)],
-                              capture_output=True, text=True, timeout=300)
-        assert proc.returncode == 0, proc.stdout + proc.stderr
-        yield Lab.load(name)
-    finally:
-        subprocess.run([installed_executable("vpcnictl"), "lab", "down", name],
-                       capture_output=True, timeout=300)
+    with lab_up(tmp_path_factory.mktemp("dpu"), DPU.read_text(), "dpu") as (up, _):
+        yield up
 
 
 def test_the_host_vf_pod_reaches_the_other_node_and_vpcs_stay_apart(lab):

@@ -10,15 +10,13 @@ control), so a silent capture cannot pass for isolation.
 from __future__ import annotations
 
 import json
-import os
-import subprocess
 import time
 
 import pytest
 
-from vpcni.lab.cluster import installed_executable
 from vpcni.lab.frames import (BROADCAST, Capture, UdpListener, arp_frame, ethernet, send_frames,
                               send_frames_paced, send_udp, udp_frame, vxlan, vxlan_frame)
+from tests.functional.labs import lab_up
 from vpcni.lab.lab import Lab
 from vpcni.lab.netns import Netns, wait_for
 
@@ -69,27 +67,13 @@ PODS = [("blue-k1", "k1", "blue", "172.16.32.11/24"), ("red-k1", "k1", "red", "1
         ("blue-k1b", "k1", "blue", "172.16.32.21/24")]
 
 
-def vpcnictl(*args: str) -> subprocess.CompletedProcess:
-    proc = subprocess.run([installed_executable("vpcnictl"), *args], capture_output=True,
-                          text=True, timeout=300)
-    assert proc.returncode == 0, f"vpcnictl {' '.join(args)}:\n{proc.stdout}\n{proc.stderr}"
-    return proc
-
-
 @pytest.fixture(scope="module")
 def lab(tmp_path_factory):
-    name = f"i{os.urandom(3).hex()}"
-    text = TOPOLOGY.format(name=name)
+    text = TOPOLOGY.format(name="isolation")
     for pod, node, vpc, address in PODS:
         text += f'\n[[pods]]\nname = "{pod}"\nnode = "{node}"\nvpc = "{vpc}"\naddress = "{address}"\n'
-    topo = tmp_path_factory.mktemp("isolation") / "topology.toml"
-    topo.write_text(text)
-    try:
-        vpcnictl("lab", "up", str(topo))
-        yield Lab.load(name)
-    finally:
-        subprocess.run([installed_executable("vpcnictl"), "lab", "down", name],
-                       capture_output=True, timeout=300)
+    with lab_up(tmp_path_factory.mktemp("isolation"), text, "isolation") as (up, _):
+        yield up
 
 
 def ns_of(lab: Lab, pod: str) -> Netns:

@@ -5,15 +5,12 @@ CIDR stays apart (counted by capture, not inferred from pings)."""
 from __future__ import annotations
 
 import json
-import os
-import subprocess
 import time
 
 import pytest
 
-from vpcni.lab.cluster import installed_executable
 from vpcni.lab.frames import BROADCAST, Capture, send_frames, udp_frame
-from vpcni.lab.lab import Lab
+from tests.functional.labs import lab_up
 from vpcni.lab.netns import Netns
 from vpcni.lab.topology import DEFAULT_TOPOLOGY
 
@@ -23,17 +20,8 @@ OFFLOAD = DEFAULT_TOPOLOGY.with_name("offload.toml")
 
 @pytest.fixture(scope="module")
 def up(tmp_path_factory):
-    name = f"o{os.urandom(3).hex()}"
-    topo = tmp_path_factory.mktemp("offload") / "topology.toml"
-    topo.write_text(OFFLOAD.read_text().replace('name = "offload"', f'name = "{name}"', 1))
-    try:
-        proc = subprocess.run([installed_executable("vpcnictl"), "lab", "up", str(topo)],
-                              capture_output=True, text=True, timeout=300)
-        assert proc.returncode == 0, proc.stdout + proc.stderr
-        yield Lab.load(name), proc.stdout
-    finally:
-        subprocess.run([installed_executable("vpcnictl"), "lab", "down", name],
-                       capture_output=True, timeout=300)
+    with lab_up(tmp_path_factory.mktemp("offload"), OFFLOAD.read_text(), "offload") as both:
+        yield both
 
 
 def test_lab_up_says_where_each_interface_came_from(up):
