@@ -18,6 +18,7 @@ import logging
 import os
 import signal
 import socket
+from collections import Counter
 import socketserver
 from concurrent.futures import ThreadPoolExecutor
 import threading
@@ -30,7 +31,7 @@ from vpcni.cni.plugin import COMMANDS, Dispatcher
 from vpcni.core import backend as backends
 from vpcni.core.config import NodeConfig
 from vpcni.core.errors import VpcniError
-from vpcni.core.handler import Handler
+from vpcni.core.handler import Change, Handler
 from vpcni.core.models import Attachment, RemoteState
 
 from .metrics import Metrics
@@ -56,6 +57,9 @@ class _RequestServer(socketserver.UnixStreamServer):
     """
 
     allow_reuse_address = True
+    # Runtimes start many pods at once; with socketserver's default backlog of 5 a
+    # burst of callers got EAGAIN from connect (the Go shim does not wait for room).
+    request_queue_size = socket.SOMAXCONN
 
     def __init__(self, path: str, agent: "Agent"):
         self.agent = agent
@@ -105,7 +109,9 @@ class Agent:
     def __init__(self, node: NodeConfig):
         self.node = node
         self.metrics = Metrics()
-        self.handler = Handler(node)
+        # The agent is the store's only writer while it runs (the shim never runs
+        # the plugin in agent mode): the records are kept in memory as well.
+        self.handler = Handler(node, cached_store=True)
         self.dispatcher = Dispatcher(node, handler=self.handler)
         self.speaker = None
         self.started = time.time()
@@ -125,6 +131,7 @@ class Agent:
         self._grace_until = 0.0
         self._seen_disconnects = 0
         self._last_remote: dict[int, RemoteState] = {}
+        self._route_refs: Optional[Counter] = None  # route -> attachments wanting it
         if node.evpn is not None:
             from vpcni.evpn.speaker import EvpnSpeaker
 
@@ -143,6 +150,7 @@ class Agent:
 
     def start(self) -> None:
         self._probe()
+        self.handler.store.refresh()
         sock = Path(self.node.agentSocket)
         sock.parent.mkdir(parents=True, exist_ok=True)
         if sock.exists() or sock.is_symlink():
@@ -163,7 +171,7 @@ class Agent:
         self._spawn("reconcile", self._reconcile_loop)
         if self._http is not None:
             self._spawn("health", self._http.serve_forever)
-        self._local_changed()
+        self._local_changed(Change(everything=True))
         LOG.info("agent serving %s (backend %s: %s)", sock, self.choice.get("backend"),
                  self.choice.get("why"))
 
@@ -260,10 +268,44 @@ class Agent:
 
     # ------------------------------------------------------------ reconcile
 
-    def _local_changed(self) -> None:
-        """Attachments changed: announce/withdraw now, so remote nodes learn it at once."""
-        self._sync_local()
-        self._update_gauges()
+    def _local_changed(self, change: Change) -> None:
+        """Attachments changed: announce/withdraw now, so remote nodes learn it at once.
+
+        Itemised changes (one ADD or DEL) cost the routes of those attachments,
+        not a pass over every record: what is announced is kept as a count of
+        the attachments that want each route (a VNI's inclusive-multicast route
+        is wanted by each of its attachments)."""
+        if change.everything:
+            self._sync_local()
+        elif self.speaker is not None:
+            with self._sync_lock:
+                self._apply_change(change)
+        self._update_gauges(routes=change.everything)
+
+    def _apply_change(self, change: Change) -> None:
+        """Update the route counts with `change` and tell the speaker; the caller
+        holds _sync_lock."""
+        if self._route_refs is None:
+            self._sync_local_locked()
+            return
+        refs = self._route_refs
+        gone, new = set(), set()
+        for route in (r for att in change.removed for r in local_routes([att])):
+            refs[route] -= 1
+            if refs[route] <= 0:
+                del refs[route]
+                gone.add(route)
+        for route in (r for att in change.added for r in local_routes([att])):
+            refs[route] += 1
+            if refs[route] == 1:
+                new.add(route)
+        gone, new = gone - new, new - gone  # a repeated ADD: the same routes again
+        if not (gone or new):
+            return
+        try:
+            self.speaker.update_local(add=new, remove=gone)
+        except Exception:
+            LOG.exception("could not sync local routes to gobgpd (retried by reconcile)")
 
     def _remote_changed(self, vnis: set[int]) -> None:
         with self._dirty_lock:
@@ -274,10 +316,18 @@ class Agent:
         if self.speaker is None:
             return
         with self._sync_lock:
-            try:
-                self.speaker.set_local(local_routes(self.handler.store.all()))
-            except Exception:
-                LOG.exception("could not sync local routes to gobgpd (retried by reconcile)")
+            self._sync_local_locked()
+
+    def _sync_local_locked(self) -> None:
+        """Announce exactly the routes of the records; the caller holds _sync_lock."""
+        refs: Counter = Counter()
+        for att in self.handler.store.all():
+            refs.update(local_routes([att]))
+        self._route_refs = refs
+        try:
+            self.speaker.set_local(set(refs))
+        except Exception:
+            LOG.exception("could not sync local routes to gobgpd (retried by reconcile)")
 
     def _converge(self, vnis: set[int]) -> None:
         local = self.handler.local_vnis()
@@ -359,12 +409,13 @@ class Agent:
                 dirty, self._dirty = self._dirty, set()
             try:
                 if full:
+                    self.handler.store.refresh()
                     self._sync_local()
                     self._replay_pending()
                     dirty = self.handler.local_vnis()
                     last_full = time.monotonic()
                 self._converge(dirty)
-                self._update_gauges()
+                self._update_gauges(routes=True)
                 self.metrics.reconciles.labels("ok").inc()
             except Exception:
                 LOG.exception("reconcile failed")
@@ -384,14 +435,14 @@ class Agent:
                            "probes": [p.model_dump(mode="json")
                                       for p in backends.probe_all(self.node)]}
 
-    def _update_gauges(self) -> None:
-        counts: dict[int, int] = {}
-        for att in self.handler.store.all():
-            counts[att.vni] = counts.get(att.vni, 0) + 1
+    def _update_gauges(self, routes: bool = False) -> None:
+        """The attachment gauges (per VNI: cheap); with `routes`, the speaker's too
+        (they read every route: the reconcile loop's business, not every ADD's)."""
+        counts = self.handler.store.vni_counts()
         self.metrics.attachments.clear()
         for vni, n in counts.items():
             self.metrics.attachments.labels(str(vni)).set(n)
-        if self.speaker is not None:
+        if routes and self.speaker is not None:
             self.metrics.speaker_up.set(1 if self.speaker.connected else 0)
             announced = {"type2": 0, "type3": 0}
             for route in self.speaker.local_routes():
@@ -423,9 +474,7 @@ class Agent:
 
     def status(self) -> dict[str, Any]:
         ready, why = self.ready()
-        vnis: dict[str, int] = {}
-        for att in self.handler.store.all():
-            vnis[str(att.vni)] = vnis.get(str(att.vni), 0) + 1
+        vnis = {str(vni): n for vni, n in sorted(self.handler.store.vni_counts().items())}
         out = {"node": self.node.source, "socket": str(self.node.agentSocket),
                "uptime": round(time.time() - self.started, 1), "ready": ready,
                "readyReason": why, "backend": self.choice, "attachmentsPerVni": vnis}

@@ -25,9 +25,10 @@ STEPS = [
     ("backend probe per call (choose)", "vpcni.core.backend:choose"),
     ("find_underlay (netlink)", "vpcni.backends.kernel.backend:find_underlay"),
     ("interface provider choice (probe, cached)", "vpcni.core.handler:Handler.provider_for"),
-    ("store put (write + 2 fsync)", "vpcni.core.store:AttachmentStore.put"),
+    ("store put (write + rename)", "vpcni.core.store:AttachmentStore.put"),
     ("store delete", "vpcni.core.store:AttachmentStore.delete"),
-    ("store read of all records", "vpcni.core.store:AttachmentStore.all"),
+    ("store listing (all records)", "vpcni.core.store:AttachmentStore.all"),
+    ("store listing (a VNI's records)", "vpcni.core.store:AttachmentStore.for_vni"),
     ("ensure_network", "vpcni.backends.kernel.backend:KernelBackend.ensure_network"),
     ("apply_remote (FDB/neigh converge)", "vpcni.core.handler:Handler.apply_remote"),
     ("veth plug (veth, pod config)", "vpcni.backends.veth.provider:VethProvider.plug"),
@@ -35,12 +36,13 @@ STEPS = [
     ("nftables (port filters, VTEP sets)", "vpcni.backends.common.nft:Nft.run"),
     ("pod interface config", "vpcni.backends.common.podif:configure_interface"),
     ("gratuitous ARP (AF_PACKET socket)", "vpcni.backends.common.podif:announce"),
-    ("socket made inside a netns (thread + setns)", "vpcni.backends.common.podif:socket_in"),
+    ("socket made inside a netns (setns there and back)", "vpcni.backends.common.podif:socket_in"),
     ("remove_port (filters)", "vpcni.backends.kernel.backend:KernelBackend.remove_port"),
     ("veth unplug", "vpcni.backends.veth.provider:VethProvider.unplug"),
     ("release_network", "vpcni.backends.kernel.backend:KernelBackend.release_network"),
     ("result conversion", "vpcni.cni.versions:convert"),
-    ("netlink requests (pyroute2 IPRoute)", "pyroute2.iproute.linux:IPRoute._run_generic_rtnl"),
+    ("netlink requests (rtnl: pyroute2 messages, own socket)",
+     "vpcni.backends.common.rtnl:Rtnl.request"),
     ("log records written", "logging:Handler.handle"),
 ]
 
@@ -147,13 +149,15 @@ def main(spec: dict) -> dict:
     from vpcni.cni.main import setup_logging
     from vpcni.cni.plugin import Dispatcher
     from vpcni.core.config import NodeConfig
+    from vpcni.core.handler import Handler
 
     node = NodeConfig.load(spec["nodeConfig"])
     setup_logging(node, stderr_level=100)
     totals: dict = defaultdict(lambda: defaultdict(lambda: [0, 0.0]))
     phase = ["setup"]
     instrument(totals, phase)
-    dispatcher = Dispatcher(node)
+    # As the agent serves requests: one handler whose store keeps the records in memory.
+    dispatcher = Dispatcher(node, handler=Handler(node, cached_store=True))
     base_env = {"CNI_PATH": spec["cniPath"], "CNI_IFNAME": "eth1", "PATH": "/usr/sbin:/usr/bin"}
 
     def call(command: str, pod: dict) -> None:

@@ -23,7 +23,8 @@ import threading
 import time
 from typing import Optional
 
-from vpcni.backends.common.podif import socket_in, netns_fd
+from vpcni.backends.common.podif import netns_fd
+from vpcni.backends.common.rtnl import socket_in
 
 ETH_P_ALL = 0x0003
 ETH_P_ARP = 0x0806

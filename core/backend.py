@@ -74,8 +74,10 @@ class Backend(_Configurable, abc.ABC):
         """The MTU of the VPC's pod interfaces on this node (underlay minus VXLAN)."""
 
     @abc.abstractmethod
-    def ensure_network(self, net: VpcNetwork) -> None:
-        """Create the per-VNI plumbing on this node if missing."""
+    def ensure_network(self, net: VpcNetwork) -> Optional[bool]:
+        """Create the per-VNI plumbing on this node if missing. True when it built or
+        repaired something, False when all was in place (the core then skips
+        re-applying a remote state it already applied), None when it cannot tell."""
 
     @abc.abstractmethod
     def release_network(self, vni: int) -> None:

@@ -30,6 +30,15 @@ LOG = logging.getLogger(__name__)
 PROBE_TTL = 10.0
 
 
+@dataclass(frozen=True)
+class Change:
+    """What a call changed in the records, for the handler's listeners."""
+
+    added: tuple[Attachment, ...] = ()
+    removed: tuple[Attachment, ...] = ()
+    everything: bool = False  # not itemised: read the store again
+
+
 @dataclass
 class Request:
     """A validated CNI request (the CNI layer builds it)."""
@@ -54,17 +63,22 @@ class Request:
 
 
 class Handler:
-    def __init__(self, node: NodeConfig):
+    def __init__(self, node: NodeConfig, cached_store: bool = False):
+        """`cached_store`: keep the records in memory too (for a long-lived process
+        that is the store's only writer: the agent)."""
         self.node = node
-        self.store = AttachmentStore(node.stateDir, node.lockTimeout)
+        self.store = AttachmentStore(node.stateDir, node.lockTimeout, cached=cached_store)
         self._backends: dict[str, backends.Guarded] = {}
         self._choices: dict[Optional[str], tuple[str, float]] = {}  # backend pin -> choice
         # Set by the agent: the control plane's remote state of a VNI, merged
         # with the static flood lists; and who to tell when attachments change.
         self.remote_source: Optional[Callable[[int], RemoteState]] = None
-        self.listeners: list[Callable[[], None]] = []
+        self.listeners: list[Callable[[Change], None]] = []
         self._remote_locks: dict[int, threading.Lock] = {}
         self._remote_locks_guard = threading.Lock()
+        # VNI -> (backend, the remote state last applied there): an ADD or DEL that
+        # changes neither the plumbing nor the remote state does not re-apply it.
+        self._applied: dict[int, tuple[str, RemoteState]] = {}
 
     # ------------------------------------------------------------ backends
 
@@ -163,6 +177,7 @@ class Handler:
                 keep = cfg.ipam is not None and old.ipam_type == cfg.ipam.type \
                     and getattr(in_process(cfg.ipam.type), "keyed_by_attachment", False)
                 self._teardown(old, req, release_ipam=not keep)
+                self._changed(Change(removed=(old,)))
             att = Attachment(network=cfg.name, vni=cfg.vni, container_id=req.container_id,
                              ifname=req.ifname, netns=req.netns, backend=backend.name,
                              provider=provider.name, pci_id=device_id,
@@ -192,8 +207,8 @@ class Handler:
                     att.ips = static
                 att.dns = dns
                 with self.store.vni_lock(net.vni, exclusive=False):
-                    backend.ensure_network(net)
-                    self.apply_remote(backend, net.vni, att)
+                    built = backend.ensure_network(net)
+                    self.apply_remote(backend, net.vni, att, unchanged_plumbing=built is False)
                     att, leftovers = provider.plug(net, att, backend.pod_mtu(net), caps)
                     undo.callback(self._undo, kept, provider.unplug, att)
                     if att.host_ifname:
@@ -208,7 +223,7 @@ class Handler:
         LOG.info("ADD %s: %s %s in VNI %d via %s, ips %s", key, att.interface,
                  att.host_ifname or att.pci_id, att.vni, att.backend,
                  [str(i.address) for i in att.ips])
-        self._changed()
+        self._changed(Change(added=(att,)))
         return self._result(att, cfg)
 
     @staticmethod
@@ -264,12 +279,28 @@ class Handler:
         return RemoteState(endpoints=endpoints, flood=list(vteps))
 
     def apply_remote(self, backend: backends.Guarded, vni: int,
-                     extra: Optional[Attachment] = None) -> None:
-        """Converge the VNI's remote entries; one converge per VNI at a time in this process."""
+                     extra: Optional[Attachment] = None, unchanged_plumbing: bool = False) -> None:
+        """Converge the VNI's remote entries; one converge per VNI at a time in this process.
+
+        With `unchanged_plumbing` (the backend said the VNI's plumbing was all in
+        place), a desired state equal to the one last applied is not applied again.
+        """
         with self._remote_locks_guard:
             lock = self._remote_locks.setdefault(vni, threading.Lock())
         with lock:
-            backend.apply_remote(vni, self.desired_remote(vni, extra))
+            desired = self.desired_remote(vni, extra)
+            if unchanged_plumbing and self._applied.get(vni) == (backend.name, desired):
+                return
+            self._applied.pop(vni, None)
+            backend.apply_remote(vni, desired)
+            self._applied[vni] = (backend.name, desired)
+
+    def forget_applied(self, vni: Optional[int] = None) -> None:
+        """Make the next apply_remote of `vni` (of every VNI: None) apply in any case."""
+        if vni is None:
+            self._applied.clear()
+        else:
+            self._applied.pop(vni, None)
 
     def reconcile(self, full: bool = True) -> list[str]:
         """Let every backend in use converge its per-attachment state to the records
@@ -277,6 +308,7 @@ class Handler:
         corrected: list[str] = []
         names = {n for n in self._backends if not n.startswith("interface:")}
         if full:
+            self.forget_applied()
             # Records may name a backend this process has not loaded yet; a quick pass
             # only checks the ones in use here, without reading every record.
             names |= {a.backend for a in self.store.all()}
@@ -286,11 +318,11 @@ class Handler:
         return corrected
 
     def local_vnis(self) -> set[int]:
-        return {a.vni for a in self.store.all()}
+        return set(self.store.vni_counts())
 
-    def _changed(self) -> None:
+    def _changed(self, change: Change) -> None:
         for fn in self.listeners:
-            self._quietly(fn)
+            self._quietly(fn, change)
 
     # ------------------------------------------------------------ DEL
 
@@ -302,7 +334,7 @@ class Handler:
             if att is not None:
                 self._teardown(att, req)
                 LOG.info("DEL %s: removed", key)
-                self._changed()
+                self._changed(Change(removed=(att,)))
                 return
             # Nothing recorded: still release what a crashed ADD could have left.
             LOG.info("DEL %s: no record; releasing IPAM and leftovers only", key)
@@ -334,9 +366,15 @@ class Handler:
     def _forget(self, att: Attachment) -> None:
         """Drop the record; release the VNI's plumbing if it was its last attachment."""
         self.store.delete(*att.key)
+        backend = self.backend_named(att.backend)
+        if self.store.for_vni(att.vni):
+            # Others remain (each DEL drops its record before looking, so the last
+            # one to leave sees none): no need to exclude ADDs on the VNI.
+            self.apply_remote(backend, att.vni, unchanged_plumbing=True)
+            return
         with self.store.vni_lock(att.vni, exclusive=True):
-            backend = self.backend_named(att.backend)
             if not self.store.for_vni(att.vni):
+                self.forget_applied(att.vni)
                 backend.release_network(att.vni)
             else:
                 self.apply_remote(backend, att.vni)
@@ -435,7 +473,7 @@ class Handler:
                     req.ipam().gc()
                 except VpcniError as exc:
                     errors.append(exc)
-        self._changed()
+        self._changed(Change(everything=True))
         return errors
 
     def _gc_orphans(self, cfg: NetworkConfig, valid: set) -> list[VpcniError]:
@@ -477,6 +515,7 @@ class Handler:
             with self.store.vni_lock(cfg.vni, exclusive=True):
                 if not self.store.for_vni(cfg.vni):
                     try:
+                        self.forget_applied(cfg.vni)
                         backend.release_network(cfg.vni)
                     except VpcniError as exc:
                         errors.append(exc)

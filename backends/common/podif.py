@@ -18,18 +18,17 @@ import ipaddress
 import os
 import socket
 import struct
-import threading
 from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Iterator, Optional
 
-from pyroute2 import IPRoute
 from pyroute2.netlink import NETLINK_ROUTE
 from pyroute2.netlink.exceptions import NetlinkError
 from pyroute2.netlink.rtnl.ifaddrmsg import IFA_F_NODAD
-from pyroute2.netns import setns
 
 from vpcni.core.errors import BackendError, InvalidEnvironment
+
+from .rtnl import Rtnl, socket_in
 from vpcni.core.models import Attachment, IPInterface, IPConfig, Route
 
 LOG = logging.getLogger(__name__)
@@ -59,14 +58,21 @@ def alias_attachment(alias: Optional[str]) -> Optional[tuple[str, str, str]]:
     return (parts[0], parts[1], parts[2]) if len(parts) == 3 and all(parts) else None
 
 
-def claim_port(ipr: IPRoute, index: int, alias: str, **attrs) -> None:
+NO_IPV6_LINK_LOCAL = {"attrs": [["AF_INET6", {"attrs": [
+    ["IFLA_INET6_ADDR_GEN_MODE", IN6_ADDR_GEN_MODE_NONE]]}]]}
+
+
+def claim_port(ipr: Rtnl, index: int, alias: str, **attrs) -> None:
     """Mark a node-side port as the attachment's and keep IPv6 from giving it a
     link-local address (the node has no business in a VPC at layer 3); `attrs`
     (a new name, ...) go in the same message. The kernel ignores IFLA_IFALIAS and
     IFLA_AF_SPEC on creation, hence a call of its own, before the link goes up."""
-    ipr.link("set", index=index, ifalias=alias, **attrs,
-             af_spec={"attrs": [["AF_INET6", {"attrs": [
-                 ["IFLA_INET6_ADDR_GEN_MODE", IN6_ADDR_GEN_MODE_NONE]]}]]})
+    ipr.link("set", index=index, ifalias=alias, **attrs, af_spec=NO_IPV6_LINK_LOCAL)
+
+
+def claim_port_named(ipr: Rtnl, name: str, alias: str) -> None:
+    """claim_port for the link called `name` (the kernel finds it: no lookup first)."""
+    ipr.link("set", ifname=name, ifalias=alias, af_spec=NO_IPV6_LINK_LOCAL)
 
 
 def describe(exc: BaseException) -> str:
@@ -77,7 +83,7 @@ def describe(exc: BaseException) -> str:
     return str(exc)
 
 
-def get_link(ipr: IPRoute, ifname: str):
+def get_link(ipr: Rtnl, ifname: str):
     """The link message of `ifname`, or None when there is no such link."""
     try:
         return ipr.link("get", ifname=ifname)[0]
@@ -87,7 +93,7 @@ def get_link(ipr: IPRoute, ifname: str):
         raise
 
 
-def delete_if_exists(ipr: IPRoute, ifname: str) -> bool:
+def delete_if_exists(ipr: Rtnl, ifname: str) -> bool:
     """Delete link `ifname`; False when it was already gone."""
     link = get_link(ipr, ifname)
     if link is None:
@@ -125,33 +131,8 @@ def netns_fd(path: Optional[str]) -> Iterator[int]:
         os.close(fd)
 
 
-def socket_in(fd: int, family: int, kind: int, proto: int) -> socket.socket:
-    """A socket living in the namespace `fd` refers to.
-
-    A short-lived thread enters the namespace (setns moves only the calling
-    thread) and creates the socket there; a socket keeps its namespace for
-    life. pyroute2's IPRoute(netns=...) forks a helper process instead:
-    15-35 ms per call here, and a fork in the threaded agent.
-    """
-    made: dict = {}
-
-    def enter_and_create() -> None:
-        try:
-            setns(fd, flags=0)
-            made["socket"] = socket.socket(family, kind, proto)
-        except OSError as exc:
-            made["error"] = exc
-
-    thread = threading.Thread(target=enter_and_create, name="vpcni-netns")
-    thread.start()
-    thread.join()
-    if "error" in made:
-        raise made["error"]
-    return made["socket"]
-
-
 def _netlink_socket_in(fd: int) -> socket.socket:
-    return socket_in(fd, socket.AF_NETLINK, socket.SOCK_DGRAM, NETLINK_ROUTE)
+    return socket_in(fd, socket.AF_NETLINK, socket.SOCK_RAW | socket.SOCK_CLOEXEC, NETLINK_ROUTE)
 
 
 ETH_P_ARP = 0x0806
@@ -225,7 +206,7 @@ class PodNetns:
     """A container namespace opened by path: its netlink socket and the path, for messages."""
 
     path: str
-    ipr: IPRoute
+    ipr: Rtnl
 
 
 @contextmanager
@@ -238,13 +219,13 @@ def open_netns(path: Optional[str]) -> Iterator[PodNetns]:
             raise InvalidEnvironment(f"CNI_NETNS {path!r} is not a network namespace: "
                                      f"{describe(exc)}") from None
     try:
-        ipr = IPRoute(use_socket=sock)
-        try:
-            yield PodNetns(path, ipr)
-        finally:
-            ipr.close()
-    finally:
+        ipr = Rtnl(sock=sock)
+    except OSError as exc:
         sock.close()
+        raise InvalidEnvironment(f"CNI_NETNS {path!r}: no netlink socket there: "
+                                 f"{describe(exc)}") from None
+    with ipr:
+        yield PodNetns(path, ipr)
 
 
 @dataclass(frozen=True)
@@ -260,14 +241,17 @@ class PodInterface:
     addresses: frozenset[IPInterface]
 
 
-def read_interface(ns: PodNetns, ifname: str) -> Optional[PodInterface]:
-    """`ifname` as namespace `ns` has it, or None when it is missing."""
+def read_interface(ns: PodNetns, ifname: str,
+                   addresses: Optional[frozenset] = None) -> Optional[PodInterface]:
+    """`ifname` as namespace `ns` has it, or None when it is missing; its addresses
+    are read too unless given (`addresses`: what the caller just configured)."""
     link = get_link(ns.ipr, ifname)
     if link is None:
         return None
-    addresses = frozenset(
-        ipaddress.ip_interface(f"{msg.get('IFA_ADDRESS')}/{msg['prefixlen']}")
-        for msg in ns.ipr.addr("dump", index=link["index"]))
+    if addresses is None:
+        addresses = frozenset(
+            ipaddress.ip_interface(f"{msg.get('IFA_ADDRESS')}/{msg['prefixlen']}")
+            for msg in ns.ipr.addr("dump", index=link["index"]))
     return PodInterface(index=link["index"], name=ifname, mac=link.get("IFLA_ADDRESS"),
                         mtu=link.get("IFLA_MTU"), alias=link.get("IFLA_IFALIAS"),
                         up=bool(link["flags"] & IFF_UP), addresses=addresses)
@@ -347,7 +331,9 @@ def configure_interface(ns: PodNetns, ifname: str, ips: list[IPConfig], routes: 
         _add_address(ns, index, ifname, ip)
     for route in routes:
         _add_route(ns, index, ifname, route)
-    pod = read_interface(ns, ifname)
+    # Read back for the MAC and MTU the kernel settled on (a veth's MAC is random
+    # unless asked for); the addresses are the ones just added (EEXIST included).
+    pod = read_interface(ns, ifname, addresses=frozenset(ip.address for ip in ips))
     if pod is None:
         raise BackendError(f"interface {ifname} vanished from netns {ns.path} while being "
                            "configured")
@@ -390,7 +376,7 @@ def check_pod(att: Attachment) -> list[str]:
         return problems
 
 
-def delete_host_link(ipr: IPRoute, host: str, att: Attachment, alias: str) -> None:
+def delete_host_link(ipr: Rtnl, host: str, att: Attachment, alias: str) -> None:
     """Delete the node-side link `host` of `att` if it carries `alias` (our mark);
     a link of that name that is not this attachment's is left alone."""
     link = get_link(ipr, host)

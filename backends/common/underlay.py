@@ -9,11 +9,11 @@ from __future__ import annotations
 
 import ipaddress
 import socket
+import time
 from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Iterator, Optional
 
-from pyroute2 import IPRoute
 from pyroute2.netlink.exceptions import NetlinkError
 
 from vpcni.core.config import NodeConfig
@@ -46,7 +46,7 @@ def netlink_errors(what: str) -> Iterator[None]:
         raise BackendError(f"{what}: {describe(exc)}") from exc
 
 
-def interface_with_address(ipr: IPRoute, address: IPAddress) -> Optional[int]:
+def interface_with_address(ipr, address: IPAddress) -> Optional[int]:
     """The index of the link that carries `address`, or None."""
     family = socket.AF_INET if address.version == 4 else socket.AF_INET6
     for msg in ipr.addr("dump", family=family):
@@ -55,7 +55,7 @@ def interface_with_address(ipr: IPRoute, address: IPAddress) -> Optional[int]:
     return None
 
 
-def first_address(ipr: IPRoute, index: int) -> Optional[IPAddress]:
+def first_address(ipr, index: int) -> Optional[IPAddress]:
     """The first IPv4 address of link `index`, else its first global IPv6 one."""
     for family in (socket.AF_INET, socket.AF_INET6):
         for msg in ipr.addr("dump", family=family, index=index, dump_filter=None):
@@ -64,7 +64,7 @@ def first_address(ipr: IPRoute, index: int) -> Optional[IPAddress]:
     return None
 
 
-def find_underlay(ipr: IPRoute, node: NodeConfig) -> Underlay:
+def find_underlay(ipr, node: NodeConfig) -> Underlay:
     """The VTEP from the node config, as configured in this namespace; BackendError says why not."""
     if node.vtepAddress is not None:
         index = interface_with_address(ipr, node.vtepAddress)
@@ -82,6 +82,28 @@ def find_underlay(ipr: IPRoute, node: NodeConfig) -> Underlay:
         raise BackendError(f"underlay interface {node.underlayInterface} has no IPv4 or global "
                            "IPv6 address to use as VTEP")
     return Underlay(address, node.underlayInterface, link.get("IFLA_MTU"))
+
+
+class UnderlayCache:
+    """find_underlay, remembered for `ttl` seconds (failures are not remembered).
+
+    An ADD asks for the underlay two or three times (the VNI's devices, the pod's
+    MTU, the filters); the answer changes when an operator renumbers or re-MTUs
+    the node, which the next lookup after `ttl` sees.
+    """
+
+    def __init__(self, ttl: float = 1.0):
+        self.ttl = ttl
+        self._value: Optional[Underlay] = None
+        self._at = 0.0
+
+    def get(self, ipr, node: NodeConfig) -> Underlay:
+        now = time.monotonic()
+        value = self._value
+        if value is None or now - self._at > self.ttl:
+            value = find_underlay(ipr, node)
+            self._value, self._at = value, now
+        return value
 
 
 def pod_mtu(net: VpcNetwork, underlay: Underlay) -> int:

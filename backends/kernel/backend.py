@@ -21,19 +21,20 @@ import logging
 import os
 import time
 
-from pyroute2 import IPRoute
 from pyroute2.netlink.exceptions import NetlinkError
 
 from vpcni.backends.common.modules import SYS_MODULE, kernel_support
 from vpcni.backends.common.nft import load_binding
 from vpcni.backends.common import podif
+from vpcni.backends.common.rtnl import Rtnl, ThreadRtnl
 from vpcni.core.backend import Backend
 from vpcni.core.config import NodeConfig
 from vpcni.core.errors import BackendError
 from vpcni.core.models import (Attachment, Capabilities, IPAddress, Owned, Probe, RemoteEndpoint,
                                RemoteState, VpcNetwork)
 from vpcni.backends.common.podif import delete_if_exists, describe, get_link
-from vpcni.backends.common.underlay import Underlay, find_underlay, netlink_errors, pod_mtu
+from vpcni.backends.common.underlay import (Underlay, UnderlayCache, find_underlay, netlink_errors,
+                                            pod_mtu)
 
 from . import netlink
 from .guard import Guard
@@ -52,9 +53,10 @@ class KernelBackend(Backend):
     def __init__(self, node: NodeConfig):
         super().__init__(node)
         # strict_check lets the kernel filter FDB and address dumps by ifindex.
-        self.ipr = IPRoute(strict_check=True)
+        self.ipr = ThreadRtnl(strict_check=True)
         self._packets = podif.send_only_packet_socket()  # for gratuitous ARPs
         self.guard = Guard()
+        self._underlays = UnderlayCache()
 
     def close(self) -> None:
         self.ipr.close()
@@ -76,7 +78,7 @@ class KernelBackend(Backend):
         except BackendError as exc:
             return Probe(name=cls.name, available=False, facts=support, reason=str(exc))
         try:
-            ipr = IPRoute(strict_check=True)
+            ipr = Rtnl(strict_check=True)
         except OSError as exc:
             return Probe(name=cls.name, available=False, facts=support,
                          reason=f"cannot open a netlink socket: {describe(exc)}")
@@ -95,7 +97,7 @@ class KernelBackend(Backend):
     # ------------------------------------------------------------ per VNI
 
     def _underlay(self) -> Underlay:
-        return find_underlay(self.ipr, self.node)
+        return self._underlays.get(self.ipr, self.node)
 
     @staticmethod
     def _verify(name: str, link, alias: str, kind: str):
@@ -119,33 +121,38 @@ class KernelBackend(Backend):
             time.sleep(0.01)
 
     def _ensure_device(self, name: str, kind: str, vni: int, **attrs):
+        """(link, whether it had to be created or waited for)."""
         alias = netlink.vni_alias(vni)
         link = get_link(self.ipr, name)
+        fresh = link is None or netlink.link_alias(link) is None
         if link is None:
             with netlink_errors(f"could not create {kind} {name}"):
                 netlink.create_claimed(self.ipr, name, kind, alias, **attrs)
-        if link is None or netlink.link_alias(link) is None:
+        if fresh:
             link = self._wait_for_claim(name)
         if link is None:
             raise BackendError(f"{name} disappeared while being created (a concurrent "
                                f"release_network of VNI {vni}?)")
-        return self._verify(name, link, alias, kind)
+        return self._verify(name, link, alias, kind), fresh
 
     def _ensure_bridge(self, vni: int):
         name = bridge_name(vni)
         # Snooping would make the node's own stack send IGMP/MLD reports into
         # the VPC when the bridge comes up; flooding multicast is what VXLAN
         # with a flood list does anyway.
-        link = self._ensure_device(name, "bridge", vni, br_stp_state=0, br_mcast_snooping=0)
+        link, fresh = self._ensure_device(name, "bridge", vni, br_stp_state=0,
+                                          br_mcast_snooping=0)
         if not netlink.is_up(link):
             with netlink_errors(f"could not set {name} up"):
                 netlink.set_link(self.ipr, link["index"], state="up")
-        return link
+            fresh = True
+        return link, fresh
 
-    def _ensure_vxlan(self, net: VpcNetwork, underlay: Underlay, bridge) -> None:
+    def _ensure_vxlan(self, net: VpcNetwork, underlay: Underlay, bridge) -> bool:
+        """Whether the device had to be created or repaired."""
         name = vxlan_name(net.vni)
         local = "vxlan_local" if underlay.address.version == 4 else "vxlan_local6"
-        link = self._ensure_device(name, "vxlan", net.vni, vxlan_id=net.vni,
+        link, fresh = self._ensure_device(name, "vxlan", net.vni, vxlan_id=net.vni,
                                    vxlan_port=net.port, vxlan_learning=0,
                                    mtu=underlay.pod_mtu, master=bridge["index"],
                                    **{local: str(underlay.address)})
@@ -160,20 +167,25 @@ class KernelBackend(Backend):
             if link.get("IFLA_MASTER") != bridge["index"]:
                 netlink.set_link(self.ipr, index, master=bridge["index"])
                 link = netlink.link_by_index(self.ipr, index)
+                fresh = True
             if netlink.port_settings(link) != {"learning": 0, "neigh_suppress": 1}:
                 netlink.set_port_flags(self.ipr, index)
+                fresh = True
         with netlink_errors(f"could not configure {name}"):
             if link.get("IFLA_MTU") != underlay.pod_mtu:
                 netlink.set_link(self.ipr, index, mtu=underlay.pod_mtu)
+                fresh = True
             if not netlink.is_up(link):
                 netlink.set_link(self.ipr, index, state="up")
+                fresh = True
+        return fresh
 
-    def ensure_network(self, net: VpcNetwork) -> None:
+    def ensure_network(self, net: VpcNetwork) -> bool:
         underlay = self._underlay()
         pod_mtu(net, underlay)
         self.guard.set_underlay(underlay.ifname, net.port)
-        bridge = self._ensure_bridge(net.vni)
-        self._ensure_vxlan(net, underlay, bridge)
+        bridge, fresh = self._ensure_bridge(net.vni)
+        return self._ensure_vxlan(net, underlay, bridge) or fresh
 
     def release_network(self, vni: int) -> None:
         alias = netlink.vni_alias(vni)

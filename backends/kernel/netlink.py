@@ -11,12 +11,12 @@ import errno
 import ipaddress
 from typing import Optional
 
-from pyroute2 import IPRoute
 from pyroute2.netlink.exceptions import NetlinkError
 from pyroute2.netlink.rtnl import ndmsg
 
 from vpcni.core.models import IPAddress
 from vpcni.backends.common.podif import IFF_UP, claim_port, get_link, port_name
+from vpcni.backends.common.rtnl import Rtnl
 
 ALIAS_PREFIX = "vpcni:"
 VNI_ALIAS = ALIAS_PREFIX + "vni="
@@ -79,7 +79,7 @@ def port_settings(link) -> dict:
             "neigh_suppress": data.get("IFLA_BRPORT_NEIGH_SUPPRESS")}
 
 
-def add_link(ipr: IPRoute, ifname: str, kind: str, **attrs) -> bool:
+def add_link(ipr: Rtnl, ifname: str, kind: str, **attrs) -> bool:
     """Create a link; False when one of that name appeared first (EEXIST)."""
     try:
         ipr.link("add", ifname=ifname, kind=kind, **attrs)
@@ -90,7 +90,7 @@ def add_link(ipr: IPRoute, ifname: str, kind: str, **attrs) -> bool:
     return True
 
 
-def create_claimed(ipr: IPRoute, ifname: str, kind: str, alias: str, **attrs) -> bool:
+def create_claimed(ipr: Rtnl, ifname: str, kind: str, alias: str, **attrs) -> bool:
     """add_link + claim, deleting the link again when claiming fails."""
     if not add_link(ipr, ifname, kind, **attrs):
         return False
@@ -105,17 +105,17 @@ def create_claimed(ipr: IPRoute, ifname: str, kind: str, alias: str, **attrs) ->
     return True
 
 
-def set_link(ipr: IPRoute, index: int, **attrs) -> None:
+def set_link(ipr: Rtnl, index: int, **attrs) -> None:
     ipr.link("set", index=index, **attrs)
 
 
-def set_port_flags(ipr: IPRoute, index: int) -> None:
+def set_port_flags(ipr: Rtnl, index: int) -> None:
     """No learning on the VXLAN port (remote MACs come from the control plane);
     ARP/ND suppression: the bridge answers for remote IPs from its neighbour table."""
     ipr.brport("set", index=index, learning=0, neigh_suppress=1)
 
 
-def fdb_remotes(ipr: IPRoute, index: int) -> set[tuple[str, IPAddress]]:
+def fdb_remotes(ipr: Rtnl, index: int) -> set[tuple[str, IPAddress]]:
     """(mac, dst) of the FDB entries of link `index` that point at a remote VTEP.
 
     The socket must have strict_check on: the kernel then filters by the
@@ -126,7 +126,7 @@ def fdb_remotes(ipr: IPRoute, index: int) -> set[tuple[str, IPAddress]]:
             if msg["ifindex"] == index and msg.get("NDA_DST")}
 
 
-def fdb_bridged(ipr: IPRoute, index: int) -> set[str]:
+def fdb_bridged(ipr: Rtnl, index: int) -> set[str]:
     """MACs the bridge forwards to port `index` because vpcni put them there
     (externally learned entries, as an EVPN daemon writes them)."""
     return {msg.get("NDA_LLADDR")
@@ -135,7 +135,7 @@ def fdb_bridged(ipr: IPRoute, index: int) -> set[str]:
             and msg["flags"] & ndmsg.flags["ext_learned"]}
 
 
-def fdb_bridge_set(ipr: IPRoute, index: int, mac: str) -> None:
+def fdb_bridge_set(ipr: Rtnl, index: int, mac: str) -> None:
     """Tell the bridge that `mac` lives behind port `index` (the VXLAN device).
 
     Without it the bridge, which learns nothing on that port, floods frames
@@ -148,7 +148,7 @@ def fdb_bridge_set(ipr: IPRoute, index: int, mac: str) -> None:
             flags=ndmsg.flags["master"] | ndmsg.flags["ext_learned"])
 
 
-def fdb_bridge_delete(ipr: IPRoute, index: int, mac: str) -> None:
+def fdb_bridge_delete(ipr: Rtnl, index: int, mac: str) -> None:
     try:
         ipr.fdb("del", ifindex=index, lladdr=mac, flags=ndmsg.flags["master"])
     except NetlinkError as exc:
@@ -156,22 +156,22 @@ def fdb_bridge_delete(ipr: IPRoute, index: int, mac: str) -> None:
             raise
 
 
-def _fdb(ipr: IPRoute, command: str, index: int, mac: str, dst: IPAddress) -> None:
+def _fdb(ipr: Rtnl, command: str, index: int, mac: str, dst: IPAddress) -> None:
     ipr.fdb(command, ifindex=index, lladdr=mac, dst=str(dst), state=FDB_STATE,
             flags=ndmsg.flags["self"])
 
 
-def fdb_set_remote(ipr: IPRoute, index: int, mac: str, dst: IPAddress) -> None:
+def fdb_set_remote(ipr: Rtnl, index: int, mac: str, dst: IPAddress) -> None:
     """Point unicast `mac` at `dst` (replacing its remote: a MAC lives behind one VTEP)."""
     _fdb(ipr, "replace", index, mac, dst)
 
 
-def fdb_append_flood(ipr: IPRoute, index: int, dst: IPAddress) -> None:
+def fdb_append_flood(ipr: Rtnl, index: int, dst: IPAddress) -> None:
     """Add `dst` to the flood list (the all-zero MAC entry keeps one remote per VTEP)."""
     _fdb(ipr, "append", index, FLOOD_MAC, dst)
 
 
-def fdb_delete(ipr: IPRoute, index: int, mac: str, dst: IPAddress) -> None:
+def fdb_delete(ipr: Rtnl, index: int, mac: str, dst: IPAddress) -> None:
     try:
         _fdb(ipr, "del", index, mac, dst)
     except NetlinkError as exc:
@@ -179,7 +179,7 @@ def fdb_delete(ipr: IPRoute, index: int, mac: str, dst: IPAddress) -> None:
             raise
 
 
-def permanent_neighbours(ipr: IPRoute, index: int) -> dict[IPAddress, str]:
+def permanent_neighbours(ipr: Rtnl, index: int) -> dict[IPAddress, str]:
     """ip -> mac of the permanent neighbour entries on link `index`.
 
     Only permanent ones: the kernel itself adds NOARP entries for the
@@ -190,11 +190,11 @@ def permanent_neighbours(ipr: IPRoute, index: int) -> dict[IPAddress, str]:
             if msg["ifindex"] == index and msg["state"] & NUD_PERMANENT}
 
 
-def neigh_set(ipr: IPRoute, index: int, ip: IPAddress, mac: str) -> None:
+def neigh_set(ipr: Rtnl, index: int, ip: IPAddress, mac: str) -> None:
     ipr.neigh("replace", ifindex=index, dst=str(ip), lladdr=mac, state=NUD_PERMANENT)
 
 
-def neigh_delete(ipr: IPRoute, index: int, ip: IPAddress) -> None:
+def neigh_delete(ipr: Rtnl, index: int, ip: IPAddress) -> None:
     try:
         ipr.neigh("del", ifindex=index, dst=str(ip))
     except NetlinkError as exc:
@@ -202,9 +202,9 @@ def neigh_delete(ipr: IPRoute, index: int, ip: IPAddress) -> None:
             raise
 
 
-def link_by_index(ipr: IPRoute, index: int):
+def link_by_index(ipr: Rtnl, index: int):
     return ipr.link("get", index=index)[0]
 
 
-def all_links(ipr: IPRoute):
+def all_links(ipr: Rtnl):
     return ipr.link("dump")

@@ -24,17 +24,18 @@ from contextlib import ExitStack, contextmanager
 from pathlib import Path
 from typing import Iterator, Optional
 
-from pyroute2 import IPRoute
 
 from vpcni.backends.common.modules import switchdev_ports
 from vpcni.backends.common.nft import load_binding
 from vpcni.backends.common import podif
+from vpcni.backends.common.rtnl import Rtnl, ThreadRtnl
 from vpcni.core.backend import Backend
 from vpcni.core.config import NodeConfig
 from vpcni.core.errors import BackendError
 from vpcni.core.models import Attachment, Capabilities, Owned, Probe, RemoteState, VpcNetwork
 from vpcni.backends.common.podif import describe, get_link
-from vpcni.backends.common.underlay import Underlay, find_underlay, netlink_errors, pod_mtu
+from vpcni.backends.common.underlay import (Underlay, UnderlayCache, find_underlay, netlink_errors,
+                                            pod_mtu)
 
 from . import flows as fl
 from .config import OvsConfig
@@ -71,7 +72,8 @@ class OvsBackend(Backend):
 
     def __init__(self, node: NodeConfig):
         super().__init__(node)
-        self.ipr = IPRoute()
+        self.ipr = ThreadRtnl()
+        self._underlays = UnderlayCache()
         self._switch: Optional[sw.Switch] = None
         self._guard = threading.Lock()
         self._locks: dict[str, threading.Lock] = {}
@@ -153,7 +155,7 @@ class OvsBackend(Backend):
             return no("datapath type 'system' needs the openvswitch kernel module, which is not "
                       "loaded; set ovs.datapathType to 'netdev' for the userspace datapath")
         try:
-            ipr = IPRoute()
+            ipr = Rtnl()
         except OSError as exc:
             return no(f"cannot open a netlink socket: {describe(exc)}")
         try:
@@ -173,7 +175,7 @@ class OvsBackend(Backend):
 
     def _underlay(self) -> Underlay:
         with netlink_errors("cannot read the underlay"):
-            return find_underlay(self.ipr, self.node)
+            return self._underlays.get(self.ipr, self.node)
 
     def ensure_network(self, net: VpcNetwork) -> None:
         underlay = self._underlay()

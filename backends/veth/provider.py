@@ -11,14 +11,15 @@ unenslaved: the switch backend puts it into its switch and brings it up.
 
 from __future__ import annotations
 
+import errno
 import logging
 from contextlib import ExitStack
 
-from pyroute2 import IPRoute
 from pyroute2.netlink.exceptions import NetlinkError
 
 from vpcni.backends.common import podif
 from vpcni.backends.common.podif import delete_if_exists, describe, get_link
+from vpcni.backends.common.rtnl import ThreadRtnl
 from vpcni.backends.common.underlay import netlink_errors
 from vpcni.backends.common.modules import kernel_support
 from vpcni.core.backend import InterfaceProvider
@@ -35,7 +36,7 @@ class VethProvider(InterfaceProvider):
 
     def __init__(self, node: NodeConfig):
         super().__init__(node)
-        self.ipr = IPRoute()
+        self.ipr = ThreadRtnl()
 
     def close(self) -> None:
         self.ipr.close()
@@ -80,17 +81,25 @@ class VethProvider(InterfaceProvider):
         host = att.host_ifname
         alias = podif.attachment_alias(*att.key)
         with podif.open_netns(att.netns) as pod_ns, ExitStack() as undo:
-            leftovers = self._remove_leftovers(pod_ns, att, host, alias)
             peer = {"ifname": att.ifname, "mtu": mtu}
             if att.mac:
                 peer["address"] = att.mac
+            leftovers = False
             with podif.netns_fd(att.netns) as fd, netlink_errors(
                     f'could not create veth "{host}" with peer {att.ifname} in netns {att.netns}'):
                 peer["net_ns_fd"] = fd
-                self.ipr.link("add", ifname=host, kind="veth", mtu=mtu, peer=peer)
+                try:
+                    self.ipr.link("add", ifname=host, kind="veth", mtu=mtu, peer=peer)
+                except NetlinkError as exc:
+                    # One end exists: what a crashed earlier ADD of this attachment left
+                    # (removed, then created again), or someone else's (an error).
+                    if exc.code != errno.EEXIST:
+                        raise
+                    leftovers = self._remove_leftovers(pod_ns, att, host, alias)
+                    self.ipr.link("add", ifname=host, kind="veth", mtu=mtu, peer=peer)
             undo.callback(self._undo, host)
             with netlink_errors(f'could not mark "{host}"'):
-                podif.claim_port(self.ipr, get_link(self.ipr, host)["index"], alias)
+                podif.claim_port_named(self.ipr, host, alias)
             with netlink_errors(f"could not configure {att.ifname} in netns {att.netns}"):
                 pod = podif.configure_interface(pod_ns, att.ifname, att.ips, att.routes,
                                                 alias=alias)

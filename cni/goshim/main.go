@@ -18,6 +18,7 @@ package main
 
 import (
 	"encoding/json"
+	"errors"
 	"fmt"
 	"io"
 	"net"
@@ -145,9 +146,27 @@ type reply struct {
 	RC     *int   `json:"rc"`
 }
 
+// dialAgent connects to the agent's socket. A full listen backlog (a burst of
+// pods starting at once) answers EAGAIN at once instead of waiting: that agent
+// is alive and busy, so try again for a while rather than report it away.
+func dialAgent(sock string) (net.Conn, error) {
+	deadline := time.Now().Add(agentTimeout)
+	delay := time.Millisecond
+	for {
+		conn, err := net.DialTimeout("unix", sock, time.Until(deadline))
+		if err == nil || !errors.Is(err, syscall.EAGAIN) || time.Now().Add(delay).After(deadline) {
+			return conn, err
+		}
+		time.Sleep(delay)
+		if delay < 50*time.Millisecond {
+			delay *= 2
+		}
+	}
+}
+
 func askAgent(sock string, req request) (reply, error) {
 	var rep reply
-	conn, err := net.DialTimeout("unix", sock, agentTimeout)
+	conn, err := dialAgent(sock)
 	if err != nil {
 		return rep, err
 	}

@@ -130,3 +130,49 @@ def test_listing_survives_concurrent_deletes(tmp_path):
         for w in workers:
             w.join()
     assert errors == []
+
+
+def test_cached_store_answers_from_memory_and_refreshes_from_disk(tmp_path):
+    store = AttachmentStore(tmp_path, cached=True)
+    a, b = _att("c1", vni=300), _att("c2", vni=301)
+    store.put(a)
+    store.put(b)
+    assert [x.key for x in store.for_vni(300)] == [a.key]
+    assert store.vni_counts() == {300: 1, 301: 1}
+    got = store.get(*a.key)
+    got.mac = "aa:aa:aa:aa:aa:aa"  # a copy: the store's record is unchanged
+    assert store.get(*a.key).mac is None
+    # A record moved to another VNI leaves its old VNI's index.
+    store.put(a.model_copy(update={"vni": 301}))
+    assert store.vni_counts() == {301: 2}
+    store.delete(*b.key)
+    assert store.vni_counts() == {301: 1} and store.for_vni(300) == []
+    # What another writer did on disk shows after refresh(), not before.
+    other = AttachmentStore(tmp_path)
+    other.put(_att("c3", vni=302))
+    assert store.for_vni(302) == []
+    store.refresh()
+    assert [x.container_id for x in store.for_vni(302)] == ["c3"]
+    assert [x.container_id for x in store.all()] == ["c1", "c3"]
+    # The plain store sees the same records on disk.
+    assert [x.container_id for x in other.all()] == ["c1", "c3"]
+
+
+def test_a_torn_record_is_skipped_when_listing_and_named_when_read(tmp_path):
+    store = AttachmentStore(tmp_path)
+    store.put(_att("c1"))
+    store.put(_att("c2"))
+    (tmp_path / "attachments" / "net" / "c2" / "eth1.json").write_text('{"network": "ne')
+    assert [x.container_id for x in store.all()] == ["c1"]
+    assert [x.container_id for x in AttachmentStore(tmp_path, cached=True).all()] == ["c1"]
+    from vpcni.core.errors import IOFailure
+    with pytest.raises(IOFailure, match="c2/eth1.json is unreadable"):
+        store.get("net", "c2", "eth1")
+
+
+def test_unwritable_state_dir_is_an_io_failure(tmp_path):
+    from vpcni.core.errors import IOFailure
+    store = AttachmentStore(tmp_path)
+    (tmp_path / "attachments" / "net").write_text("a file where a directory goes")
+    with pytest.raises(IOFailure, match="cannot write"):
+        store.put(_att())
