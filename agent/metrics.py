@@ -27,6 +27,10 @@ class Metrics:
                                 "1 when the agent is connected to its gobgpd", registry=r)
         self.reconciles = Counter("vpcni_reconcile_runs", "Reconcile loop runs", ["result"],
                                   registry=r)
+        self.last_full_reconcile = Gauge(
+            "vpcni_reconcile_full_seconds",
+            "The last full reconcile pass: CPU time of the reconcile thread, and wall time",
+            ["kind"], registry=r)
         self.pending_del = Gauge("vpcni_pending_del", "DELs spooled while the agent was away",
                                  registry=r)
 

@@ -374,52 +374,60 @@ class Agent:
 
     def _reconcile_loop(self) -> None:
         interval = self.node.reconcileInterval
-        last_full = last_local = last_quick = 0.0
+        marks = {"full": 0.0, "local": 0.0, "quick": 0.0}  # when each kind of pass last ran
         while not self._stop.is_set():
             self._kick.wait(timeout=min(interval, 5.0))
             self._kick.clear()
             self._heartbeat = time.monotonic()
             if self._stop.is_set():
                 return
-            grace_ended = False
-            if self.speaker is not None:
-                self._note_gobgpd_restart()
-                grace_ended = self._grace_ended()
-            now = time.monotonic()
-            full = grace_ended or now - last_full >= interval
-            # Isolation does not wait for BGP: the backends' filters are checked at
-            # least every QUICK_CHECK seconds (however often remote changes wake the
-            # loop) and converged to the records every reconcileInterval.
-            local_full = now - last_local >= interval
-            if local_full or now - last_quick >= QUICK_CHECK * 0.9:
-                last_quick = now
-                if local_full:
-                    last_local = now
-                try:
-                    if self.handler.reconcile(full=local_full):
-                        with self._dirty_lock:
-                            self._dirty |= self.handler.local_vnis()
-                except Exception:
-                    LOG.exception("reconcile of the backends' local state failed")
-                    self.metrics.reconciles.labels("error").inc()
-            # Never converge the FDB on a partial picture: wait for gobgpd's initial dump.
-            if self.speaker is not None and not self.speaker.synced:
-                continue
-            with self._dirty_lock:
-                dirty, self._dirty = self._dirty, set()
+            cpu0, wall0 = time.thread_time(), time.monotonic()
+            if self._reconcile_once(interval, marks):
+                self.metrics.last_full_reconcile.labels("cpu").set(time.thread_time() - cpu0)
+                self.metrics.last_full_reconcile.labels("wall").set(time.monotonic() - wall0)
+
+    def _reconcile_once(self, interval: float, marks: dict[str, float]) -> bool:
+        """One pass of the reconcile loop (updating `marks`); True when it was a full one."""
+        grace_ended = False
+        if self.speaker is not None:
+            self._note_gobgpd_restart()
+            grace_ended = self._grace_ended()
+        now = time.monotonic()
+        full = grace_ended or now - marks["full"] >= interval
+        # Isolation does not wait for BGP: the backends' filters are checked at
+        # least every QUICK_CHECK seconds (however often remote changes wake the
+        # loop) and converged to the records every reconcileInterval.
+        local_full = now - marks["local"] >= interval
+        if local_full or now - marks["quick"] >= QUICK_CHECK * 0.9:
+            marks["quick"] = now
+            if local_full:
+                marks["local"] = now
             try:
-                if full:
-                    self.handler.store.refresh()
-                    self._sync_local()
-                    self._replay_pending()
-                    dirty = self.handler.local_vnis()
-                    last_full = time.monotonic()
-                self._converge(dirty)
-                self._update_gauges(routes=True)
-                self.metrics.reconciles.labels("ok").inc()
+                if self.handler.reconcile(full=local_full):
+                    with self._dirty_lock:
+                        self._dirty |= self.handler.local_vnis()
             except Exception:
-                LOG.exception("reconcile failed")
+                LOG.exception("reconcile of the backends' local state failed")
                 self.metrics.reconciles.labels("error").inc()
+        # Never converge the FDB on a partial picture: wait for gobgpd's initial dump.
+        if self.speaker is not None and not self.speaker.synced:
+            return False
+        with self._dirty_lock:
+            dirty, self._dirty = self._dirty, set()
+        try:
+            if full:
+                self.handler.store.refresh()
+                self._sync_local()
+                self._replay_pending()
+                dirty = self.handler.local_vnis()
+                marks["full"] = time.monotonic()
+            self._converge(dirty)
+            self._update_gauges(routes=True)
+            self.metrics.reconciles.labels("ok").inc()
+        except Exception:
+            LOG.exception("reconcile failed")
+            self.metrics.reconciles.labels("error").inc()
+        return full
 
     # ------------------------------------------------------------ status
 

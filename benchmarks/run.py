@@ -29,16 +29,18 @@ from vpcni.lab.netns import Sandbox, run  # noqa: E402
 
 from benchmarks.cni import CniBench  # noqa: E402
 from benchmarks.first_reply import PlainVxlan, VpcniFirstReply, iperf_compare  # noqa: E402
+from benchmarks.scale import ScaleBench  # noqa: E402
+from benchmarks.vnifilter import compare as vnifilter_compare  # noqa: E402
 from benchmarks.stats import ratio  # noqa: E402
 
 FULL = {"cycles": 100, "floor_reps": 30, "cold_vni_cycles": 30, "crowded_residents": 100,
         "crowded_cycles": 30, "breakdown_cycles": 30, "callers": 8, "parallel_cycles": 10,
         "first_reply_pods": 30, "reflectors": ["frr", "gobgpd"], "iperf_seconds": 3,
-        "iperf_rounds": 3}
+        "iperf_rounds": 3, "scale_vnis": 200, "scale_per_vni": 5, "scale_cycles": 30}
 QUICK = {"cycles": 30, "floor_reps": 10, "cold_vni_cycles": 10, "crowded_residents": 30,
          "crowded_cycles": 10, "breakdown_cycles": 10, "callers": 8, "parallel_cycles": 3,
          "first_reply_pods": 10, "reflectors": ["frr", "gobgpd"], "iperf_seconds": 2,
-         "iperf_rounds": 1}
+         "iperf_rounds": 1, "scale_vnis": 200, "scale_per_vni": 5, "scale_cycles": 10}
 ADD_GOAL = 1.5       # vpcni-agent ADD p50 / bridge ADD p50
 REPLY_GOAL_MS = 150  # p50 from ADD returning to the first reply from another node
 
@@ -130,6 +132,30 @@ def run_cni(p: dict, results: dict) -> None:
                                       p["crowded_residents"])
         Section(results, "throughput")(bench.throughput, p["callers"], p["parallel_cycles"])
         Section(results, "crowded")(bench.crowded, p["crowded_residents"], p["crowded_cycles"])
+    finally:
+        box.cleanup()
+
+
+SCALE_RECONCILE_INTERVAL = 3.0
+
+
+def run_scale(p: dict, results: dict) -> None:
+    box = sandbox()
+    try:
+        bench = ScaleBench(box, log=log, vnis=p["scale_vnis"], per_vni=p["scale_per_vni"],
+                           reconcile_interval=SCALE_RECONCILE_INTERVAL)
+        scale = results.setdefault("scale", {})
+        Section(scale, "fill")(bench.fill)
+        Section(scale, "add_cost")(bench.add_cost, p["scale_cycles"])
+        scale["resources"] = bench.resources()
+        Section(scale, "reconcile")(bench.reconcile_cost, SCALE_RECONCILE_INTERVAL)
+        Section(scale, "restart")(bench.restart)
+    finally:
+        box.cleanup()
+    box = sandbox()
+    try:
+        Section(results.setdefault("scale", {}), "vnifilter")(vnifilter_compare, box,
+                                                              p["scale_vnis"])
     finally:
         box.cleanup()
 
@@ -353,6 +379,7 @@ def render(r: dict) -> str:
                          f"{', '.join(map(str, d['runs_gbps']['vpcni']))} | "
                          f"{d['median_gbps']['vpcni']} | **{d['ratio_vpcni_over_plain']}×** | "
                          f"{_f(by.get('plain-vxlan'))} / {_f(by.get('vpcni'))} |")
+    lines += render_scale(r.get("scale") or {})
     errors = [f"{k}: {v['error']}" for k, v in _walk(r) if isinstance(v, dict) and "error" in v]
     if errors:
         lines += ["", "Errors:"] + [f"- {e}" for e in errors]
@@ -362,6 +389,52 @@ def render(r: dict) -> str:
               "processes of others seen at its start): " +
               ", ".join(f"{k} {b}% ({o})" for k, b, o in busy)]
     return "\n".join(lines)
+
+
+def render_scale(s: dict) -> list[str]:
+    if not s:
+        return []
+    fill, cost = s.get("fill") or {}, s.get("add_cost") or {}
+    res, rec, rst = s.get("resources") or {}, s.get("reconcile") or {}, s.get("restart") or {}
+    att, vnis = fill.get("attachments", {}), fill.get("vnis", {})
+    lines = ["", f"### 5. A node with {_f(att.get('big'))} attachments over {_f(vnis.get('big'))} "
+             f"VNIs against one with {_f(att.get('small'))} over {_f(vnis.get('small'))}", "",
+             f"Filled by 8 parallel callers in {_f(fill.get('fill_s'))} s.", "",
+             "| measure | big node | small node | big / small |", "|---|---:|---:|---:|"]
+    for cmd in ("ADD", "DEL"):
+        big, small = _get(cost, "big", cmd, "p50"), _get(cost, "small", cmd, "p50")
+        lines.append(f"| {cmd} p50 ms ({_f(_get(cost, 'big', cmd, 'n'))} round-robin cycles) | "
+                     f"{_f(big)} | {_f(small)} | **{_f(ratio(big, small), '×')}** |")
+    for key, label in (("rss_mb", "agent RSS, MB"), ("fds", "agent descriptors"),
+                       ("threads", "agent threads")):
+        lines.append(f"| {label} | {_f(_get(res, 'big', key))} | {_f(_get(res, 'small', key))} "
+                     f"| |")
+    for key, label in (("cpu_ms", "full reconcile, nothing to change: CPU ms"),
+                       ("wall_ms", "full reconcile: wall ms")):
+        lines.append(f"| {label} | {_f(_get(rec, 'big', key))} | {_f(_get(rec, 'small', key))} "
+                     "| |")
+    vf = s.get("vnifilter") or {}
+    if vf and "error" not in vf:
+        a, b = vf.get("per_vni_devices", {}), vf.get("one_vnifilter_device", {})
+        lines += ["", f"{_f(vf.get('vnis'))} VNIs in a namespace of their own:", "",
+                  "| | build all, s | links | full link dump, ms | kernel memory, KB (rough) |",
+                  "|---|---:|---:|---:|---:|",
+                  f"| a VXLAN device + bridge per VNI (the kernel backend) | "
+                  f"{_f(a.get('build_s'))} | {_f(a.get('links'))} | {_f(a.get('link_dump_ms'))} | "
+                  f"{_f(a.get('mem_kb'))} |",
+                  f"| one VXLAN device, `external vnifilter` ({_f(b.get('vnis_listed'))} VNIs "
+                  f"listed) | {_f(b.get('build_s'))} | {_f(b.get('links'))} | "
+                  f"{_f(b.get('link_dump_ms'))} | {_f(b.get('mem_kb'))} |",
+                  f"- a VLAN-aware bridge (needed to map VLANs to the filtered VNIs): "
+                  f"{'available' if b.get('vlan_aware_bridge') else 'NOT available here: ' + str(b.get('vlan_aware_bridge_error'))}"]
+    if rst and "error" not in rst:
+        lines += ["", f"Restart of the big node's agent: ready {_f(rst.get('ready_s'))} s after "
+                  f"it was started; pings every {_f(rst.get('ping_interval_ms'))} ms between two "
+                  f"of its pods: {_f(rst.get('pings_lost'))} lost of "
+                  f"{_f(rst.get('pings_sent'))}; dataplane differences before/after (links, "
+                  f"FDB, neighbours, nftables): {rst.get('dataplane_differences')}; agent after "
+                  f"restart: {rst.get('after_restart')}."]
+    return lines
 
 
 def _walk(d: dict, prefix: str = ""):
@@ -375,7 +448,7 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n", 1)[0])
     ap.add_argument("--quick", action="store_true", help="fewer samples (about 3 minutes)")
     ap.add_argument("--json", type=Path, help="also write the results (with samples) here")
-    ap.add_argument("--only", choices=["cni", "dataplane"], help="run one half only")
+    ap.add_argument("--only", choices=["cni", "dataplane", "scale"], help="run one part only")
     args = ap.parse_args(argv)
     problem = environment_ok()
     if problem:
@@ -392,6 +465,8 @@ def main(argv=None) -> int:
             run_cni(p, results)
         if args.only in (None, "dataplane"):
             run_dataplane(p, results)
+        if args.only in (None, "scale"):
+            run_scale(p, results)
     finally:
         results["duration_s"] = round(time.monotonic() - t0)
         results["machine"]["loadavg_end"] = Path("/proc/loadavg").read_text().split()[:3]

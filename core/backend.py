@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import abc
 import logging
-from typing import Callable, ClassVar, Optional
+from typing import Callable, ClassVar, ContextManager, Optional
 
 from pydantic import BaseModel
 
@@ -101,7 +101,10 @@ class Backend(_Configurable, abc.ABC):
     def apply_remote(self, vni: int, remote: RemoteState) -> None:
         """Converge the VNI's remote entries (per-MAC and flood) to exactly `remote`."""
 
-    def reconcile(self, records: Callable[[], list[Attachment]], full: bool = True) -> list[str]:
+    def reconcile(self, records: Callable[[], list[Attachment]], full: bool = True,
+                  locked: Optional[Callable[[tuple[str, str, str]],
+                                            ContextManager[Optional[Attachment]]]] = None
+                  ) -> list[str]:
         """Converge what the switch keeps per attachment (filters, flows) to the records;
         return what it had to correct (non-empty: the caller converges every VNI's
         remote state too).
@@ -109,9 +112,12 @@ class Backend(_Configurable, abc.ABC):
         `records()` gives this node's attachment records. The backend reads its
         own dataplane state first and calls it after, so that an attachment
         being added meanwhile (recorded before anything is built) is never taken
-        for a leftover. `full` false asks for a quick pass (the agent runs one
-        every few seconds): only check that node-wide state is intact. The
-        default has nothing to converge.
+        for a leftover. What it finds wrong it corrects inside `locked(key)`: a
+        context that holds the attachment's lock (no ADD, DEL or CHECK of it runs)
+        and gives its record as it is then (None: gone), so that a decision made
+        on a read from before an ADD or DEL is never applied after it. `full`
+        false asks for a quick pass (the agent runs one every few seconds): only
+        check that node-wide state is intact. The default has nothing to converge.
         """
         return []
 

@@ -314,8 +314,15 @@ class Handler:
             names |= {a.backend for a in self.store.all()}
         for name in sorted(names):
             corrected += self.backend_named(name).reconcile(
-                lambda n=name: [a for a in self.store.all() if a.backend == n], full)
+                lambda n=name: [a for a in self.store.all() if a.backend == n], full,
+                self._locked_record)
         return corrected
+
+    @contextlib.contextmanager
+    def _locked_record(self, key: tuple[str, str, str]):
+        """The attachment's lock held, and its record as it is now (None: gone)."""
+        with self.store.attachment_lock(*key):
+            yield self.store.get(*key)
 
     def local_vnis(self) -> set[int]:
         return set(self.store.vni_counts())

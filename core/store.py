@@ -75,6 +75,7 @@ class AttachmentStore:
         self._by_vni: dict[int, set[Key]] = {}
         self._mem_lock = threading.Lock()
         self._gen = 0  # counts changes, so that refresh() can tell it raced one
+        self._seen: dict[str, tuple[tuple, Attachment]] = {}  # refresh()'s file identities
         try:
             self.records.mkdir(parents=True, exist_ok=True)
             self.locks.mkdir(parents=True, exist_ok=True)
@@ -148,13 +149,15 @@ class AttachmentStore:
         for attempt in range(5):
             with self._mem_lock:
                 gen = self._gen
-            records = {att.key: att for att in self._read_all(None)}
+            records = {att.key: att for att in self._read_all(None, self._seen)}
             with self._mem_lock:
                 # A put or delete during the read: the read may predate it (the
                 # very first load has nothing better, and later changes re-apply).
                 if self._gen != gen and (self._mem is not None or attempt < 4):
                     continue
                 self._mem = records
+                self._seen = {path: entry for path, entry in self._seen.items()
+                              if entry[1].key in records}
                 self._by_vni = {}
                 for key, att in records.items():
                     self._by_vni.setdefault(att.vni, set()).add(key)
@@ -219,9 +222,13 @@ class AttachmentStore:
                           key=lambda a: a.key)
         yield from atts
 
-    def _read_all(self, network: Optional[str]) -> Iterator[Attachment]:
+    def _read_all(self, network: Optional[str],
+                  seen: Optional[dict[str, tuple[tuple, Attachment]]] = None
+                  ) -> Iterator[Attachment]:
         """Every record on disk (of `network`), tolerating records and directories
-        that concurrent DELs remove while we list."""
+        that concurrent DELs remove while we list. With `seen` (path -> (file
+        identity, record), updated here), a file whose identity (inode, size,
+        mtime) is unchanged is not read and parsed again."""
         networks = ([self.records / check_name(network, "network name")] if network
                     else [Path(e.path) for e in self._entries(self.records) if e.is_dir()])
         for net_dir in networks:
@@ -230,11 +237,21 @@ class AttachmentStore:
                     if not rec.name.endswith(".json"):
                         continue
                     try:
+                        if seen is not None:
+                            st = rec.stat()
+                            ident = (st.st_ino, st.st_size, st.st_mtime_ns)
+                            known = seen.get(rec.path)
+                            if known is not None and known[0] == ident:
+                                yield known[1]
+                                continue
                         data = Path(rec.path).read_bytes()
                     except FileNotFoundError:
                         continue
                     try:
-                        yield Attachment.model_validate_json(data)
+                        att = Attachment.model_validate_json(data)
+                        if seen is not None:
+                            seen[rec.path] = (ident, att)
+                        yield att
                     except ValidationError as exc:
                         LOG.warning("record %s is unreadable (%s): skipped", rec.path,
                                     exc.errors()[0]["msg"])

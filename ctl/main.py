@@ -126,7 +126,8 @@ def cmd_lab(args) -> int:
                   f"{len(topo.reflectors)} route reflectors "
                   f"({', '.join(f'{r.name}={r.daemon}' for r in topo.reflectors)}), "
                   f"{len(topo.nodes)} nodes, {len(topo.vpcs)} VPCs, {len(topo.pods)} pods "
-                  f"(namespaces {lab.box.prefix}-*, files {lab.dir}); EVPN converged "
+                  f"(namespaces {lab.box.prefix}-*, files {lab.dir}); BGP sessions up "
+                  f"{lab.sessions_after:.1f}s after the agents were ready; EVPN converged "
                   f"{lab.converged_after * 1000:.0f} ms after the last ADD")
             for pod in lab.pods.values():
                 print(f"  pod {pod.name:10} node {pod.node:8} vpc {pod.vpc:6} (VNI {pod.vni}) "

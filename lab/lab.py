@@ -67,6 +67,8 @@ class Lab:
         self.stopped_reflectors: set[str] = set()
         self.cluster: Optional[Cluster] = None
         self.pods: dict[str, PodInfo] = {}
+        self.sessions_after = 0.0
+        self.converged_after = 0.0
 
     # ------------------------------------------------------------ paths
 
@@ -99,6 +101,10 @@ class Lab:
             for node in self.topo.nodes:
                 if node.kind == "vpcni":
                     self.node(node.name).wait_agent_ready()
+            # As in a cluster, the nodes' BGP sessions are up before pods come: the
+            # convergence measured below is the routes' trip, not session setup
+            # (gobgpd dials its first connection 5-10 s after it starts).
+            self.sessions_after = self.wait_sessions()
             for pod in self.topo.pods:
                 self.add_pod(pod.name, pod.node, pod.vpc,
                              str(pod.address) if pod.address else None, pod.interface)
@@ -351,6 +357,18 @@ class Lab:
         fdb = ns.exec("bridge", "fdb", "show", "dev", f"vpvx{vni}", check=False).stdout
         return {(f[0], f[2]) for f in (line.split() for line in fdb.splitlines())
                 if len(f) > 2 and f[1] == "dst"}
+
+    def wait_sessions(self, timeout: float = 60.0) -> float:
+        """Wait until every vpcni node's sessions to the running reflectors are
+        established; seconds taken."""
+        t0 = time.monotonic()
+        try:
+            wait_for(lambda: not self.sessions_down(), timeout=timeout, interval=0.05,
+                     what="BGP sessions")
+        except TimeoutError:
+            raise LabError(f"BGP sessions not established after {timeout}s: "
+                           f"{'; '.join(self.sessions_down())}") from None
+        return time.monotonic() - t0
 
     def wait_converged(self, timeout: float = 30.0) -> float:
         """Wait until every vpcni node has its sessions to every running reflector up

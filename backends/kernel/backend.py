@@ -20,6 +20,7 @@ import errno
 import logging
 import os
 import time
+from typing import Optional
 
 from pyroute2.netlink.exceptions import NetlinkError
 
@@ -37,7 +38,7 @@ from vpcni.backends.common.underlay import (Underlay, UnderlayCache, find_underl
                                             pod_mtu)
 
 from . import netlink
-from .guard import Guard
+from .guard import Guard, port_elements
 from .netlink import bridge_name, host_ifname, vxlan_name
 
 LOG = logging.getLogger(__name__)
@@ -300,8 +301,9 @@ class KernelBackend(Backend):
             LOG.warning("apply_remote VNI %d: %s/%s are not vpcni's: left alone",
                         vni, vxlan_name(vni), bridge_name(vni))
             return
-        # A route reflected back to us would make the VTEP send to itself.
-        local = netlink.vxlan_settings(vxlan)["local"]
+        # A route reflected back to us would make the VTEP send to itself. (The
+        # device's own local address is the underlay's: ensure_network checks that.)
+        local = self._underlay().address
         endpoints = [ep for ep in remote.endpoints if ep.vtep != local]
         flood = {vtep for vtep in remote.flood if vtep != local}
         # VXLAN of this VNI is accepted from its flood list and the VTEPs of its
@@ -318,8 +320,7 @@ class KernelBackend(Backend):
         unicast = {ep.mac.lower(): ep.vtep for ep in endpoints}
         desired = {(mac, vtep) for mac, vtep in unicast.items()}
         desired |= {(netlink.FLOOD_MAC, vtep) for vtep in flood}
-        current = netlink.fdb_remotes(self.ipr, index)
-        bridged = netlink.fdb_bridged(self.ipr, index)
+        current, bridged = netlink.fdb_entries(self.ipr, index)
         # Add before removing, so a MAC that moved never has a gap.
         for mac, vtep in desired - current:
             if mac == netlink.FLOOD_MAC:
@@ -369,13 +370,17 @@ class KernelBackend(Backend):
 
     # ------------------------------------------------------------ inventory
 
-    def reconcile(self, records, full: bool = True) -> list[str]:
+    def reconcile(self, records, full: bool = True, locked=None) -> list[str]:
         """Converge the port filters to the attachment records, re-installing the guard's
         tables when they are not intact (a firewall reload flushed them). A quick pass
         (`full` false) only checks that the tables are intact and that no operation
         found them lost. Returns the ports corrected, or ["(nftables tables)"] when the
         tables were re-installed: the caller then converges every VNI's remote state,
-        which puts the VTEP sets back."""
+        which puts the VTEP sets back.
+
+        Ports are compared without locks; each that differs is then corrected on a
+        fresh read under its attachment's lock (`locked`), so an ADD or DEL that ran
+        between the reads is never undone by a stale decision."""
         reinstalled = self.guard.ensure_base() or self.guard.lost
         if not (full or reinstalled):
             return []
@@ -387,15 +392,43 @@ class KernelBackend(Backend):
             underlay = self._underlay()
             for port in sorted({att.port for att in atts}):
                 self.guard.set_underlay(underlay.ifname, port)
-        known = {self._host(att) for att in atts}
+        known = {self._host(att): att for att in atts}
         desired = self._port_filters(atts)
-        # A DEL may have come between: only what the records still say, unchanged.
-        again = self._port_filters(records())
-        desired = {h: f for h, f in desired.items() if again.get(h) == f}
-        changed = self.guard.converge_ports(desired, known, current)
+        suspects = {port for port in current if port not in known}
+        suspects |= {port for port, (mac, ips) in desired.items()
+                     if {(n, t) for n, ts in port_elements(port, mac, ips).items() for t in ts}
+                     != current.get(port, set())}
+        changed = [port for port in sorted(suspects)
+                   if self._recheck_port(port, known.get(port), locked)]
         if changed:
             LOG.warning("port filters of %s were not as recorded: corrected", ", ".join(changed))
         return (["(nftables tables)"] if reinstalled else []) + changed
+
+    def _recheck_port(self, port: str, att: Optional[Attachment], locked) -> bool:
+        """Correct one port's filters on a fresh read; True when they changed."""
+        if locked is None:  # no core around (a test): the records given are the truth
+            with self.guard.port_lock(port):
+                return self._fix_port(port, att)
+        key = att.key if att is not None else self._attachment_of(port)
+        if key is not None:
+            with locked(key) as fresh:
+                return self._fix_port(port, fresh)
+        with self.guard.port_lock(port):
+            if get_link(self.ipr, port) is not None:
+                return False  # a link again: an ADD is under way (the next pass decides)
+            return self.guard.set_port(port, None)
+
+    def _fix_port(self, port: str, att: Optional[Attachment]) -> bool:
+        if att is not None and att.state != "ready":
+            return False  # mid-ADD: its own steps set the filters
+        want = None if att is None or not att.mac else \
+            (att.mac, sorted((ip.address.ip for ip in att.ips), key=str))
+        return self.guard.set_port(port, want)
+
+    def _attachment_of(self, port: str) -> Optional[tuple[str, str, str]]:
+        """The attachment a node link of that name is marked as (None: no such link)."""
+        link = get_link(self.ipr, port)
+        return podif.alias_attachment(link.get("IFLA_IFALIAS")) if link is not None else None
 
     @staticmethod
     def _host(att: Attachment) -> str:

@@ -175,6 +175,7 @@ class Guard:
     def __init__(self) -> None:
         self._nft = Nft()
         self._lock = threading.Lock()
+        self._port_locks = [threading.Lock() for _ in range(64)]
         self._based = False
         # What this guard believes the kernel holds; dropped whenever the base is
         # (re)installed, since an install after a loss starts from empty sets.
@@ -304,24 +305,31 @@ class Guard:
 
     # ------------------------------------------------------------ per port
 
+    def port_lock(self, ifname: str) -> threading.Lock:
+        """The lock every change of one port's elements holds (striped by name)."""
+        return self._port_locks[hash(ifname) % len(self._port_locks)]
+
     def add_port(self, ifname: str, mac: Optional[str], ips: Iterable[IPAddress]) -> None:
         """Let `ifname` send from `mac` and `ips` only (any address when there is none)."""
         commands = [f"add element bridge {TABLE} {name} {{ {', '.join(sorted(elems))} }}"
                     for name, elems in port_elements(ifname, mac, ips).items() if elems]
-        self._apply(commands, f"allow {ifname} its MAC and addresses")
+        with self.port_lock(ifname):
+            self._apply(commands, f"allow {ifname} its MAC and addresses")
 
     def remove_port(self, ifname: str, mac: Optional[str] = None,
                     ips: Iterable[IPAddress] = ()) -> None:
         """Forget `ifname`: the exact elements when `mac` is known, else all of its elements."""
-        if mac:
-            commands = [f"delete element bridge {TABLE} {name} {{ {', '.join(sorted(elems))} }}"
-                        for name, elems in port_elements(ifname, mac, ips).items() if elems]
-            try:
-                self._apply(commands, f"forget port {ifname}")
-                return
-            except BackendError:
-                pass  # some element was already gone: remove what is left, by listing
-        self.purge_ports({ifname})
+        with self.port_lock(ifname):
+            if mac:
+                commands = [f"delete element bridge {TABLE} {name} "
+                            f"{{ {', '.join(sorted(elems))} }}"
+                            for name, elems in port_elements(ifname, mac, ips).items() if elems]
+                try:
+                    self._apply(commands, f"forget port {ifname}")
+                    return
+                except BackendError:
+                    pass  # some element was already gone: remove what is left, by listing
+            self.purge_ports({ifname})
 
     def missing(self, ifname: str, mac: Optional[str], ips: Iterable[IPAddress]) -> list[str]:
         """The elements `ifname` should have and does not (for CNI CHECK)."""
@@ -347,27 +355,19 @@ class Guard:
                     for ifname in ifnames for name, text in sorted(current.get(ifname, ()))]
         self._apply(commands, f"forget ports {', '.join(sorted(ifnames))}")
 
-    def converge_ports(self, desired: dict[str, tuple[Optional[str], list[IPAddress]]],
-                       known: set[str], current: dict[str, set[tuple[str, str]]]) -> list[str]:
-        """Make the sets say exactly `desired` for its ports and nothing for ports not in
-        `known`; ports in `known` but not in `desired` (mid-ADD) are left as they are.
-        `current` is a `ports()` snapshot taken before `known` was read. Returns the
-        ports changed."""
-        commands: list[str] = []
-        changed = []
-        for ifname, elems in current.items():
-            if ifname not in known:
-                commands += [f"delete element bridge {TABLE} {n} {{ {t} }}" for n, t in
-                             sorted(elems)]
-                changed.append(ifname)
-        for ifname, (mac, ips) in desired.items():
-            want = {(n, t) for n, ts in port_elements(ifname, mac, ips).items() for t in ts}
-            have = current.get(ifname, set())
-            if want == have:
-                continue
-            changed.append(ifname)
-            commands += [f"add element bridge {TABLE} {n} {{ {t} }}" for n, t in sorted(want - have)]
-            commands += [f"delete element bridge {TABLE} {n} {{ {t} }}"
-                         for n, t in sorted(have - want)]
-        self._apply(commands, "converge the port filters")
-        return changed
+    def set_port(self, ifname: str, want: Optional[tuple[Optional[str], list[IPAddress]]]
+                 ) -> bool:
+        """Make `ifname`'s elements exactly those of `want` ((mac, ips); None: none),
+        reading what it has now; the caller holds what keeps the port's owner from
+        changing it meanwhile. True when something changed."""
+        wanted = set() if want is None else \
+            {(n, t) for n, ts in port_elements(ifname, *want).items() for t in ts}
+        have = self.ports().get(ifname, set())
+        if wanted == have:
+            return False
+        commands = [f"add element bridge {TABLE} {n} {{ {t} }}" for n, t in sorted(wanted - have)]
+        commands += [f"delete element bridge {TABLE} {n} {{ {t} }}"
+                     for n, t in sorted(have - wanted)]
+        self._apply(commands, f"converge the port filters of {ifname}")
+        return True
+

@@ -115,24 +115,24 @@ def set_port_flags(ipr: Rtnl, index: int) -> None:
     ipr.brport("set", index=index, learning=0, neigh_suppress=1)
 
 
-def fdb_remotes(ipr: Rtnl, index: int) -> set[tuple[str, IPAddress]]:
-    """(mac, dst) of the FDB entries of link `index` that point at a remote VTEP.
+def fdb_entries(ipr: Rtnl, index: int) -> tuple[set[tuple[str, IPAddress]], set[str]]:
+    """From one dump of link `index`'s FDB: the (mac, dst) entries that point at a
+    remote VTEP, and the MACs the bridge forwards to the port because vpcni put them
+    there (externally learned entries, as an EVPN daemon writes them).
 
     The socket must have strict_check on: the kernel then filters by the
     header's ifindex instead of sending every port's FDB.
     """
-    return {(msg.get("NDA_LLADDR"), ipaddress.ip_address(msg.get("NDA_DST")))
-            for msg in ipr.fdb("dump", ifindex=index, dump_filter=None)
-            if msg["ifindex"] == index and msg.get("NDA_DST")}
-
-
-def fdb_bridged(ipr: Rtnl, index: int) -> set[str]:
-    """MACs the bridge forwards to port `index` because vpcni put them there
-    (externally learned entries, as an EVPN daemon writes them)."""
-    return {msg.get("NDA_LLADDR")
-            for msg in ipr.fdb("dump", ifindex=index, dump_filter=None)
-            if msg["ifindex"] == index and not msg.get("NDA_DST")
-            and msg["flags"] & ndmsg.flags["ext_learned"]}
+    remotes, bridged = set(), set()
+    for msg in ipr.fdb("dump", ifindex=index, dump_filter=None):
+        if msg["ifindex"] != index:
+            continue
+        dst = msg.get("NDA_DST")
+        if dst:
+            remotes.add((msg.get("NDA_LLADDR"), ipaddress.ip_address(dst)))
+        elif msg["flags"] & ndmsg.flags["ext_learned"]:
+            bridged.add(msg.get("NDA_LLADDR"))
+    return remotes, bridged
 
 
 def fdb_bridge_set(ipr: Rtnl, index: int, mac: str) -> None:

@@ -236,7 +236,7 @@ class OvsBackend(Backend):
             ports = self._local_ports(vni) if tunnel else []
             self.switch.converge(fl.cookie(fl.LOCAL, vni), fl.local_flows(vni, ports, tunnel))
 
-    def reconcile(self, records, full: bool = True) -> list[str]:
+    def reconcile(self, records, full: bool = True, locked=None) -> list[str]:
         """Re-install the host-port rules when they are not intact; on a full pass also
         re-derive every local VNI's port flows (anti-spoofing among them) from the
         switch's ports, so flows someone removed or changed come back."""

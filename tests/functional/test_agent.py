@@ -149,3 +149,56 @@ def test_a_request_over_the_size_limit_is_a_clean_error(cluster):
     body = json.loads(res.stdout)
     assert res.rc == 1 and body["code"] == 7 and "MiB" in body["msg"], res
     assert "Traceback" not in res.stderr
+
+
+@pytest.mark.slow
+def test_parallel_add_del_in_shared_and_emptying_vnis_leaves_records_links_and_filters_agreed(
+        cluster):
+    """16 callers at once through the shim: ADD/DEL races inside VNIs that other pods keep
+    (no exclusive VNI lock then) and VNIs whose last pod leaves while others join (the
+    VNI's devices go and come back). Every ADD must work, the node must hold exactly what
+    the records say at the middle and nothing at the end, and a repeated ADD of a pod
+    must find its record in the agent's memory."""
+    import concurrent.futures
+
+    from tests.functional.leftovers import assert_no_leftovers, records
+
+    # Full reconciles every second race the calls too (they once re-added a filter
+    # element an ADD had just removed, from a decision made on an earlier read).
+    node = cluster.add_node("n1", "198.51.100.1", agent=True, backend="kernel",
+                            reconcileInterval=1)
+    pods = [cluster.add_pod(node, f"r{i}") for i in range(48)]
+    # VNIs 971-973 have residents; 974-975 empty out and fill again in every round.
+    cfgs = [seed_network(f"vpc-race{970 + 1 + i % 5}", 971 + i % 5,
+                         f"172.16.97.{10 + i}/24") for i in range(len(pods))]
+    residents = [i for i in range(len(pods)) if i % 5 < 3][:6]
+    for i in residents:
+        cluster.attach(pods[i], cfgs[i])
+    movers = [i for i in range(len(pods)) if i not in residents]
+
+    def cycle(i: int) -> None:
+        for _ in range(3):
+            cluster.attach(pods[i], cfgs[i])
+            cluster.attach(pods[i], cfgs[i])  # repeated ADD: same result, one record
+            cluster.detach(pods[i], cfgs[i])
+        cluster.attach(pods[i], cfgs[i])
+
+    with concurrent.futures.ThreadPoolExecutor(16) as pool:
+        list(pool.map(cycle, movers))
+    keep = {(cfgs[i]["name"], pods[i].container_id, "eth1") for i in range(len(pods))}
+    assert_no_leftovers(node, "kernel", keep=keep)
+    rules = node.ns.exec("nft", "-j", "list", "set", "bridge", "vpcni", "port_mac").stdout
+    elems = [e for item in json.loads(rules)["nftables"] if "set" in item
+             for e in item["set"].get("elem", [])]
+    ports = [e["concat"][0] for e in elems]
+    assert sorted(ports) == sorted(set(ports)) and len(ports) == len(pods), \
+        sorted(e["concat"] for e in elems if ports.count(e["concat"][0]) > 1)
+
+    def leave(i: int) -> None:
+        cluster.detach(pods[i], cfgs[i])
+
+    with concurrent.futures.ThreadPoolExecutor(16) as pool:
+        list(pool.map(leave, range(len(pods))))
+    assert_no_leftovers(node, "kernel", pods=pods)
+    assert records(node) == []
+    assert node.agent_status()["attachmentsPerVni"] == {}

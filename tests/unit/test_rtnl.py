@@ -162,3 +162,42 @@ def test_thread_sockets_live_in_the_namespace_the_object_was_made_in(netns):
     assert all(seen == {"lo", "vptdummy"} for seen in names.values()), names
     with pytest.raises(OSError):
         per_thread.link("dump")
+
+
+def test_link_messages_read_as_pyroute2_reads_them(netns):
+    """The lazily read link message answers like pyroute2's own decoding, plain
+    attributes and nested ones alike, for every kind of link the backends make."""
+    from pyroute2 import IPRoute
+
+    name, fd = netns
+    with _rtnl_in(fd) as rt:
+        rt.link("add", ifname="vptbr", kind="bridge")
+        br = rt.link("get", ifname="vptbr")[0]["index"]
+        rt.link("add", ifname="vptvx", kind="vxlan", vxlan_id=42, vxlan_port=4789,
+                vxlan_learning=0, master=br, vxlan_local="198.51.100.9", mtu=1450)
+        rt.link("add", ifname="vptv0", kind="veth", peer={"ifname": "vptv1"})
+        v0 = rt.link("get", ifname="vptv0")[0]["index"]
+        rt.link("set", index=v0, master=br, ifalias="vpcni:att=n/c/eth1")
+        ours = {m.get("IFLA_IFNAME"): m for m in rt.link("dump")}
+    from pyroute2.netns import setns
+    home = os.open("/proc/thread-self/ns/net", os.O_RDONLY)
+    setns(fd, flags=0)
+    try:
+        with IPRoute() as ipr:
+            theirs = {m.get("IFLA_IFNAME"): m for m in ipr.link("dump")}
+    finally:
+        setns(home, flags=0)
+        os.close(home)
+    assert set(ours) == set(theirs) == {"lo", "vptbr", "vptvx", "vptv0", "vptv1"}
+    for ifname, mine in ours.items():
+        ref = theirs[ifname]
+        for field in ("index", "flags", "family"):
+            assert mine[field] == ref[field], (ifname, field)
+        for attr in ("IFLA_IFNAME", "IFLA_IFALIAS", "IFLA_MTU", "IFLA_MASTER", "IFLA_ADDRESS",
+                     "IFLA_LINK", "IFLA_GROUP", "IFLA_OPERSTATE"):
+            assert mine.get(attr) == ref.get(attr), (ifname, attr)
+        for path in (("IFLA_LINKINFO", "IFLA_INFO_KIND"),
+                     ("IFLA_LINKINFO", "IFLA_INFO_DATA", "IFLA_VXLAN_ID"),
+                     ("IFLA_LINKINFO", "IFLA_INFO_DATA", "IFLA_VXLAN_LOCAL"),
+                     ("IFLA_LINKINFO", "IFLA_INFO_SLAVE_DATA", "IFLA_BRPORT_LEARNING")):
+            assert mine.get_nested(*path) == ref.get_nested(*path), (ifname, path)
