@@ -376,18 +376,19 @@ def check_pod(att: Attachment) -> list[str]:
         return problems
 
 
-def delete_host_link(ipr: Rtnl, host: str, att: Attachment, alias: str) -> None:
+def delete_host_link(ipr: Rtnl, host: str, att: Attachment, alias: str) -> bool:
     """Delete the node-side link `host` of `att` if it carries `alias` (our mark);
-    a link of that name that is not this attachment's is left alone."""
+    a link of that name that is not this attachment's is left alone. True when
+    this call deleted it."""
     link = get_link(ipr, host)
     if link is None:
-        return
+        return False
     if link.get("IFLA_IFALIAS") != alias:
         LOG.warning("detach %s: %s is not this attachment's (alias %r): left alone",
                     att.key, host, link.get("IFLA_IFALIAS"))
-        return
+        return False
     try:
-        delete_if_exists(ipr, host)
+        return delete_if_exists(ipr, host)
     except NetlinkError as exc:
         raise BackendError(f"could not delete {host}: {describe(exc)}") from exc
 

@@ -113,8 +113,8 @@ class VethProvider(InterfaceProvider):
 
     def unplug(self, att: Attachment) -> None:
         alias = podif.attachment_alias(*att.key)
-        if att.host_ifname:
-            podif.delete_host_link(self.ipr, att.host_ifname, att, alias)
+        if att.host_ifname and podif.delete_host_link(self.ipr, att.host_ifname, att, alias):
+            return  # a veth pair goes as a whole: the pod's end went with ours
         podif.delete_pod_interface(att, alias)
 
     def check(self, att: Attachment) -> list[str]:
