@@ -58,6 +58,7 @@ class KernelBackend(Backend):
         self._packets = podif.send_only_packet_socket()  # for gratuitous ARPs
         self.guard = Guard()
         self._underlays = UnderlayCache()
+        self._bridges: dict[int, int] = {}  # VNI -> index of its bridge, as last verified
 
     def close(self) -> None:
         self.ipr.close()
@@ -190,6 +191,7 @@ class KernelBackend(Backend):
 
     def release_network(self, vni: int) -> None:
         alias = netlink.vni_alias(vni)
+        self._bridges.pop(vni, None)
         for name in (vxlan_name(vni), bridge_name(vni)):
             link = get_link(self.ipr, name)
             if link is None:
@@ -292,14 +294,32 @@ class KernelBackend(Backend):
 
     # ------------------------------------------------------------ remote state
 
+    def _vni_bridge(self, vni: int, vxlan) -> Optional[int]:
+        """The index of VNI `vni`'s bridge, which `vxlan` must be a port of; None when it
+        is missing or not vpcni's. The bridge is looked up only when the VXLAN device's
+        master is not the bridge already seen for the VNI (a reconcile converges every
+        VNI: half its lookups were bridges that had not changed)."""
+        master = vxlan.get("IFLA_MASTER")
+        if master and self._bridges.get(vni) == master:
+            return master
+        bridge = get_link(self.ipr, bridge_name(vni))
+        if bridge is None or netlink.link_alias(bridge) != netlink.vni_alias(vni):
+            self._bridges.pop(vni, None)
+            return None
+        if bridge["index"] == master:
+            self._bridges[vni] = master
+        return bridge["index"]
+
     def apply_remote(self, vni: int, remote: RemoteState) -> None:
-        vxlan, bridge = get_link(self.ipr, vxlan_name(vni)), get_link(self.ipr, bridge_name(vni))
-        if vxlan is None or bridge is None:
+        vxlan = get_link(self.ipr, vxlan_name(vni))
+        if vxlan is None:
             return
-        alias = netlink.vni_alias(vni)
-        if netlink.link_alias(vxlan) != alias or netlink.link_alias(bridge) != alias:
-            LOG.warning("apply_remote VNI %d: %s/%s are not vpcni's: left alone",
-                        vni, vxlan_name(vni), bridge_name(vni))
+        bridge_index = self._vni_bridge(vni, vxlan) \
+            if netlink.link_alias(vxlan) == netlink.vni_alias(vni) else None
+        if bridge_index is None:
+            if get_link(self.ipr, bridge_name(vni)) is not None:
+                LOG.warning("apply_remote VNI %d: %s/%s are not vpcni's: left alone",
+                            vni, vxlan_name(vni), bridge_name(vni))
             return
         # A route reflected back to us would make the VTEP send to itself. (The
         # device's own local address is the underlay's: ensure_network checks that.)
@@ -312,7 +332,7 @@ class KernelBackend(Backend):
         with netlink_errors(f"could not converge the FDB of {vxlan_name(vni)}"):
             self._converge_fdb(vxlan["index"], endpoints, flood)
         with netlink_errors(f"could not converge the neighbours of {bridge_name(vni)}"):
-            changed = self._converge_neighbours(bridge["index"], endpoints)
+            changed = self._converge_neighbours(bridge_index, endpoints)
         self._refresh_pod_caches(bridge_name(vni), changed)
 
     def _converge_fdb(self, index: int, endpoints: list[RemoteEndpoint],
