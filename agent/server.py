@@ -280,7 +280,10 @@ class Agent:
         elif self.speaker is not None:
             with self._sync_lock:
                 self._apply_change(change)
-        self._update_gauges(routes=change.everything)
+        if change.everything:
+            self._update_gauges(routes=True)
+        else:
+            self._update_vni_gauges({a.vni for a in change.added + change.removed})
 
     def _apply_change(self, change: Change) -> None:
         """Update the route counts with `change` and tell the speaker; the caller
@@ -443,9 +446,21 @@ class Agent:
                            "probes": [p.model_dump(mode="json")
                                       for p in backends.probe_all(self.node)]}
 
+    def _update_vni_gauges(self, vnis: set[int]) -> None:
+        """The attachment gauges of these VNIs only (what one ADD or DEL changed)."""
+        for vni in vnis:
+            n = len(self.handler.store.for_vni(vni))
+            if n:
+                self.metrics.attachments.labels(str(vni)).set(n)
+            else:
+                try:
+                    self.metrics.attachments.remove(str(vni))
+                except KeyError:
+                    pass
+
     def _update_gauges(self, routes: bool = False) -> None:
-        """The attachment gauges (per VNI: cheap); with `routes`, the speaker's too
-        (they read every route: the reconcile loop's business, not every ADD's)."""
+        """Every attachment gauge; with `routes`, the speaker's too (they read every
+        route: the reconcile loop's business, not every ADD's)."""
         counts = self.handler.store.vni_counts()
         self.metrics.attachments.clear()
         for vni, n in counts.items():

@@ -464,8 +464,9 @@ def render_goals(r: dict) -> list[str]:
         None if x is None else f"{x} ms", f"< {CONVERGED_GOAL_MS} ms",
         x is not None and x < CONVERGED_GOAL_MS)
     x = _get(s, "reconcile", "big", "cpu_ms")
-    row("full reconcile of 1,000 attachments, nothing to change: CPU",
-        None if x is None else f"{x} ms", f"< {RECONCILE_GOAL_MS} ms",
+    worst = _get(s, "reconcile", "big", "cpu_max_ms")
+    row("full reconcile of 1,000 attachments, nothing to change: CPU (median; worst pass)",
+        None if x is None else f"{x} ms; {worst} ms", f"< {RECONCILE_GOAL_MS} ms",
         x is not None and x < RECONCILE_GOAL_MS)
     return ["", "### Issue 9's goals, this run", "", "| measure | measured | must reach | |",
             "|---|---:|---|---|"] + rows
@@ -489,8 +490,10 @@ def render_scale(s: dict) -> list[str]:
                        ("threads", "agent threads")):
         lines.append(f"| {label} | {_f(_get(res, 'big', key))} | {_f(_get(res, 'small', key))} "
                      f"| |")
-    for key, label in (("cpu_ms", "full reconcile, nothing to change: CPU ms"),
-                       ("wall_ms", "full reconcile: wall ms")):
+    for key, label in (("cpu_ms", "full reconcile, nothing to change: CPU ms (median of "
+                                  f"{_get(rec, 'big', 'passes')} passes)"),
+                       ("cpu_max_ms", "full reconcile: CPU ms, worst pass"),
+                       ("wall_ms", "full reconcile: wall ms (median)")):
         lines.append(f"| {label} | {_f(_get(rec, 'big', key))} | {_f(_get(rec, 'small', key))} "
                      "| |")
     vf = s.get("vnifilter") or {}

@@ -145,14 +145,27 @@ class ScaleBench:
     def resources(self) -> dict:
         return {n.name: process_facts(agent_pid(n)) for n in (self.big, self.small)}
 
-    def reconcile_cost(self, interval: float) -> dict:
-        """The last full pass's CPU and wall time, after two more passes ran."""
+    def reconcile_cost(self, interval: float, passes: int = 6) -> dict:
+        """CPU and wall time of full passes with nothing to change: after two passes
+        (the first after the fill re-reads what changed), the gauges read once per
+        pass; the median and the worst of `passes`."""
         time.sleep(2 * interval + 1)
-        return {n.name: {"cpu_ms": round(1000 * (metric(n, "vpcni_reconcile_full_seconds",
-                                                        'kind="cpu"') or float("nan")), 1),
-                         "wall_ms": round(1000 * (metric(n, "vpcni_reconcile_full_seconds",
-                                                         'kind="wall"') or float("nan")), 1)}
-                for n in (self.big, self.small)}
+        samples: dict = {n.name: {"cpu": [], "wall": []} for n in (self.big, self.small)}
+        for _ in range(passes):
+            for n in (self.big, self.small):
+                for kind in ("cpu", "wall"):
+                    value = metric(n, "vpcni_reconcile_full_seconds", f'kind="{kind}"')
+                    if value is not None:
+                        samples[n.name][kind].append(value * 1000)
+            time.sleep(interval + 0.1)
+        out: dict = {}
+        for name, kinds in samples.items():
+            cpu, wall = sorted(kinds["cpu"]), sorted(kinds["wall"])
+            out[name] = {"cpu_ms": round(cpu[len(cpu) // 2], 1) if cpu else None,
+                         "cpu_max_ms": round(cpu[-1], 1) if cpu else None,
+                         "wall_ms": round(wall[len(wall) // 2], 1) if wall else None,
+                         "passes": len(cpu), "cpu_samples_ms": [round(x, 1) for x in kinds["cpu"]]}
+        return out
 
     def restart(self, ping_interval: float = 0.01) -> dict:
         """Restart big's agent under a 10 ms ping between two of its pods."""

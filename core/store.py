@@ -200,7 +200,7 @@ class AttachmentStore:
         return counts
 
     @staticmethod
-    def _entries(directory: Path) -> list[os.DirEntry]:
+    def _entries(directory) -> list[os.DirEntry]:
         """The entries of `directory`; none when a concurrent DEL just removed it."""
         try:
             with os.scandir(directory) as it:
@@ -229,11 +229,11 @@ class AttachmentStore:
         that concurrent DELs remove while we list. With `seen` (path -> (file
         identity, record), updated here), a file whose identity (inode, size,
         mtime) is unchanged is not read and parsed again."""
-        networks = ([self.records / check_name(network, "network name")] if network
-                    else [Path(e.path) for e in self._entries(self.records) if e.is_dir()])
+        networks = ([str(self.records / check_name(network, "network name"))] if network
+                    else [e.path for e in self._entries(self.records) if e.is_dir()])
         for net_dir in networks:
             for cid in self._entries(net_dir):
-                for rec in self._entries(Path(cid.path)):
+                for rec in self._entries(cid.path):
                     if not rec.name.endswith(".json"):
                         continue
                     try:
@@ -244,8 +244,9 @@ class AttachmentStore:
                             if known is not None and known[0] == ident:
                                 yield known[1]
                                 continue
-                        data = Path(rec.path).read_bytes()
-                    except FileNotFoundError:
+                        with open(rec.path, "rb") as f:
+                            data = f.read()
+                    except (FileNotFoundError, NotADirectoryError):
                         continue
                     try:
                         att = Attachment.model_validate_json(data)
