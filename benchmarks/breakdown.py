@@ -42,7 +42,7 @@ STEPS = [
     ("release_network", "vpcni.backends.kernel.backend:KernelBackend.release_network"),
     ("result conversion", "vpcni.cni.versions:convert"),
     ("netlink requests (rtnl: pyroute2 messages, own socket)",
-     "vpcni.backends.common.rtnl:Rtnl.request"),
+     "vpcni.backends.common.rtnl:Rtnl._send"),
     ("log records written", "logging:Handler.handle"),
 ]
 
