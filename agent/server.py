@@ -15,15 +15,14 @@ from __future__ import annotations
 
 import json
 import logging
+import resource
 import os
 import signal
 import socket
+import stat
 from collections import Counter
-import socketserver
-from concurrent.futures import ThreadPoolExecutor
 import threading
 import time
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any, Iterable, Optional
 
@@ -35,6 +34,7 @@ from vpcni.core.handler import Change, Handler
 from vpcni.core.models import Attachment, RemoteState
 
 from .metrics import Metrics
+from .serve import PooledServer
 
 LOG = logging.getLogger("vpcni.agent")
 MAX_REQUEST = 4 * 1024 * 1024
@@ -47,62 +47,33 @@ REQUEST_READ_TIMEOUT = 10.0
 GOBGPD_RESTART_GRACE = 20.0
 
 
-class _RequestServer(socketserver.UnixStreamServer):
-    """The shim's requests, served by a fixed pool of worker threads.
-
-    Not a thread per request: pyroute2 keeps per-thread state (an event loop
-    and its sockets) for every thread that uses a shared IPRoute, so a new
-    thread per request leaked descriptors and memory on every ADD and DEL.
-    A fixed pool bounds that state by the pool's size.
-    """
-
-    allow_reuse_address = True
-    # Runtimes start many pods at once; with socketserver's default backlog of 5 a
-    # burst of callers got EAGAIN from connect (the Go shim does not wait for room).
-    request_queue_size = socket.SOMAXCONN
-
-    def __init__(self, path: str, agent: "Agent"):
-        self.agent = agent
-        self._pool = ThreadPoolExecutor(max_workers=REQUEST_WORKERS,
-                                        thread_name_prefix="vpcni-request")
-        super().__init__(path, _RequestHandler, bind_and_activate=False)
-        old = os.umask(0o177)  # the socket is born 0600: no window with wider access
+def _raise_descriptor_limit() -> None:
+    """Use the hard limit on open descriptors: a node's worth of namespaces, netlink
+    sockets and clients must not run into the soft default of 1024."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft < hard:
         try:
-            self.server_bind()
-        finally:
-            os.umask(old)
-        os.chmod(path, 0o600)
-        self.server_activate()
+            resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+        except (ValueError, OSError) as exc:
+            LOG.warning("could not raise the descriptor limit from %d to %d: %s", soft, hard, exc)
 
 
-    def process_request(self, request, client_address) -> None:
-        self._pool.submit(self._serve_one, request, client_address)
-
-    def _serve_one(self, request, client_address) -> None:
-        try:
-            self.finish_request(request, client_address)
-        except Exception:
-            self.handle_error(request, client_address)
-        finally:
-            self.shutdown_request(request)
-
-    def server_close(self) -> None:
-        super().server_close()
-        self._pool.shutdown(wait=False, cancel_futures=True)
-
-
-class _RequestHandler(socketserver.StreamRequestHandler):
-    def handle(self) -> None:
-        # A client that connects and sends nothing cannot hold a worker for long.
-        self.request.settimeout(REQUEST_READ_TIMEOUT)
-        data = b""
-        while len(data) <= MAX_REQUEST:
-            chunk = self.request.recv(65536)
-            if not chunk:
-                break
-            data += chunk
-        reply = self.server.agent.serve_request(data)
-        self.request.sendall(json.dumps(reply).encode())
+def _unix_listener(path: str) -> socket.socket:
+    """The shim's socket at `path`, born 0600 (no window with wider access)."""
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
+    old = os.umask(0o177)
+    try:
+        sock.bind(path)
+    except OSError:
+        sock.close()
+        raise
+    finally:
+        os.umask(old)
+    os.chmod(path, 0o600)
+    # Runtimes start many pods at once: a backlog of 5 (socketserver's) made a burst
+    # of callers get EAGAIN from connect.
+    sock.listen(socket.SOMAXCONN)
+    return sock
 
 
 class Agent:
@@ -121,8 +92,8 @@ class Agent:
         self._dirty_lock = threading.Lock()
         self._sync_lock = threading.Lock()
         self._heartbeat = time.monotonic()
-        self._server: Optional[_RequestServer] = None
-        self._http: Optional[ThreadingHTTPServer] = None
+        self._server: Optional[PooledServer] = None
+        self._http: Optional[PooledServer] = None
         self._threads: list[threading.Thread] = []
         self.choice: dict[str, Any] = {}
         # After gobgpd restarts, its table is empty until its BGP sessions are
@@ -132,6 +103,7 @@ class Agent:
         self._seen_disconnects = 0
         self._last_remote: dict[int, RemoteState] = {}
         self._route_refs: Optional[Counter] = None  # route -> attachments wanting it
+        self._problems: list[str] = []  # what keeps the node from serving (readiness)
         if node.evpn is not None:
             from vpcni.evpn.speaker import EvpnSpeaker
 
@@ -149,22 +121,34 @@ class Agent:
     # ------------------------------------------------------------ lifecycle
 
     def start(self) -> None:
+        _raise_descriptor_limit()
         self._probe()
         self.handler.store.refresh()
         sock = Path(self.node.agentSocket)
         sock.parent.mkdir(parents=True, exist_ok=True)
         if sock.exists() or sock.is_symlink():
+            if not stat.S_ISSOCK(sock.lstat().st_mode):
+                raise VpcniError(f"agentSocket {sock} exists and is not a socket: the agent "
+                                 "removes only a socket it left behind; remove the file or "
+                                 "point agentSocket elsewhere")
             if self._socket_alive(sock):
                 raise VpcniError(f"another agent already serves {sock}")
             sock.unlink()
         # DELs spooled while no agent listened go first: a new request for the
         # same attachment must find them done.
         self._replay_pending()
+        self._problems = self._node_problems()
         # Bound before anything is served: a taken health port fails the start
         # cleanly instead of killing an agent that already answered requests.
         if self.node.healthAddress:
             self._http = _health_server(self.node.healthAddress, self)
-        self._server = _RequestServer(str(sock), self)
+        # One reader thread for every connection, a fixed pool for the requests: an
+        # idle or slow client holds no thread (see agent/serve.py).
+        self._server = PooledServer(
+            _unix_listener(str(sock)), "vpcni-request", complete=lambda data, eof: eof,
+            handle=lambda data: json.dumps(self.serve_request(data)).encode(),
+            workers=REQUEST_WORKERS, read_timeout=REQUEST_READ_TIMEOUT, max_request=MAX_REQUEST,
+            too_large=lambda: json.dumps(self._too_large()).encode())
         if self.speaker is not None:
             self.speaker.start()
         self._spawn("requests", self._server.serve_forever)
@@ -198,11 +182,11 @@ class Agent:
         self._kick.set()
         if self._server is not None:
             self._server.shutdown()
-            self._server.server_close()
+            self._server.close()
             Path(self.node.agentSocket).unlink(missing_ok=True)
         if self._http is not None:
             self._http.shutdown()
-            self._http.server_close()
+            self._http.close()
         if self.speaker is not None:
             self.speaker.close()
         self.handler.close()
@@ -218,12 +202,16 @@ class Agent:
 
     # ------------------------------------------------------------ requests
 
+    @staticmethod
+    def _too_large() -> dict:
+        return {"stdout": json.dumps({
+            "cniVersion": "1.1.0", "code": 7,
+            "msg": f"request larger than {MAX_REQUEST // (1024 * 1024)} MiB: a network "
+                   "config is never that large"}), "rc": 1}
+
     def serve_request(self, data: bytes) -> dict:
         if len(data) > MAX_REQUEST:
-            return {"stdout": json.dumps({
-                "cniVersion": "1.1.0", "code": 7,
-                "msg": f"request larger than {MAX_REQUEST // (1024 * 1024)} MiB: a network "
-                       "config is never that large"}), "rc": 1}
+            return self._too_large()
         try:
             req = json.loads(data)
             if req.get("op") == "status":
@@ -244,15 +232,28 @@ class Agent:
         return {"stdout": out, "rc": rc}
 
     def _replay_pending(self) -> None:
-        """DELs the shim spooled while no agent listened."""
+        """DELs the shim spooled while no agent listened.
+
+        A spooled DEL runs the IPAM plugin it names, as root: only a spool
+        directory and files that are ours (the agent's user) and writable by
+        nobody else are trusted; anything else is left alone with a log line."""
         spool = Path(self.node.stateDir) / "pending-del"
-        if not spool.is_dir():
+        try:
+            st = os.lstat(spool)
+        except FileNotFoundError:
+            return
+        why = _untrusted(st, directory=True)
+        if why:
+            LOG.error("spooled DELs in %s ignored: the directory %s", spool, why)
             return
         for path in sorted(spool.glob("*.json")):
             try:
-                req = json.loads(path.read_text())
+                req = json.loads(_read_trusted(path))
                 out, rc = self.dispatcher.run(req["env"], req["stdin"].encode("utf-8",
                                                                               "surrogateescape"))
+            except _Untrusted as exc:
+                LOG.error("pending DEL %s ignored: the file %s", path, exc)
+                continue
             except (OSError, ValueError, KeyError) as exc:
                 LOG.error("pending DEL %s is unreadable (%s): kept for an operator", path, exc)
                 continue
@@ -403,6 +404,7 @@ class Agent:
         local_full = now - marks["local"] >= interval
         if local_full or now - marks["quick"] >= QUICK_CHECK * 0.9:
             marks["quick"] = now
+            self._problems = self._node_problems()
             if local_full:
                 marks["local"] = now
             try:
@@ -476,11 +478,33 @@ class Agent:
             for kind in ("type2", "type3"):
                 self.metrics.routes_received.labels(kind).set(counts.get(f"remote_{kind}", 0))
 
+    def _node_problems(self) -> list[str]:
+        """What keeps the node from serving now (checked every few seconds by the
+        reconcile loop; /readyz and status report it): the chosen backend's own
+        verdict (underlay down, VTEP address gone, ...) and descriptors near the limit."""
+        problems = []
+        name = self.choice.get("backend")
+        if name:
+            try:
+                problems += self.handler.backend_named(name).health()
+            except VpcniError as exc:
+                problems.append(f"backend {name}: {exc}")
+        soft = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
+        try:
+            used = len(os.listdir("/proc/self/fd"))
+        except OSError:
+            used = 0
+        if soft and used > 0.9 * soft:
+            problems.append(f"{used} of {soft} file descriptors in use")
+        return problems
+
     def ready(self) -> tuple[bool, str]:
         if self._server is None:
             return False, "not serving requests yet"
         if not self.choice.get("backend"):
             return False, f"no usable backend: {self.choice.get('why')}"
+        if self._problems:
+            return False, "; ".join(self._problems)
         if self.speaker is not None:
             if not self.speaker.connected:
                 return False, f"gobgpd not reachable at {self.node.evpn.gobgpdSocket}"
@@ -509,6 +533,36 @@ class Agent:
         return out
 
 
+class _Untrusted(Exception):
+    pass
+
+
+def _untrusted(st: os.stat_result, directory: bool) -> Optional[str]:
+    """Why a spool entry with these stats is not to be trusted (None: it is)."""
+    kind = stat.S_ISDIR(st.st_mode) if directory else stat.S_ISREG(st.st_mode)
+    if not kind:
+        return f"is not a {'directory' if directory else 'regular file'}"
+    if st.st_uid != os.geteuid():
+        return f"is owned by uid {st.st_uid}, not {os.geteuid()} (the agent's)"
+    if st.st_mode & 0o022:
+        return f"is writable by group or others (mode {stat.S_IMODE(st.st_mode):o})"
+    return None
+
+
+def _read_trusted(path: Path) -> str:
+    """The text of spool file `path`, opened without following a symlink and checked
+    on the open descriptor (no window to swap the file between check and read)."""
+    fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK)
+    try:
+        why = _untrusted(os.fstat(fd), directory=False)
+        if why:
+            raise _Untrusted(why)
+        with os.fdopen(fd, "r", closefd=False) as f:
+            return f.read(MAX_REQUEST + 1)
+    finally:
+        os.close(fd)
+
+
 def local_routes(attachments: Iterable[Attachment]) -> set:
     """What this node announces: a MAC/IP route per address of each ready
     attachment (MAC-only without one), and an inclusive-multicast route per VNI."""
@@ -526,35 +580,59 @@ def local_routes(attachments: Iterable[Attachment]) -> set:
     return routes
 
 
-def _health_server(address: str, agent: Agent) -> ThreadingHTTPServer:
+HTTP_WORKERS = 2
+HTTP_READ_TIMEOUT = 5.0
+HTTP_MAX_REQUEST = 16 * 1024
+_REASONS = {200: "OK", 400: "Bad Request", 404: "Not Found", 405: "Method Not Allowed",
+            431: "Request Header Fields Too Large", 503: "Service Unavailable"}
+
+
+def _http_response(code: int, body: bytes, ctype: str = "text/plain") -> bytes:
+    head = (f"HTTP/1.0 {code} {_REASONS.get(code, '')}\r\nContent-Type: {ctype}\r\n"
+            f"Content-Length: {len(body)}\r\nConnection: close\r\n\r\n")
+    return head.encode() + body
+
+
+def _health_answer(agent: Agent, data: bytes) -> bytes:
+    """The answer to one HTTP request (GET only; the request line is all we read)."""
+    line = data.split(b"\r\n", 1)[0].split(b"\n", 1)[0].decode("latin-1").split()
+    if len(line) != 3 or not line[2].startswith("HTTP/"):
+        return _http_response(400, b"bad request\n")
+    method, path = line[0], line[1].split("?", 1)[0]
+    if method not in ("GET", "HEAD"):
+        return _http_response(405, b"GET only\n")
+    if path == "/metrics":
+        out = _http_response(200, agent.metrics.render(), "text/plain; version=0.0.4")
+    elif path in ("/healthz", "/livez"):
+        ok, why = agent.alive()
+        out = _http_response(200 if ok else 503, why.encode() + b"\n")
+    elif path == "/readyz":
+        ok, why = agent.ready()
+        out = _http_response(200 if ok else 503, why.encode() + b"\n")
+    elif path == "/status":
+        out = _http_response(200, json.dumps(agent.status(), indent=1).encode(),
+                             "application/json")
+    else:
+        out = _http_response(404, b"not found\n")
+    return out.split(b"\r\n\r\n", 1)[0] + b"\r\n\r\n" if method == "HEAD" else out
+
+
+def _health_server(address: str, agent: Agent) -> PooledServer:
+    """Health, readiness, metrics and status over HTTP/1.0 on `address` (host:port)."""
     host, _, port = address.rpartition(":")
-
-    class Health(BaseHTTPRequestHandler):
-        def _send(self, code: int, body: bytes, ctype: str = "text/plain") -> None:
-            self.send_response(code)
-            self.send_header("Content-Type", ctype)
-            self.send_header("Content-Length", str(len(body)))
-            self.end_headers()
-            self.wfile.write(body)
-
-        def do_GET(self) -> None:  # noqa: N802 (http.server's name)
-            if self.path == "/metrics":
-                self._send(200, agent.metrics.render(), "text/plain; version=0.0.4")
-            elif self.path in ("/healthz", "/livez"):
-                ok, why = agent.alive()
-                self._send(200 if ok else 503, why.encode() + b"\n")
-            elif self.path == "/readyz":
-                ok, why = agent.ready()
-                self._send(200 if ok else 503, why.encode() + b"\n")
-            elif self.path == "/status":
-                self._send(200, json.dumps(agent.status(), indent=1).encode(),
-                           "application/json")
-            else:
-                self._send(404, b"not found\n")
-
-        def log_message(self, *args) -> None:
-            pass
-
-    server = ThreadingHTTPServer((host.strip("[]") or "127.0.0.1", int(port)), Health)
-    server.daemon_threads = True
-    return server
+    host = host.strip("[]") or "127.0.0.1"
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind((host, int(port)))
+        sock.listen(socket.SOMAXCONN)
+    except OSError:
+        sock.close()
+        raise
+    return PooledServer(
+        sock, "vpcni-health",
+        complete=lambda data, eof: b"\r\n\r\n" in data or b"\n\n" in data or (eof and data),
+        handle=lambda data: _health_answer(agent, data), workers=HTTP_WORKERS,
+        read_timeout=HTTP_READ_TIMEOUT, max_request=HTTP_MAX_REQUEST,
+        too_large=lambda: _http_response(431, b"request too large\n"))

@@ -121,6 +121,12 @@ class Backend(_Configurable, abc.ABC):
         """
         return []
 
+    def health(self) -> list[str]:
+        """What keeps this switch from serving the node now (an underlay that is down,
+        a VTEP address that went away, a daemon it needs gone): the agent's readiness
+        reports it. The default knows of nothing."""
+        return []
+
     @abc.abstractmethod
     def owned(self) -> Owned:
         """What this switch created in the dataplane (for GC and reconcile)."""

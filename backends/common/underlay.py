@@ -84,6 +84,26 @@ def find_underlay(ipr, node: NodeConfig) -> Underlay:
     return Underlay(address, node.underlayInterface, link.get("IFLA_MTU"))
 
 
+IFF_UP = 0x1
+IFF_LOWER_UP = 0x10000
+
+
+def underlay_problems(ipr, node: NodeConfig) -> list[str]:
+    """What is wrong with the underlay now: no VTEP address, or its link down."""
+    try:
+        underlay = find_underlay(ipr, node)
+    except BackendError as exc:
+        return [str(exc)]
+    link = get_link(ipr, underlay.ifname)
+    if link is None:
+        return [f"underlay interface {underlay.ifname} vanished"]
+    if not link["flags"] & IFF_UP:
+        return [f"underlay interface {underlay.ifname} is down"]
+    if not link["flags"] & IFF_LOWER_UP:
+        return [f"underlay interface {underlay.ifname} has no carrier (lower layer down)"]
+    return []
+
+
 class UnderlayCache:
     """find_underlay, remembered for `ttl` seconds (failures are not remembered).
 

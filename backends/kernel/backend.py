@@ -35,7 +35,7 @@ from vpcni.core.models import (Attachment, Capabilities, IPAddress, Owned, Probe
                                RemoteState, VpcNetwork)
 from vpcni.backends.common.podif import delete_if_exists, describe, get_link
 from vpcni.backends.common.underlay import (Underlay, UnderlayCache, find_underlay, netlink_errors,
-                                            pod_mtu)
+                                            pod_mtu, underlay_problems)
 
 from . import netlink
 from .guard import Guard, port_elements
@@ -457,6 +457,9 @@ class KernelBackend(Backend):
     def _port_filters(self, atts: list[Attachment]) -> dict[str, tuple]:
         return {self._host(a): (a.mac, sorted((ip.address.ip for ip in a.ips), key=str))
                 for a in atts if a.state == "ready" and a.mac}
+
+    def health(self) -> list[str]:
+        return underlay_problems(self.ipr, self.node)
 
     def owned(self) -> Owned:
         vnis: set[int] = set()

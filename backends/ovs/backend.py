@@ -35,7 +35,7 @@ from vpcni.core.errors import BackendError
 from vpcni.core.models import Attachment, Capabilities, Owned, Probe, RemoteState, VpcNetwork
 from vpcni.backends.common.podif import describe, get_link
 from vpcni.backends.common.underlay import (Underlay, UnderlayCache, find_underlay, netlink_errors,
-                                            pod_mtu)
+                                            pod_mtu, underlay_problems)
 
 from . import flows as fl
 from .config import OvsConfig
@@ -363,6 +363,9 @@ class OvsBackend(Backend):
         return problems
 
     # ------------------------------------------------------------ inventory
+
+    def health(self) -> list[str]:
+        return underlay_problems(self.ipr, self.node)
 
     def owned(self) -> Owned:
         attachments = {}

@@ -91,6 +91,59 @@ def test_del_while_agent_is_down_is_done_when_it_returns(cluster):
     assert pod.ns.ip("link", "show", "eth1", check=False).returncode != 0
 
 
+def test_spooled_dels_not_ours_alone_are_ignored_until_they_are(cluster):
+    """A spooled DEL runs the IPAM plugin it names, as root: a spool file that others
+    could have written (or that is not a regular file) is left alone, with a log line."""
+    node = cluster.add_node("n1", "198.51.100.1", agent=True)
+    pod = cluster.add_pod(node, "p1")
+    net = seed_network("net", 300, "172.16.32.1/24")
+    cluster.attach(pod, net)
+    node.stop_agent()
+    assert node.cni("DEL", net, pod.container_id, pod.netns).ok
+    [spooled] = list((node.state_dir / "pending-del").glob("*.json"))
+    os.chmod(spooled, 0o666)
+    node.start_agent()
+    node.wait_agent_ready()
+    log = (node.dir / "vpcni.log").read_text()
+    assert "ignored: the file is writable by group or others" in log, log[-2000:]
+    assert any(l.startswith("vpbr300") for l in host_links(node))  # not replayed
+    assert spooled.exists()
+    os.chmod(spooled, 0o600)
+    node.restart_agent()
+    wait_for(lambda: host_links(node) == [], timeout=10, what="spooled DEL replayed")
+    assert not spooled.exists()
+
+
+def test_agent_removes_only_a_socket_at_its_socket_path(cluster):
+    node = cluster.add_node("n1", "198.51.100.1", agent=True)
+    node.stop_agent()
+    path = node.dir / "agent.sock"
+    path.unlink(missing_ok=True)
+    path.write_text("an operator's file\n")
+    proc = node.ns.exec(installed_executable("vpcnictl"), "agent", "--node-config",
+                        str(node.config_path), check=False, timeout=30)
+    assert proc.returncode != 0 and "is not a socket" in proc.stderr, proc.stderr
+    assert path.read_text() == "an operator's file\n"
+
+
+def test_readiness_tells_the_underlay_is_down_or_the_vtep_gone(cluster):
+    node = cluster.add_node("n1", "198.51.100.1", agent=True, backend="kernel")
+    assert http_get(node, "/readyz")[0] == 200
+    node.ns.ip("link", "set", "eth0", "down")
+    wait_for(lambda: http_get(node, "/readyz")[0] == 503, timeout=15,
+             what="readiness to say the underlay is down")
+    assert "underlay interface eth0 is down" in http_get(node, "/readyz")[1]
+    node.ns.ip("link", "set", "eth0", "up")
+    wait_for(lambda: http_get(node, "/readyz")[0] == 200, timeout=15, what="ready again")
+    node.ns.ip("addr", "del", "198.51.100.1/24", "dev", "eth0")
+    wait_for(lambda: "198.51.100.1" in http_get(node, "/readyz")[1]
+             and http_get(node, "/readyz")[0] == 503, timeout=15,
+             what="readiness to say the VTEP address is gone")
+    assert "not configured" in node.agent_status()["readyReason"]
+    # The liveness probe is about the agent itself: still alive.
+    assert http_get(node, "/healthz")[0] == 200
+
+
 def test_health_and_metrics(cluster):
     node = cluster.add_node("n1", "198.51.100.1", agent=True)
     pod = cluster.add_pod(node, "p1")
@@ -202,3 +255,39 @@ def test_parallel_add_del_in_shared_and_emptying_vnis_leaves_records_links_and_f
     assert_no_leftovers(node, "kernel", pods=pods)
     assert records(node) == []
     assert node.agent_status()["attachmentsPerVni"] == {}
+
+
+@pytest.mark.slow
+def test_idle_connections_hold_no_thread_and_stall_nothing(cluster):
+    """500 connections that send nothing to the health port and 500 to the agent's
+    socket: ADD and DEL are still served, /healthz still answers, and the agent's
+    thread count does not grow with the connections."""
+    import socket
+
+    from vpcni.backends.common.rtnl import socket_in
+
+    node = cluster.add_node("n1", "198.51.100.1", agent=True, backend="kernel")
+    pid = node.ns.sandbox.pids(node.ns.name, "vpcnictl")[0]
+    pod = cluster.add_pod(node, "a")
+    cfg = seed_network("vpc-idle", 962, "172.16.96.3/24")
+    cluster.attach(pod, cfg)
+    cluster.detach(pod, cfg)
+    threads = len(os.listdir(f"/proc/{pid}/task"))
+    idle = []
+    fd = os.open(node.ns.path, os.O_RDONLY)
+    try:
+        for _ in range(500):
+            s = socket_in(fd, socket.AF_INET, socket.SOCK_STREAM, 0)
+            s.connect(("127.0.0.1", 9471))
+            idle.append(s)
+            u = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            u.connect(node.agent_socket)
+            idle.append(u)
+        cluster.attach(pod, cfg)
+        assert http_get(node, "/healthz")[0] == 200
+        cluster.detach(pod, cfg)
+        assert len(os.listdir(f"/proc/{pid}/task")) <= threads + 4
+    finally:
+        os.close(fd)
+        for s in idle:
+            s.close()
