@@ -172,6 +172,12 @@ class InterfaceProvider(_Configurable, abc.ABC):
         """Node-side netdevs this provider marked, by name -> attachment key (for GC)."""
         return {}
 
+    def reap_unclaimed(self, in_use: Callable[[], set[str]]) -> list[str]:
+        """Remove what this provider created and never got to mark as an attachment's
+        (a crash between the two requests), unless `in_use()` (the node-side names the
+        records hold, read after this provider looked) names it; what it removed."""
+        return []
+
     def close(self) -> None:
         """Release sockets and connections."""
 

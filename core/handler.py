@@ -21,6 +21,7 @@ from typing import Callable, Mapping, Optional
 
 from . import backend as backends
 from .config import NetworkConfig, NodeConfig
+from .faults import fault
 from .errors import CheckFailed, InvalidConfig, NotAvailable, UnknownContainer, VpcniError
 from .ipam import DelegatedIpam, Ipam, in_process, routes_via_gateways, static_ips
 from .models import MAC_PATTERN, Attachment, DNS, Interface, IPConfig, RemoteState, Result
@@ -189,6 +190,7 @@ class Handler:
             # The intent is recorded before anything is built, so a crash at any
             # later step leaves a record that DEL, GC or the next ADD cleans up.
             self.store.put(att)
+            fault("add.recorded")
             kept: list[str] = []
             with contextlib.ExitStack() as undo:
                 # The record goes last, and only if every other undo step worked: a VF or
@@ -209,7 +211,9 @@ class Handler:
                 with self.store.vni_lock(net.vni, exclusive=False):
                     built = backend.ensure_network(net)
                     self.apply_remote(backend, net.vni, att, unchanged_plumbing=built is False)
+                    fault("add.network")
                     att, leftovers = provider.plug(net, att, backend.pod_mtu(net), caps)
+                    fault("veth.plugged")
                     undo.callback(self._undo, kept, provider.unplug, att)
                     if att.host_ifname:
                         if leftovers:
@@ -217,6 +221,7 @@ class Handler:
                             backend.remove_port(att.model_copy(update={"mac": None}))
                         undo.callback(self._undo, kept, backend.remove_port, att)
                         backend.add_port(net, att)
+                        fault("add.port")
                     att.state = "ready"
                     self.store.put(att)
                 undo.pop_all()
@@ -359,7 +364,9 @@ class Handler:
         """Remove one attachment completely; the caller holds its lock."""
         backend = self.backend_named(att.backend)
         backend.remove_port(att)
+        fault("del.port")
         self.provider_named(att.provider).unplug(att)
+        fault("del.unplugged")
         if att.ipam_type and release_ipam:
             cfg = req.config
             if cfg.ipam is None or cfg.ipam.type != att.ipam_type:
@@ -501,6 +508,15 @@ class Handler:
                 for port, key in self.provider_named(name).owned().items():
                     orphans[port] = key
                     made_by[port] = name
+            except VpcniError as exc:
+                errors.append(exc)
+        for name in providers:
+            try:
+                reaped = self.provider_named(name).reap_unclaimed(
+                    lambda: {a.host_ifname for a in self.store.all() if a.host_ifname})
+                if reaped:
+                    LOG.info("GC: removed %s, created by %s and never marked (a crash)",
+                             ", ".join(reaped), name)
             except VpcniError as exc:
                 errors.append(exc)
         for host_ifname, (network, cid, ifname) in orphans.items():

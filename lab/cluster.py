@@ -104,11 +104,13 @@ class Node:
     def agent_socket(self) -> str:
         return str(self.node_config.get("agentSocket", self.dir / "agent.sock"))
 
-    def start_agent(self) -> None:
-        """Start `vpcnictl agent` in this node's namespace (killed by pid at cleanup)."""
+    def start_agent(self, env: Optional[dict] = None) -> None:
+        """Start `vpcnictl agent` in this node's namespace (killed by pid at cleanup);
+        `env`: variables added to its environment (VPCNI_FAULT for crash tests)."""
         with open(self.dir / "agent.log", "ab") as log:
             self.ns.spawn(installed_executable("vpcnictl"), "agent", "--node-config",
-                          str(self.config_path), stdout=log, stderr=log)
+                          str(self.config_path), stdout=log, stderr=log,
+                          env=dict(os.environ, **env) if env else None)
 
     def agent_status(self) -> Optional[dict]:
         try:

@@ -36,6 +36,10 @@ IFF_UP = 0x1
 RT_TABLE_MAIN = 254
 IN6_ADDR_GEN_MODE_NONE = 1
 ATTACHMENT_ALIAS = "vpcni:att="
+# The link group (IFLA_GROUP) of every link vpcni creates, given in the very request
+# that creates it: the kernel ignores an alias there, so a crash between creating a
+# link and marking it with its alias left a link nobody recognised. ("vp" in ASCII.)
+LINK_GROUP = 0x7670
 
 
 def port_name(prefix: str, network: str, container_id: str, ifname: str) -> str:
@@ -47,6 +51,11 @@ def port_name(prefix: str, network: str, container_id: str, ifname: str) -> str:
 def attachment_alias(network: str, container_id: str, ifname: str) -> str:
     """The mark (IFLA_IFALIAS) of an attachment's links: whose they are."""
     return f"{ATTACHMENT_ALIAS}{network}/{container_id}/{ifname}"
+
+
+def unclaimed(link) -> bool:
+    """A link vpcni created (its group) and never got to mark (no alias)."""
+    return link.get("IFLA_GROUP") == LINK_GROUP and not link.get("IFLA_IFALIAS")
 
 
 def alias_attachment(alias: Optional[str]) -> Optional[tuple[str, str, str]]:
@@ -383,7 +392,7 @@ def delete_host_link(ipr: Rtnl, host: str, att: Attachment, alias: str) -> bool:
     link = get_link(ipr, host)
     if link is None:
         return False
-    if link.get("IFLA_IFALIAS") != alias:
+    if link.get("IFLA_IFALIAS") != alias and not unclaimed(link):
         LOG.warning("detach %s: %s is not this attachment's (alias %r): left alone",
                     att.key, host, link.get("IFLA_IFALIAS"))
         return False
@@ -404,7 +413,7 @@ def delete_pod_interface(att: Attachment, alias: str) -> None:
     try:
         with open_netns(att.netns) as pod_ns:
             pod = get_link(pod_ns.ipr, att.ifname)
-            if pod is not None and pod.get("IFLA_IFALIAS") == alias:
+            if pod is not None and (pod.get("IFLA_IFALIAS") == alias or unclaimed(pod)):
                 try:
                     delete_if_exists(pod_ns.ipr, att.ifname)
                 except NetlinkError as exc:

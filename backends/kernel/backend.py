@@ -135,6 +135,11 @@ class KernelBackend(Backend):
         if link is None:
             raise BackendError(f"{name} disappeared while being created (a concurrent "
                                f"release_network of VNI {vni}?)")
+        if podif.unclaimed(link):
+            # Created by vpcni and never marked (a crash between the two requests).
+            with netlink_errors(f"could not mark {name}"):
+                podif.claim_port(self.ipr, link["index"], alias)
+            link = get_link(self.ipr, name) or link
         return self._verify(name, link, alias, kind), fresh
 
     def _ensure_bridge(self, vni: int):

@@ -15,7 +15,7 @@ from pyroute2.netlink.exceptions import NetlinkError
 from pyroute2.netlink.rtnl import ndmsg
 
 from vpcni.core.models import IPAddress
-from vpcni.backends.common.podif import IFF_UP, claim_port, get_link, port_name
+from vpcni.backends.common.podif import IFF_UP, LINK_GROUP, claim_port, get_link, port_name
 from vpcni.backends.common.rtnl import Rtnl
 
 ALIAS_PREFIX = "vpcni:"
@@ -91,8 +91,9 @@ def add_link(ipr: Rtnl, ifname: str, kind: str, **attrs) -> bool:
 
 
 def create_claimed(ipr: Rtnl, ifname: str, kind: str, alias: str, **attrs) -> bool:
-    """add_link + claim, deleting the link again when claiming fails."""
-    if not add_link(ipr, ifname, kind, **attrs):
+    """add_link (in vpcni's link group) + claim, deleting the link again when claiming
+    fails."""
+    if not add_link(ipr, ifname, kind, group=LINK_GROUP, **attrs):
         return False
     link = get_link(ipr, ifname)
     if link is None:

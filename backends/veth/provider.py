@@ -23,6 +23,7 @@ from vpcni.backends.common.rtnl import ThreadRtnl
 from vpcni.backends.common.underlay import netlink_errors
 from vpcni.backends.common.modules import kernel_support
 from vpcni.core.backend import InterfaceProvider
+from vpcni.core.faults import fault
 from vpcni.core.config import NodeConfig
 from vpcni.core.errors import BackendError
 from vpcni.core.models import Attachment, Capabilities, Probe, VpcNetwork
@@ -55,7 +56,9 @@ class VethProvider(InterfaceProvider):
         found = False
         link = get_link(self.ipr, host)
         if link is not None:
-            if link.get("IFLA_IFALIAS") != alias:
+            # Ours: marked as this attachment's, or created by vpcni and never marked
+            # (a crash between the two requests; the name is this attachment's).
+            if link.get("IFLA_IFALIAS") != alias and not podif.unclaimed(link):
                 raise BackendError(f"interface {host} exists in the node namespace and is not "
                                    f"vpcni's (alias {link.get('IFLA_IFALIAS')!r})")
             with netlink_errors(f"could not delete leftover {host}"):
@@ -63,7 +66,7 @@ class VethProvider(InterfaceProvider):
             found = True
         pod = get_link(pod_ns.ipr, att.ifname)
         if pod is not None:
-            if pod.get("IFLA_IFALIAS") != alias:
+            if pod.get("IFLA_IFALIAS") != alias and not podif.unclaimed(pod):
                 raise BackendError(f"interface {att.ifname} already exists in netns {att.netns}")
             with netlink_errors(f"could not delete leftover {att.ifname} in netns {att.netns}"):
                 delete_if_exists(pod_ns.ipr, att.ifname)
@@ -81,7 +84,7 @@ class VethProvider(InterfaceProvider):
         host = att.host_ifname
         alias = podif.attachment_alias(*att.key)
         with podif.open_netns(att.netns) as pod_ns, ExitStack() as undo:
-            peer = {"ifname": att.ifname, "mtu": mtu}
+            peer = {"ifname": att.ifname, "mtu": mtu, "group": podif.LINK_GROUP}
             if att.mac:
                 peer["address"] = att.mac
             leftovers = False
@@ -89,15 +92,18 @@ class VethProvider(InterfaceProvider):
                     f'could not create veth "{host}" with peer {att.ifname} in netns {att.netns}'):
                 peer["net_ns_fd"] = fd
                 try:
-                    self.ipr.link("add", ifname=host, kind="veth", mtu=mtu, peer=peer)
+                    self.ipr.link("add", ifname=host, kind="veth", mtu=mtu, peer=peer,
+                                      group=podif.LINK_GROUP)
                 except NetlinkError as exc:
                     # One end exists: what a crashed earlier ADD of this attachment left
                     # (removed, then created again), or someone else's (an error).
                     if exc.code != errno.EEXIST:
                         raise
                     leftovers = self._remove_leftovers(pod_ns, att, host, alias)
-                    self.ipr.link("add", ifname=host, kind="veth", mtu=mtu, peer=peer)
+                    self.ipr.link("add", ifname=host, kind="veth", mtu=mtu, peer=peer,
+                                      group=podif.LINK_GROUP)
             undo.callback(self._undo, host)
+            fault("veth.created")
             with netlink_errors(f'could not mark "{host}"'):
                 podif.claim_port_named(self.ipr, host, alias)
             with netlink_errors(f"could not configure {att.ifname} in netns {att.netns}"):
@@ -119,6 +125,24 @@ class VethProvider(InterfaceProvider):
 
     def check(self, att: Attachment) -> list[str]:
         return podif.check_pod(att)
+
+    def reap_unclaimed(self, in_use) -> list[str]:
+        candidates = [link.get("IFLA_IFNAME") for link in self.ipr.link("dump")
+                      if podif.unclaimed(link)
+                      and link.get_nested("IFLA_LINKINFO", "IFLA_INFO_KIND") == "veth"]
+        if not candidates:
+            return []
+        names = in_use()  # after the listing: an ADD under way has its record by now
+        reaped = []
+        for name in candidates:
+            if name in names:
+                continue
+            with netlink_errors(f"could not delete unclaimed {name}"):
+                link = get_link(self.ipr, name)
+                if link is not None and podif.unclaimed(link) and \
+                        delete_if_exists(self.ipr, name):
+                    reaped.append(name)
+        return reaped
 
     def owned(self) -> dict[str, tuple[str, str, str]]:
         out = {}
