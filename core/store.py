@@ -38,6 +38,7 @@ from .models import Attachment
 
 LOG = logging.getLogger(__name__)
 Key = tuple[str, str, str]
+PUT_ATTEMPTS = 10
 
 _NAME = re.compile(r"^[a-zA-Z0-9][a-zA-Z0-9_.\-]*$")
 _IFNAME_BAD = re.compile(r"[/:\s]")
@@ -113,15 +114,25 @@ class AttachmentStore:
         path = self._path(*att.key)
         tmp = path.with_suffix(f".tmp{os.getpid()}.{threading.get_ident()}")
         text = att.model_dump_json(indent=1)
-        try:
-            path.parent.mkdir(parents=True, exist_ok=True)
-            with open(tmp, "w") as f:
-                f.write(text)
-            os.rename(tmp, path)
-        except OSError as exc:
-            with contextlib.suppress(OSError):
-                tmp.unlink()
-            raise IOFailure(f"cannot write {path}: {exc}") from None
+        for attempt in range(PUT_ATTEMPTS):
+            try:
+                path.parent.mkdir(parents=True, exist_ok=True)
+                with open(tmp, "w") as f:
+                    f.write(text)
+                os.rename(tmp, path)
+                break
+            except (FileNotFoundError, FileExistsError) as exc:
+                # A concurrent delete removed a directory of ours the moment it was
+                # empty (delete prunes empty directories; pathlib's mkdir then says
+                # "exists" for one that went again): make it again.
+                with contextlib.suppress(OSError):
+                    tmp.unlink()
+                if attempt == PUT_ATTEMPTS - 1:
+                    raise IOFailure(f"cannot write {path}: {exc}") from None
+            except OSError as exc:
+                with contextlib.suppress(OSError):
+                    tmp.unlink()
+                raise IOFailure(f"cannot write {path}: {exc}") from None
         if self.cached:
             self._remember(Attachment.model_validate_json(text))
 

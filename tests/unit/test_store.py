@@ -176,3 +176,37 @@ def test_unwritable_state_dir_is_an_io_failure(tmp_path):
     (tmp_path / "attachments" / "net").write_text("a file where a directory goes")
     with pytest.raises(IOFailure, match="cannot write"):
         store.put(_att())
+
+
+def test_put_survives_concurrent_deletes_pruning_the_directories(tmp_path):
+    """delete() prunes empty directories; a put() of another attachment of the same
+    network (or container) racing it must still land (it once failed with ENOENT)."""
+    import threading
+
+    store = AttachmentStore(tmp_path)
+    errors: list = []
+    stop = threading.Event()
+
+    def churn(cid: str) -> None:
+        while not stop.is_set():
+            store.put(_att(cid))
+            store.delete("net", cid, "eth1")
+
+    def writer() -> None:
+        try:
+            for i in range(300):
+                store.put(_att("w", ifname=f"e{i % 3}"))
+                store.delete("net", "w", f"e{i % 3}")
+        except Exception as exc:  # noqa: BLE001 - reported below
+            errors.append(exc)
+
+    threads = [threading.Thread(target=churn, args=(f"c{i}",)) for i in range(3)]
+    for t in threads:
+        t.start()
+    try:
+        writer()
+    finally:
+        stop.set()
+        for t in threads:
+            t.join()
+    assert errors == []
