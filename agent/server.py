@@ -249,12 +249,15 @@ class Agent:
         for path in sorted(spool.glob("*.json")):
             try:
                 req = json.loads(_read_trusted(path))
-                out, rc = self.dispatcher.run(req["env"], req["stdin"].encode("utf-8",
-                                                                              "surrogateescape"))
+                env = {str(k): str(v) for k, v in req["env"].items()}
+                if env.get("CNI_COMMAND") != "DEL":
+                    raise _Untrusted(f"asks for {env.get('CNI_COMMAND')!r}, not DEL")
+                out, rc = self.dispatcher.run(env, req["stdin"].encode("utf-8",
+                                                                       "surrogateescape"))
             except _Untrusted as exc:
                 LOG.error("pending DEL %s ignored: the file %s", path, exc)
                 continue
-            except (OSError, ValueError, KeyError) as exc:
+            except (OSError, ValueError, KeyError, TypeError, AttributeError) as exc:
                 LOG.error("pending DEL %s is unreadable (%s): kept for an operator", path, exc)
                 continue
             if rc == 0:

@@ -112,6 +112,19 @@ def test_spooled_dels_not_ours_alone_are_ignored_until_they_are(cluster):
     node.restart_agent()
     wait_for(lambda: host_links(node) == [], timeout=10, what="spooled DEL replayed")
     assert not spooled.exists()
+    # Spooled files that are ours but not DELs, or not requests at all, are left alone
+    # and the agent still starts.
+    spool = node.state_dir / "pending-del"
+    for name, body in (("add.json", json.dumps({"env": {"CNI_COMMAND": "ADD"}, "stdin": ""})),
+                       ("list.json", "[1, 2]")):
+        fd = os.open(spool / name, os.O_WRONLY | os.O_CREAT, 0o600)
+        os.write(fd, body.encode())
+        os.close(fd)
+    node.restart_agent()
+    log = (node.dir / "vpcni.log").read_text()
+    assert "add.json ignored: the file asks for 'ADD', not DEL" in log
+    assert "list.json is unreadable" in log
+    assert (spool / "add.json").exists() and (spool / "list.json").exists()
 
 
 def test_agent_removes_only_a_socket_at_its_socket_path(cluster):
