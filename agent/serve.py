@@ -27,13 +27,12 @@ LOG = logging.getLogger(__name__)
 
 
 class Conn:
-    __slots__ = ("sock", "data", "deadline", "done")
+    __slots__ = ("sock", "data", "deadline")
 
     def __init__(self, sock: socket.socket, deadline: float):
         self.sock = sock
         self.data = bytearray()
         self.deadline = deadline
-        self.done = False
 
 
 class PooledServer:

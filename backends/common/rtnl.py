@@ -29,6 +29,7 @@ import struct
 import threading
 import time
 import weakref
+from functools import partial
 from typing import Callable, Optional
 
 from pyroute2.iproute.linux import get_arguments_processor, get_dump_filter
@@ -36,6 +37,7 @@ from pyroute2.netlink import (NLM_F_ACK, NLM_F_APPEND, NLM_F_CREATE, NLM_F_DUMP,
                               NLM_F_REPLACE, NLM_F_REQUEST, NLMSG_DONE, NLMSG_ERROR,
                               NETLINK_ROUTE)
 from pyroute2.netlink.exceptions import NetlinkDumpInterrupted, NetlinkError
+from pyroute2.netlink.nlsocket import NetlinkRequest
 from pyroute2.netlink.rtnl import (RTM_DELADDR, RTM_DELLINK, RTM_DELNEIGH, RTM_DELROUTE,
                                    RTM_GETADDR, RTM_GETLINK, RTM_GETNEIGH, RTM_GETROUTE,
                                    RTM_NEWADDR, RTM_NEWLINK, RTM_NEWNEIGH, RTM_NEWROUTE)
@@ -242,7 +244,10 @@ def _build(mode: str, command: str, kwarg: dict, parameters: Optional[dict]
         msg["attrs"].extend(arguments["attrs"])
     match = None
     if command == "dump" and dump_filter is not None:
-        match = dump_filter if callable(dump_filter) else _matcher(dump_filter)
+        # pyroute2's own matching: a callable, or every key of the filter equal
+        # (an empty filter matches everything: no need to call it).
+        if callable(dump_filter) or any(isinstance(k, (str, tuple)) for k in dump_filter):
+            match = partial(NetlinkRequest.match_one_message, dump_filter)
     return _encode(msg, msg_type, _FLAGS[flags]), match
 
 
@@ -309,9 +314,6 @@ class LinkMessage:
             return raw.split(b"\0", 1)[0].decode("utf-8", "replace")
         return ":".join(f"{b:02x}" for b in raw)
 
-    def get_attr(self, name: str, default=None):
-        return self.get(name, default)
-
     def get_nested(self, *names):
         return self._pyroute2().get_nested(*names)
 
@@ -358,12 +360,6 @@ class Rtnl:
         self.close()
 
     # ------------------------------------------------------------ transport
-
-    def request(self, msg, msg_type: int, flags: int,
-                match: Optional[Callable] = None) -> list:
-        """Send `msg` and read its answer: the messages of a dump or a get (filtered
-        by `match`), or [] for an acknowledged change. NetlinkError on an error."""
-        return self._send(_encode(msg, msg_type, flags), match)
 
     def _send(self, data: bytes, match: Optional[Callable]) -> list:
         """Send an encoded request (its sequence number set here) and read its answer."""
@@ -472,25 +468,6 @@ class Rtnl:
         if command != "set":
             raise ValueError(f"brport command {command!r} is not supported here")
         return self.link("set", index=kwarg.pop("index", 0), kind="bridge_slave", **kwarg)
-
-
-def _matcher(dump_filter) -> Optional[Callable]:
-    """What pyroute2 does with a dict-like dump filter: every key equal (or a predicate)."""
-    keys = [k for k in dump_filter if isinstance(k, (str, tuple))]
-    if not keys:
-        return None
-
-    def match(msg) -> bool:
-        for key in keys:
-            want = dump_filter[key]
-            value = msg.get(key)
-            if value is not None and callable(want):
-                if not want(value):
-                    return False
-            elif want != value:
-                return False
-        return True
-    return match
 
 
 class ThreadRtnl:

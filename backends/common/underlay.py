@@ -19,7 +19,7 @@ from pyroute2.netlink.exceptions import NetlinkError
 from vpcni.core.config import NodeConfig
 from vpcni.core.errors import BackendError, InvalidConfig
 from vpcni.core.models import IPAddress, VpcNetwork, vxlan_overhead
-from .podif import describe, get_link
+from .podif import IFF_UP, describe, get_link
 
 RT_SCOPE_UNIVERSE = 0
 
@@ -84,7 +84,6 @@ def find_underlay(ipr, node: NodeConfig) -> Underlay:
     return Underlay(address, node.underlayInterface, link.get("IFLA_MTU"))
 
 
-IFF_UP = 0x1
 IFF_LOWER_UP = 0x10000
 
 
