@@ -25,6 +25,13 @@ class Metrics:
                                      ["type"], registry=r)
         self.speaker_up = Gauge("vpcni_evpn_speaker_connected",
                                 "1 when the agent is connected to its gobgpd", registry=r)
+        self.holding_stale = Gauge(
+            "vpcni_evpn_holding_stale",
+            "1 while the node keeps remote entries learned before the control plane went "
+            "away (no BGP session, gobgpd unreachable) or while it resynchronises", registry=r)
+        self.bgp_sessions = Gauge("vpcni_bgp_sessions",
+                                  "The node gobgpd's BGP sessions to route reflectors",
+                                  ["state"], registry=r)
         self.reconciles = Counter("vpcni_reconcile_runs", "Reconcile loop runs", ["result"],
                                   registry=r)
         self.last_full_reconcile = Gauge(

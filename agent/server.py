@@ -44,7 +44,15 @@ QUICK_CHECK = 5.0
 REQUEST_WORKERS = 16
 # How long a client may take to send its request.
 REQUEST_READ_TIMEOUT = 10.0
-GOBGPD_RESTART_GRACE = 20.0
+# Headless operation: while gobgpd is unreachable or none of its BGP sessions is
+# established, the agent keeps the remote entries it learned (stale, not
+# flushed). It lets them go only once a session has been up for RESYNC_MIN
+# seconds and no remote change has arrived for RESYNC_QUIET: the table is then
+# the control plane's again, and one full converge drops what went meanwhile.
+RESYNC_MIN = 3.0
+RESYNC_QUIET = 1.0
+# While holding, the reconcile loop looks at the sessions this often.
+HOLD_POLL = 0.5
 
 
 def _raise_descriptor_limit() -> None:
@@ -96,11 +104,14 @@ class Agent:
         self._http: Optional[PooledServer] = None
         self._threads: list[threading.Thread] = []
         self.choice: dict[str, Any] = {}
-        # After gobgpd restarts, its table is empty until its BGP sessions are
-        # back (5-10 s): keep what was learned before, like BGP graceful
-        # restart's stale paths, instead of wiping the FDB meanwhile.
-        self._grace_until = 0.0
+        # Why remote entries are held stale now (None: they follow gobgpd's
+        # table), since when, and since when a session is back (resyncing).
+        self._hold: Optional[str] = None
+        self._hold_since = 0.0
+        self._sessions_since: Optional[float] = None
+        self._last_remote_change = 0.0
         self._seen_disconnects = 0
+        self._sessions: dict[str, str] = {}
         self._last_remote: dict[int, RemoteState] = {}
         self._route_refs: Optional[Counter] = None  # route -> attachments wanting it
         self._problems: list[str] = []  # what keeps the node from serving (readiness)
@@ -315,6 +326,7 @@ class Agent:
             LOG.exception("could not sync local routes to gobgpd (retried by reconcile)")
 
     def _remote_changed(self, vnis: set[int]) -> None:
+        self._last_remote_change = time.monotonic()
         with self._dirty_lock:
             self._dirty |= set(vnis)
         self._kick.set()
@@ -353,10 +365,9 @@ class Agent:
         return None
 
     def _remote_state(self, vni: int) -> RemoteState:
-        self._note_gobgpd_restart()
         learned = self.speaker.remote_state(vni)
         kept = self._last_remote.get(vni)
-        if kept is not None and time.monotonic() < self._grace_until:
+        if kept is not None and self._hold is not None:
             fresh = {ep.mac for ep in learned.endpoints}
             learned = RemoteState(
                 endpoints=learned.endpoints + [ep for ep in kept.endpoints if ep.mac not in fresh],
@@ -364,18 +375,39 @@ class Agent:
         self._last_remote[vni] = learned
         return learned
 
-    def _note_gobgpd_restart(self) -> None:
-        """Start the grace period when the speaker has lost gobgpd since last seen."""
+    def _check_control_plane(self) -> bool:
+        """Update the hold on remote entries from gobgpd's sessions (see RESYNC_MIN);
+        True when a hold just ended, so a full converge is due."""
+        now = time.monotonic()
         disconnects = self.speaker.counters()["disconnects"]
-        if disconnects != self._seen_disconnects:
-            self._seen_disconnects = disconnects
-            self._grace_until = time.monotonic() + GOBGPD_RESTART_GRACE
-            LOG.warning("lost gobgpd: keeping learned remote entries for %.0fs while its "
-                        "sessions come back", GOBGPD_RESTART_GRACE)
-
-    def _grace_ended(self) -> bool:
-        if self._grace_until and time.monotonic() >= self._grace_until:
-            self._grace_until = 0.0
+        lost_gobgpd = disconnects != self._seen_disconnects
+        self._seen_disconnects = disconnects
+        sessions = self.speaker.sessions()
+        self._sessions = sessions or {}
+        up = sorted(a for a, state in self._sessions.items() if state == "established")
+        if lost_gobgpd or sessions is None or not up:
+            why = ("gobgpd unreachable or restarted" if lost_gobgpd or sessions is None
+                   else f"no BGP session established (route reflectors "
+                        f"{', '.join(sorted(self._sessions)) or 'none configured'} unreachable)")
+            if self._hold is None or self._sessions_since is not None:
+                self._hold_since = self._hold_since if self._hold else now
+                LOG.log(logging.WARNING if self._last_remote else logging.INFO,
+                        "control plane lost (%s): keeping the remote entries learned so far "
+                        "until it is back and resynchronised", why)
+            self._hold, self._sessions_since = why, None
+            return False
+        if self._hold is None:
+            return False
+        if self._sessions_since is None:
+            self._sessions_since = now
+            self._hold = f"resynchronising (sessions up: {', '.join(up)})"
+            LOG.info("control plane back after %.1fs (%s): resynchronising",
+                     now - self._hold_since, ", ".join(up))
+        if (now - self._sessions_since >= RESYNC_MIN
+                and now - self._last_remote_change >= RESYNC_QUIET):
+            LOG.info("control plane resynchronised: remote entries follow gobgpd's table "
+                     "again (held %.1fs)", now - self._hold_since)
+            self._hold, self._sessions_since = None, None
             return True
         return False
 
@@ -383,7 +415,7 @@ class Agent:
         interval = self.node.reconcileInterval
         marks = {"full": 0.0, "local": 0.0, "quick": 0.0}  # when each kind of pass last ran
         while not self._stop.is_set():
-            self._kick.wait(timeout=min(interval, 5.0))
+            self._kick.wait(timeout=HOLD_POLL if self._hold else min(interval, 5.0))
             self._kick.clear()
             self._heartbeat = time.monotonic()
             if self._stop.is_set():
@@ -395,12 +427,18 @@ class Agent:
 
     def _reconcile_once(self, interval: float, marks: dict[str, float]) -> bool:
         """One pass of the reconcile loop (updating `marks`); True when it was a full one."""
-        grace_ended = False
+        hold_ended = False
         if self.speaker is not None:
-            self._note_gobgpd_restart()
-            grace_ended = self._grace_ended()
+            try:
+                hold_ended = self._check_control_plane()
+            except Exception:
+                LOG.exception("checking gobgpd's sessions failed")
+            self.metrics.holding_stale.set(1 if self._hold else 0)
+            established = sum(1 for st in self._sessions.values() if st == "established")
+            self.metrics.bgp_sessions.labels("established").set(established)
+            self.metrics.bgp_sessions.labels("down").set(len(self._sessions) - established)
         now = time.monotonic()
-        full = grace_ended or now - marks["full"] >= interval
+        full = hold_ended or now - marks["full"] >= interval
         # Isolation does not wait for BGP: the backends' filters are checked at
         # least every QUICK_CHECK seconds (however often remote changes wake the
         # loop) and converged to the records every reconcileInterval.
@@ -527,10 +565,14 @@ class Agent:
         vnis = {str(vni): n for vni, n in sorted(self.handler.store.vni_counts().items())}
         out = {"node": self.node.source, "socket": str(self.node.agentSocket),
                "uptime": round(time.time() - self.started, 1), "ready": ready,
-               "readyReason": why, "backend": self.choice, "attachmentsPerVni": vnis}
+               "readyReason": why, "backend": self.choice, "attachmentsPerVni": vnis,
+               "mtu": self.handler.mtu_status()}
         if self.speaker is not None:
             out["evpn"] = {"connected": self.speaker.connected, "synced": self.speaker.synced,
                            "peers": self.speaker.peers(),
+                           "holdingStale": self._hold,
+                           "holdingFor": (round(time.monotonic() - self._hold_since, 1)
+                                          if self._hold else None),
                            "gobgpd": self.speaker.target, "announcing": len(self.speaker.local_routes()),
                            **self.speaker.counters()}
         return out

@@ -32,17 +32,20 @@ from vpcni.lab.topology import Topology  # noqa: E402
 from benchmarks.cni import CniBench  # noqa: E402
 from benchmarks.first_reply import PlainVxlan, VpcniFirstReply, iperf_compare  # noqa: E402
 from benchmarks.scale import ScaleBench  # noqa: E402
+from benchmarks.soak import render_soak, soak  # noqa: E402
 from benchmarks.vnifilter import compare as vnifilter_compare  # noqa: E402
 from benchmarks.stats import ratio  # noqa: E402
 
 FULL = {"cycles": 100, "floor_reps": 30, "cold_vni_cycles": 30, "crowded_residents": 100,
         "crowded_cycles": 30, "breakdown_cycles": 30, "callers": 8, "parallel_cycles": 10,
         "first_reply_pods": 30, "reflectors": ["frr", "gobgpd"], "iperf_seconds": 3,
-        "iperf_rounds": 3, "scale_vnis": 200, "scale_per_vni": 5, "scale_cycles": 30}
+        "iperf_rounds": 3, "scale_vnis": 200, "scale_per_vni": 5, "scale_cycles": 30,
+        "soak_cycles": 1000, "soak_every": 100, "soak_warmup": 200}
 QUICK = {"cycles": 30, "floor_reps": 10, "cold_vni_cycles": 10, "crowded_residents": 30,
          "crowded_cycles": 10, "breakdown_cycles": 10, "callers": 8, "parallel_cycles": 3,
          "first_reply_pods": 10, "reflectors": ["frr", "gobgpd"], "iperf_seconds": 2,
-         "iperf_rounds": 1, "scale_vnis": 200, "scale_per_vni": 5, "scale_cycles": 10}
+         "iperf_rounds": 1, "scale_vnis": 200, "scale_per_vni": 5, "scale_cycles": 10,
+         "soak_cycles": 300, "soak_every": 50, "soak_warmup": 100}
 # Issue 9's "must reach" column (each against its baseline in the same run).
 ADD_GOAL = 1.2             # vpcni-agent ADD p50 / bridge ADD p50 (DEL the same)
 OPS_GOAL = 1.0             # 8 callers: vpcni-agent ops/s / bridge ops/s, at least
@@ -166,6 +169,15 @@ def run_scale(p: dict, results: dict) -> None:
     try:
         Section(results.setdefault("scale", {}), "vnifilter")(vnifilter_compare, box,
                                                               p["scale_vnis"])
+    finally:
+        box.cleanup()
+
+
+def run_soak(p: dict, results: dict) -> None:
+    box = sandbox()
+    try:
+        Section(results, "soak")(soak, box, p["soak_cycles"], p["soak_every"],
+                                 p["soak_warmup"], log)
     finally:
         box.cleanup()
 
@@ -407,6 +419,8 @@ def render(r: dict) -> str:
                          f"{d['median_gbps']['vpcni']} | **{d['ratio_vpcni_over_plain']}×** | "
                          f"{_f(by.get('plain-vxlan'))} / {_f(by.get('vpcni'))} |")
     lines += render_scale(r.get("scale") or {})
+    if r.get("soak") and "error" not in r["soak"]:
+        lines += ["", "### 7. Resources under ADD/DEL cycles", ""] + render_soak(r["soak"])
     lines += render_goals(r)
     errors = [f"{k}: {v['error']}" for k, v in _walk(r) if isinstance(v, dict) and "error" in v]
     if errors:
@@ -531,7 +545,7 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n", 1)[0])
     ap.add_argument("--quick", action="store_true", help="fewer samples (about 3 minutes)")
     ap.add_argument("--json", type=Path, help="also write the results (with samples) here")
-    ap.add_argument("--only", choices=["cni", "dataplane", "scale"], help="run one part only")
+    ap.add_argument("--only", choices=["cni", "dataplane", "scale", "soak"], help="run one part only")
     args = ap.parse_args(argv)
     problem = environment_ok()
     if problem:
@@ -550,6 +564,8 @@ def main(argv=None) -> int:
             run_dataplane(p, results)
         if args.only in (None, "scale"):
             run_scale(p, results)
+        if args.only in (None, "soak"):
+            run_soak(p, results)
     finally:
         results["duration_s"] = round(time.monotonic() - t0)
         results["machine"]["loadavg_end"] = Path("/proc/loadavg").read_text().split()[:3]

@@ -29,7 +29,9 @@ def setup_logging(node, stderr_level: int = logging.WARNING) -> None:
     if node is not None and node.logFile:
         try:
             node.logFile.parent.mkdir(parents=True, exist_ok=True)
-            fh = logging.FileHandler(node.logFile)
+            # Messages quote what callers sent, which may not be UTF-8 (an environment's
+            # bytes arrive as surrogates): escaped, never a logging error on stderr.
+            fh = logging.FileHandler(node.logFile, errors="backslashreplace")
         except OSError as exc:
             root.warning("cannot open log file %s: %s", node.logFile, exc)
         else:
@@ -66,7 +68,10 @@ def serve(stdin: bytes) -> int:
 
 
 def main() -> int:
-    return serve(sys.stdin.buffer.read())
+    from .plugin import MAX_STDIN
+
+    # Never more than the largest config plus one byte (that one says "too large").
+    return serve(sys.stdin.buffer.read(MAX_STDIN + 1))
 
 
 if __name__ == "__main__":

@@ -62,6 +62,9 @@ def _node_config(path):
         return {}, "cannot read JSON: %s" % exc
     if not isinstance(cfg, dict):
         return {}, "must be a JSON object"
+    for key in ("mode", "agentSocket", "stateDir"):
+        if cfg.get(key) is not None and not isinstance(cfg[key], str):
+            return {}, "invalid '%s' = %s: must be a string" % (key, json.dumps(cfg[key]))
     return cfg, None
 
 
@@ -72,10 +75,14 @@ def _standalone(stdin):
         from vpcni.cni.main import serve
 
         return serve(stdin)
-    r, w = os.pipe()
-    os.write(w, stdin)
-    os.close(w)
-    os.dup2(r, 0)
+    # The config already read becomes the new stdin: a memory file, not a pipe (a
+    # pipe holds 64 KiB, and nobody would read it before the exec).
+    fd = os.memfd_create("vpcni-stdin")
+    view = memoryview(stdin)
+    while view:
+        view = view[os.write(fd, view):]
+    os.lseek(fd, 0, os.SEEK_SET)
+    os.dup2(fd, 0)
     os.execv(python, [python, "-m", "vpcni.cni.main"])
 
 
@@ -133,6 +140,9 @@ def main():
         return 0
     cfg_path = os.environ.get("VPCNI_NODE_CONFIG") or DEFAULT_NODE_CONFIG
     node, node_problem = _node_config(cfg_path)
+    if node_problem and node_problem.startswith("invalid "):
+        # A key of the shim's own is malformed: no guessing which agent was meant.
+        return _error(7, "node config %s: %s" % (cfg_path, node_problem), _version_of(stdin))
     if node.get("mode") == "standalone":
         return _standalone(stdin)
     sock_path = node.get("agentSocket") or DEFAULT_SOCKET

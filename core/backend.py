@@ -71,7 +71,19 @@ class Backend(_Configurable, abc.ABC):
 
     @abc.abstractmethod
     def pod_mtu(self, net: VpcNetwork) -> int:
-        """The MTU of the VPC's pod interfaces on this node (underlay minus VXLAN)."""
+        """The MTU of the VPC's pod interfaces on this node (underlay minus VXLAN).
+
+        With `net.mtu` None: the MTU a VPC that pins none has here now. The core asks
+        for it (per VNI) on every reconcile pass and brings existing attachments and
+        the VNI's plumbing to it when it changed (set_network_mtu,
+        InterfaceProvider.set_mtu): keep it cheap (a cached underlay)."""
+
+    def set_network_mtu(self, vni: int, mtu: int) -> bool:
+        """Bring the VNI's own devices (not the ports: those are the interface
+        provider's) to `mtu`, the pod MTU of a VPC that pins none; True when something
+        changed. Called by reconcile after pod_mtu changed, before the attachments
+        are raised and after they are lowered. The default has nothing per VNI."""
+        return False
 
     @abc.abstractmethod
     def ensure_network(self, net: VpcNetwork) -> Optional[bool]:
@@ -167,6 +179,14 @@ class InterfaceProvider(_Configurable, abc.ABC):
     @abc.abstractmethod
     def check(self, att: Attachment) -> list[str]:
         """What differs between the pod side and the record (empty: nothing)."""
+
+    def set_mtu(self, att: Attachment, mtu: int) -> bool:
+        """Bring the attachment's interface, its pod end and its node-side port, to
+        `mtu` (the underlay's changed; the caller holds the attachment's lock and
+        records the new MTU). False when this kind of interface cannot follow (a VF
+        a VM holds): the record keeps its MTU, and CHECK and the agent's status
+        report the difference. The default cannot."""
+        return False
 
     def owned(self) -> dict[str, tuple[str, str, str]]:
         """Node-side netdevs this provider marked, by name -> attachment key (for GC)."""

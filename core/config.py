@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import stat
 from pathlib import Path
 from typing import Any, Literal, Optional
 
@@ -20,6 +21,12 @@ from .models import (DNS, MAC_PATTERN, NAME_PATTERN, PCI_PATTERN, VNI_MAX, IPAdd
 
 DEFAULT_NODE_CONFIG = "/etc/vpcni/node.json"
 NODE_CONFIG_ENV = "VPCNI_NODE_CONFIG"
+MAX_NODE_CONFIG = 1024 * 1024
+
+
+def not_json(name: str) -> Any:
+    """json's parse_constant: NaN and (-)Infinity, which Python reads, are not JSON."""
+    raise ValueError(f"{name} is not a JSON value")
 
 
 def _loc(loc: tuple) -> str:
@@ -46,6 +53,9 @@ def raise_validation(exc: ValidationError, where: str,
         value = value[:117] + "..."
     if err["type"] == "extra_forbidden":
         raise unsupported(f"{where}: unsupported field {field!r} (value {value})")
+    if err["type"] == "missing":
+        # The input of a missing field is the object around it: not worth quoting.
+        raise InvalidConfig(f"{where}: {field!r} is required")
     msg = err["msg"]
     if msg.startswith("Value error, "):
         msg = msg[len("Value error, "):]
@@ -79,17 +89,13 @@ def usable_pod_address(v: Any) -> Any:
     return v
 
 
-class RuntimeConfig(BaseModel):
-    """Capabilities a runtime may pass; those vpcni does not use are ignored."""
+class _RequestedAddresses(BaseModel):
+    """`mac` and `ips` as a runtime asks for them (capabilities or `args.cni`); keys
+    vpcni does not read are kept as given."""
 
     model_config = ConfigDict(extra="allow")
     mac: Optional[str] = Field(default=None, pattern=MAC_PATTERN)
     ips: list[IPInterface] = []
-    # Multus / the SR-IOV device plugin: the VF allocated to this pod, and where the
-    # device-info file goes (CNI device-info spec 1.1.0).
-    deviceID: Optional[str] = Field(default=None, pattern=PCI_PATTERN)
-    CNIDeviceInfoFile: Optional[str] = Field(default=None, pattern=r"^/[^\x00]*$",
-                                             max_length=4096)
 
     @field_validator("ips", mode="before")
     @classmethod
@@ -100,6 +106,27 @@ class RuntimeConfig(BaseModel):
     @classmethod
     def _ips_usable(cls, v: list) -> list:
         return [usable_pod_address(x) for x in v]
+
+
+class RuntimeConfig(_RequestedAddresses):
+    """Capabilities a runtime may pass; those vpcni does not use are ignored."""
+
+    # Multus / the SR-IOV device plugin: the VF allocated to this pod, and where the
+    # device-info file goes (CNI device-info spec 1.1.0).
+    deviceID: Optional[str] = Field(default=None, pattern=PCI_PATTERN)
+    CNIDeviceInfoFile: Optional[str] = Field(default=None, pattern=r"^/[^\x00]*$",
+                                             max_length=4096)
+
+
+class CniArgs(_RequestedAddresses):
+    """`args.cni` (CNI CONVENTIONS.md): the keys vpcni reads are checked here."""
+
+
+class Args(BaseModel):
+    """`args`: anything a runtime passes; only `args.cni` is vpcni's to read."""
+
+    model_config = ConfigDict(extra="allow")
+    cni: Optional[CniArgs] = None
 
 
 class ValidAttachment(BaseModel):
@@ -138,7 +165,7 @@ class NetworkConfig(BaseModel):
     ipam: Optional[IpamConfig] = None
     # Conventions and runtime-injected keys (CNI SPEC.md and CONVENTIONS.md).
     dns: Optional[DNS] = None
-    args: Optional[dict[str, Any]] = None
+    args: Optional[Args] = None
     runtimeConfig: RuntimeConfig = RuntimeConfig()
     capabilities: Optional[dict[str, bool]] = None
     # Parsed here so that a malformed one fails before ADD builds anything.
@@ -233,7 +260,7 @@ class NodeConfig(BaseModel):
     backend: Optional[str] = Field(default=None, pattern=NAME_PATTERN)
     logFile: Optional[Path] = Path("/var/log/vpcni/vpcni.log")
     logLevel: str = Field(default="INFO", pattern=r"^(DEBUG|INFO|WARNING|ERROR)$")
-    lockTimeout: float = Field(default=30.0, gt=0)
+    lockTimeout: float = Field(default=30.0, gt=0, allow_inf_nan=False)
     # How CNI calls are served: by the node agent over agentSocket, or in the
     # plugin process (standalone: no agent, static flood list only).
     mode: Literal["agent", "standalone"] = "agent"
@@ -245,7 +272,7 @@ class NodeConfig(BaseModel):
     # HTTP address ("" disables it), full reconcile period in seconds.
     evpn: Optional[EvpnConfig] = None
     healthAddress: str = Field(default="127.0.0.1:9471", pattern=r"^(.*:\d+)?$")
-    reconcileInterval: float = Field(default=30.0, gt=0)
+    reconcileInterval: float = Field(default=30.0, gt=0, allow_inf_nan=False)
     # Where the config came from, for messages; not read from the file.
     source: str = Field(default="(defaults)", exclude=True)
 
@@ -255,6 +282,13 @@ class NodeConfig(BaseModel):
             raise ValueError("set 'vtepAddress' (this node's underlay address) "
                              "or 'underlayInterface'")
         return self
+
+    def differences(self, other: "NodeConfig") -> list[tuple[str, Any, Any]]:
+        """(key, other's value, this one's value) of every setting the two configs set
+        differently (defaults included; where each came from is not a setting)."""
+        mine, theirs = self.model_dump(mode="json"), other.model_dump(mode="json")
+        return [(key, theirs.get(key), mine.get(key)) for key in sorted(mine.keys() | theirs.keys())
+                if mine.get(key) != theirs.get(key)]
 
     def sections(self) -> dict[str, dict]:
         """The backend- and provider-owned sections, raw."""
@@ -280,13 +314,26 @@ class NodeConfig(BaseModel):
         path = path or os.environ.get(NODE_CONFIG_ENV) or DEFAULT_NODE_CONFIG
         where = f"node config {path}"
         try:
-            with open(path, "rb") as f:
-                raw = json.load(f)
+            # Not blocking on a FIFO, nor reading a device without end: the agent reads
+            # the file a request names (VPCNI_NODE_CONFIG) too.
+            fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+            try:
+                if not stat.S_ISREG(os.fstat(fd).st_mode):
+                    raise InvalidConfig(f"{where}: not a regular file")
+                with os.fdopen(fd, "rb", closefd=False) as f:
+                    data = f.read(MAX_NODE_CONFIG + 1)
+            finally:
+                os.close(fd)
+            if len(data) > MAX_NODE_CONFIG:
+                raise InvalidConfig(f"{where}: larger than {MAX_NODE_CONFIG // 1024} KiB")
+            raw = json.loads(data, parse_constant=not_json)
         except FileNotFoundError:
             raise InvalidConfig(f"{where}: file not found (set {NODE_CONFIG_ENV} or create it "
                                 "with at least vtepAddress and stateDir)") from None
         except (OSError, ValueError) as exc:
             raise InvalidConfig(f"{where}: cannot read JSON: {exc}") from None
+        except RecursionError:
+            raise InvalidConfig(f"{where}: cannot read JSON: nested too deeply") from None
         if not isinstance(raw, dict):
             raise InvalidConfig(f"{where}: must be a JSON object")
         raw.pop("source", None)

@@ -24,7 +24,8 @@ from .config import NetworkConfig, NodeConfig
 from .faults import fault
 from .errors import CheckFailed, InvalidConfig, NotAvailable, UnknownContainer, VpcniError
 from .ipam import DelegatedIpam, Ipam, in_process, routes_via_gateways, static_ips
-from .models import MAC_PATTERN, Attachment, DNS, Interface, IPConfig, RemoteState, Result
+from .models import (MAC_PATTERN, Attachment, DNS, Interface, IPConfig, RemoteState, Result,
+                     VpcNetwork)
 from .store import AttachmentStore
 
 LOG = logging.getLogger(__name__)
@@ -80,6 +81,13 @@ class Handler:
         # VNI -> (backend, the remote state last applied there): an ADD or DEL that
         # changes neither the plumbing nor the remote state does not re-apply it.
         self._applied: dict[int, tuple[str, RemoteState]] = {}
+        # Pod MTU following the underlay (reconcile): VNI -> (backend, the MTU its
+        # attachments and plumbing were last brought to); the attachments left at
+        # another MTU, and why (status); what was logged already, so once per change.
+        self._mtu_lock = threading.Lock()
+        self._vni_mtu: dict[int, tuple[str, int]] = {}
+        self._mtu_differ: dict[tuple[str, str, str], dict] = {}
+        self._mtu_logged: dict[tuple[str, str, str], tuple] = {}
 
     # ------------------------------------------------------------ backends
 
@@ -185,6 +193,7 @@ class Handler:
                              interface=interface, provider_state=dict(provider_state),
                              device_info_file=cfg.runtimeConfig.CNIDeviceInfoFile,
                              mac=mac, vteps=net.vteps, port=net.port,
+                             mtu_pinned=cfg.mtu is not None,
                              ipam_type=cfg.ipam.type if cfg.ipam else None, created=time.time())
             att.host_ifname = backend.port_name(att)
             # The intent is recorded before anything is built, so a crash at any
@@ -234,10 +243,10 @@ class Handler:
     @staticmethod
     def _requested_mac(req: Request) -> Optional[str]:
         """runtimeConfig.mac > CNI_ARGS MAC > args.cni.mac."""
-        cni_args = (req.config.args or {}).get("cni") or {}
+        cni_args = req.config.args.cni if req.config.args else None
         for where, mac in (("runtimeConfig.mac", req.config.runtimeConfig.mac),
                            ("CNI_ARGS MAC", req.args.get("MAC")),
-                           ("args.cni.mac", cni_args.get("mac"))):
+                           ("args.cni.mac", cni_args.mac if cni_args else None)):
             if not mac:
                 continue
             if not isinstance(mac, str) or not re.fullmatch(MAC_PATTERN, mac):
@@ -256,16 +265,15 @@ class Handler:
 
         if req.config.runtimeConfig.ips:
             return list(req.config.runtimeConfig.ips)
-        raw = None
         if req.args.get("IP"):
             raw = req.args["IP"].split(",")
-        elif ((req.config.args or {}).get("cni") or {}).get("ips"):
-            raw = req.config.args["cni"]["ips"]
-        if raw is not None:
             try:
                 return list(RuntimeConfig(ips=raw).ips)
             except ValueError as exc:
                 raise InvalidConfig(f"ips from args {raw!r}: {exc.errors()[0]['msg']}") from None
+        cni_args = req.config.args.cni if req.config.args else None
+        if cni_args and cni_args.ips:
+            return list(cni_args.ips)  # validated with the config, as runtimeConfig.ips
         return [req.config.addr] if req.config.addr else []
 
     def desired_remote(self, vni: int, extra: Optional[Attachment] = None) -> RemoteState:
@@ -317,11 +325,181 @@ class Handler:
             # Records may name a backend this process has not loaded yet; a quick pass
             # only checks the ones in use here, without reading every record.
             names |= {a.backend for a in self.store.all()}
-        for name in sorted(names):
-            corrected += self.backend_named(name).reconcile(
-                lambda n=name: [a for a in self.store.all() if a.backend == n], full,
-                self._locked_record)
+        try:
+            for name in sorted(names):
+                corrected += self.backend_named(name).reconcile(
+                    lambda n=name: [a for a in self.store.all() if a.backend == n], full,
+                    self._locked_record)
+        finally:
+            # Also when a backend's reconcile failed: the pods' MTU does not wait for it.
+            self._quietly(self.follow_mtu, full)
         return corrected
+
+    # ------------------------------------------------------------ MTU
+
+    def _unpinned_mtu(self, backend: str, vni: int, port: int = 4789) -> Optional[int]:
+        """The pod MTU a VPC that pins none has on this node now (None: cannot tell,
+        e.g. the underlay is gone: readiness reports that)."""
+        try:
+            return self.backend_named(backend).pod_mtu(
+                VpcNetwork(name=f"vni-{vni}", vni=vni, port=port))
+        except VpcniError as exc:
+            LOG.debug("pod MTU of VNI %d unknown: %s", vni, exc)
+            return None
+
+    @staticmethod
+    def _mtu_target(att: Attachment, mtu: int) -> Optional[int]:
+        """The MTU `att` is to be brought to now that VPCs that pin none get `mtu`
+        (None: it keeps its own)."""
+        if att.state != "ready" or att.mtu is None or att.mtu == mtu or att.mtu_pinned:
+            return None
+        if att.mtu_pinned is None and att.mtu < mtu:
+            return None  # recorded before vpcni kept whether it was pinned: never raised
+        return mtu
+
+    def follow_mtu(self, full: bool = True) -> int:
+        """Bring the attachments whose MTU follows the underlay, and their VNIs'
+        plumbing, to the pod MTU the underlay allows now; the number changed.
+
+        A quick pass (`full` false) compares, per VNI, the backend's pod MTU with
+        the one last applied (an underlay lookup the backend caches; no record is
+        read) and works only on VNIs where it changed. A full pass also looks at
+        every record, so an attachment that could not follow is tried again and one
+        added while the underlay changed is caught. Each attachment is changed under
+        its lock, on a fresh read of its record, which then gets the new MTU.
+        """
+        with self._mtu_lock:
+            if full:
+                groups: dict[int, list[Attachment]] = {}
+                for att in self.store.all():
+                    groups.setdefault(att.vni, []).append(att)
+                vnis = set(groups)
+                live = {a.key for atts in groups.values() for a in atts}
+                for key in [k for k in self._mtu_logged if k not in live]:
+                    del self._mtu_logged[key]
+            else:
+                vnis = set(self.store.vni_counts())
+                groups = {}
+            for vni in [v for v in self._vni_mtu if v not in vnis]:
+                del self._vni_mtu[vni]
+            for key in [k for k, e in self._mtu_differ.items() if e["vni"] not in vnis]:
+                del self._mtu_differ[key]
+            total = 0
+            # (MTU before, when it changed; MTU now) -> [VNIs, changed, left]: one line each
+            news: dict[tuple[Optional[int], int], list] = {}
+            for vni in sorted(vnis):
+                seen = self._vni_mtu.get(vni)
+                if not (seen is None or full or self._unpinned_mtu(seen[0], vni) != seen[1]):
+                    continue
+                atts = groups[vni] if full else self.store.for_vni(vni)
+                if not atts:
+                    continue
+                name = atts[0].backend
+                mtu = self._unpinned_mtu(name, vni, atts[0].port)
+                if mtu is None:
+                    continue
+                before = seen[1] if seen is not None and seen[0] == name else None
+                changed, differ = self._follow_vni(name, vni, mtu, before,
+                                                   [a for a in atts if a.backend == name])
+                self._vni_mtu[vni] = (name, mtu)
+                total += changed
+                moved = before is not None and before != mtu
+                if moved or changed or (before is None and differ):
+                    item = news.setdefault((before if moved else None, mtu), [[], 0, 0])
+                    item[0].append(vni)
+                    item[1] += changed
+                    item[2] += len(differ)
+            for (before, mtu), (which, changed, left) in sorted(news.items(), key=str):
+                LOG.log(logging.WARNING if left else logging.INFO,
+                        "pod MTU %d (%s) in VNI %s: %d attachment(s) brought to it%s", mtu,
+                        f"was {before}: the underlay's MTU changed" if before is not None
+                        else "the underlay's MTU less VXLAN's overhead",
+                        ", ".join(map(str, which)), changed,
+                        f"; {left} left at another MTU (vpcnictl status lists them)"
+                        if left else "")
+            return total
+
+    def _follow_vni(self, name: str, vni: int, mtu: int, before: Optional[int],
+                    atts: list[Attachment]) -> tuple[int, list[dict]]:
+        """One VNI: its plumbing and attachments to `mtu` (the plumbing before the
+        attachments when raising, after them when lowering); (attachments changed,
+        what is left at another MTU)."""
+        backend = self.backend_named(name)
+        if before is None:  # first look since the start: the records say what it was
+            before = max((a.mtu for a in atts if a.mtu), default=mtu)
+        if mtu > before:
+            self._quietly(backend.set_network_mtu, vni, mtu)
+        changed = 0
+        for key in [k for k, e in self._mtu_differ.items() if e["vni"] == vni]:
+            del self._mtu_differ[key]
+        for att in atts:
+            current: Optional[Attachment] = att
+            if self._mtu_target(att, mtu) is not None:
+                current, done = self._follow_one(att, mtu)
+                changed += done
+            entry = self._mtu_difference(current, mtu) if current is not None else None
+            if entry is not None:
+                self._mtu_differ[att.key] = entry
+        if mtu < before:
+            self._quietly(backend.set_network_mtu, vni, mtu)
+        return changed, [e for e in self._mtu_differ.values() if e["vni"] == vni]
+
+    def _follow_one(self, att: Attachment, mtu: int) -> tuple[Optional[Attachment], bool]:
+        """One attachment to `mtu`, under its lock, on a fresh read; (its record now,
+        None when it is gone, and whether it changed)."""
+        key = att.key
+        why = None
+        fresh: Optional[Attachment] = att
+        try:
+            with self.store.attachment_lock(*key):
+                fresh = self.store.get(*key)
+                if fresh is None or self._mtu_target(fresh, mtu) is None:
+                    return fresh, False
+                if self.provider_named(fresh.provider).set_mtu(fresh, mtu):
+                    old, fresh.mtu = fresh.mtu, mtu
+                    self.store.put(fresh)
+                    self._mtu_logged.pop(key, None)
+                    LOG.debug("attachment %s: MTU %s -> %d", "/".join(key), old, mtu)
+                    return fresh, True
+                why = (f"a {fresh.interface} interface does not follow the underlay (its "
+                       "MTU is set inside the VM, or on another node)")
+        except VpcniError as exc:
+            why = f"could not change its MTU: {exc.msg}"
+        if self._mtu_logged.get(key) != (mtu, why):
+            self._mtu_logged[key] = (mtu, why)
+            LOG.warning("attachment %s keeps MTU %s, not the underlay's %d: %s",
+                        "/".join(key), fresh.mtu, mtu, why)
+        return fresh, False
+
+    def _mtu_difference(self, att: Attachment, mtu: int) -> Optional[dict]:
+        """What the status says of an attachment whose MTU is not `mtu` (None: it is,
+        or it need not be: a network that pins a smaller one)."""
+        if att.state != "ready" or att.mtu is None or att.mtu == mtu:
+            return None
+        if att.mtu_pinned:
+            if att.mtu < mtu:
+                return None
+            why = "pinned by the network config above what the underlay carries now"
+        elif att.mtu_pinned is None and att.mtu < mtu:
+            why = ("recorded before vpcni kept whether its MTU is pinned: lowered with the "
+                   "underlay, never raised")
+        else:
+            logged = self._mtu_logged.get(att.key)
+            why = logged[1] if logged else "not brought to it yet"
+        return {"attachment": "/".join(att.key), "vni": att.vni, "interface": att.interface,
+                "port": att.host_ifname, "mtu": att.mtu, "expected": mtu, "why": why}
+
+    def mtu_status(self) -> dict:
+        """For the agent's status: the pod MTU per VNI as last applied, and the
+        attachments left at another MTU (from the last reconcile; no netlink). Reads
+        copies, without waiting for a reconcile under way."""
+        differ = []
+        for key, entry in sorted(dict(self._mtu_differ).items()):
+            att = self.store.get(*key)
+            if att is not None and att.mtu == entry["mtu"]:
+                differ.append(entry)
+        return {"podMtu": {str(vni): mtu for vni, (_, mtu) in sorted(dict(self._vni_mtu).items())},
+                "differ": len(differ), "attachments": differ[:100]}
 
     @contextlib.contextmanager
     def _locked_record(self, key: tuple[str, str, str]):
@@ -426,14 +604,39 @@ class Handler:
                                   f"{att.vni}")
             if req.netns and att.netns and req.netns != att.netns:
                 raise CheckFailed(f"CNI_NETNS {req.netns} differs from the recorded {att.netns}")
+            backend = self.backend_named(att.backend)
             problems = self.provider_named(att.provider).check(att) + \
-                self.backend_named(att.backend).check_port(cfg.network(), att)
+                backend.check_port(cfg.network(), att) + self._mtu_problems(backend, cfg, att)
             if problems:
                 raise CheckFailed(f"attachment {'/'.join(att.key)}: " + "; ".join(problems))
             if cfg.ipam:
                 req.ipam().check()
             if cfg.prevResult is not None:
                 self._check_prev_result(att, cfg)
+
+    @staticmethod
+    def _mtu_problems(backend: backends.Guarded, cfg: NetworkConfig,
+                      att: Attachment) -> list[str]:
+        """The attachment's MTU against what it should have now: the network's `mtu`,
+        else the underlay's MTU less VXLAN's overhead (which the agent's reconcile
+        follows; in standalone mode only GC does)."""
+        if att.mtu is None:
+            return []
+        net = cfg.network()
+        try:
+            underlay = backend.pod_mtu(net.model_copy(update={"mtu": None}))
+        except VpcniError as exc:
+            return [f"the pod MTU here is unknown: {exc.msg}"]
+        what = f"{att.ifname}" + (f" (port {att.host_ifname})" if att.host_ifname else "")
+        if cfg.mtu is not None and cfg.mtu > underlay:
+            return [f"{what} has MTU {att.mtu}; the network's mtu {cfg.mtu} exceeds {underlay}, "
+                    "the most the node's underlay carries now after VXLAN's overhead"]
+        expected = cfg.mtu if cfg.mtu is not None else underlay
+        if att.mtu == expected:
+            return []
+        why = "the network's mtu" if cfg.mtu is not None else \
+            "the node's underlay MTU less VXLAN's overhead"
+        return [f"{what} has MTU {att.mtu}, expected {expected} ({why})"]
 
     @staticmethod
     def _check_prev_result(att: Attachment, cfg: NetworkConfig) -> None:

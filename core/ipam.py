@@ -32,6 +32,11 @@ class Ipam(abc.ABC):
     # reservation (the IPAM keys addresses by attachment): ADD then keeps it.
     keyed_by_attachment: bool = False
 
+    @classmethod
+    def check_config(cls, ipam: dict) -> None:
+        """Check the config's `ipam` section with the rest of the config, before ADD
+        tears down or builds anything; raise a VpcniError naming the key."""
+
     @abc.abstractmethod
     def add(self) -> Result: ...
 

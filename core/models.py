@@ -9,13 +9,26 @@ from __future__ import annotations
 import ipaddress
 from typing import Annotated, Any, Literal, Optional
 
-from pydantic import (BaseModel, ConfigDict, Field, IPvAnyAddress, IPvAnyInterface, IPvAnyNetwork,
-                      field_validator)
+from pydantic import (BaseModel, BeforeValidator, ConfigDict, Field, IPvAnyAddress, IPvAnyInterface,
+                      IPvAnyNetwork, field_validator)
+
+_IP_OBJECTS = (ipaddress.IPv4Address, ipaddress.IPv6Address, ipaddress.IPv4Network,
+               ipaddress.IPv6Network)
+
+
+def _ip_text(v: Any) -> Any:
+    """Addresses and networks are strings (or ipaddress objects, from vpcni's own
+    code): ipaddress would also read a number, a boolean or a list ([addr, prefix]),
+    which no config means."""
+    if isinstance(v, (str, *_IP_OBJECTS)):
+        return v
+    raise ValueError(f"must be a string, not {type(v).__name__}")
+
 
 # pydantic's IPvAny* types give ipaddress objects and one clear error per field.
-IPAddress = IPvAnyAddress
-IPInterface = IPvAnyInterface
-IPNetwork = IPvAnyNetwork
+IPAddress = Annotated[IPvAnyAddress, BeforeValidator(_ip_text)]
+IPInterface = Annotated[IPvAnyInterface, BeforeValidator(_ip_text)]
+IPNetwork = Annotated[IPvAnyNetwork, BeforeValidator(_ip_text)]
 
 NAME_PATTERN = r"^[a-zA-Z0-9][a-zA-Z0-9_.\-]*$"
 MAC_PATTERN = r"^[0-9a-fA-F]{2}(:[0-9a-fA-F]{2}){5}$"
@@ -140,6 +153,11 @@ class Attachment(_Model):
     host_ifname: Optional[str] = None
     mac: Optional[str] = None
     mtu: Optional[int] = None
+    # The network config set `mtu` (True: the attachment keeps it), or the MTU follows
+    # the node's underlay (False: the agent's reconcile brings it to the underlay's MTU
+    # less VXLAN's overhead when that changes). None: recorded before vpcni kept this;
+    # such an attachment is lowered with the underlay, never raised.
+    mtu_pinned: Optional[bool] = None
     ips: list[IPConfig] = []
     routes: list[Route] = []
     dns: DNS = DNS()

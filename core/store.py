@@ -81,7 +81,13 @@ class AttachmentStore:
             self.records.mkdir(parents=True, exist_ok=True)
             self.locks.mkdir(parents=True, exist_ok=True)
         except OSError as exc:
-            raise IOFailure(f"state dir {self.root}: {exc}") from None
+            raise self._io_failure("cannot create its directories", exc) from None
+
+    def _io_failure(self, what: str, exc: OSError) -> IOFailure:
+        """Code 5 naming the node config's stateDir (what to fix) and the failure."""
+        reason = exc.strerror or str(exc)
+        where = f" ({exc.filename})" if exc.filename and str(exc.filename) not in what else ""
+        return IOFailure(f"stateDir {self.root}: {what}: {reason}{where}")
 
     # ------------------------------------------------------------ records
 
@@ -102,7 +108,7 @@ class AttachmentStore:
         except FileNotFoundError:
             return None
         except OSError as exc:
-            raise IOFailure(f"cannot read {path}: {exc}") from None
+            raise self._io_failure(f"cannot read {path}", exc) from None
         try:
             return Attachment.model_validate_json(data)
         except ValidationError as exc:
@@ -128,11 +134,11 @@ class AttachmentStore:
                 with contextlib.suppress(OSError):
                     tmp.unlink()
                 if attempt == PUT_ATTEMPTS - 1:
-                    raise IOFailure(f"cannot write {path}: {exc}") from None
+                    raise self._io_failure(f"cannot write {path}", exc) from None
             except OSError as exc:
                 with contextlib.suppress(OSError):
                     tmp.unlink()
-                raise IOFailure(f"cannot write {path}: {exc}") from None
+                raise self._io_failure(f"cannot write {path}", exc) from None
         if self.cached:
             self._remember(Attachment.model_validate_json(text))
 
@@ -281,7 +287,10 @@ class AttachmentStore:
     @contextlib.contextmanager
     def _flock(self, name: str, mode: int) -> Iterator[None]:
         path = self.locks / name
-        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
+        try:
+            fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
+        except OSError as exc:
+            raise self._io_failure("cannot open a lock file", exc) from None
         try:
             deadline = time.monotonic() + self.lock_timeout
             delay = 0.001

@@ -110,6 +110,32 @@ def _lab_name(arg: str | None) -> str:
     return arg
 
 
+# `vpcnictl lab VERB TARGET`: the faults operators and tests inject the same way.
+FAULTS = {
+    "stop-reflector": "stop a route reflector's daemon (FRR or gobgpd)",
+    "start-reflector": "start a stopped route reflector again",
+    "restart-agent": "restart a node's agent",
+    "restart-gobgpd": "restart a node's gobgpd (or a gobgpd reflector's)",
+    "cut-underlay": "take a node's underlay link down (its fabric port)",
+    "restore-underlay": "bring a node's underlay link back",
+}
+
+
+def _lab_fault(args) -> int:
+    from vpcni.lab.lab import Lab
+
+    if not args.topology:
+        print(f"vpcnictl lab {args.action}: name the reflector or node", file=sys.stderr)
+        return 2
+    lab = Lab.load(_lab_name(args.lab))
+    target = args.topology
+    method = getattr(lab, args.action.replace("-", "_"))
+    result = method(target)
+    what = "ready" if isinstance(result, dict) and result.get("ready") else "done"
+    print(f"lab {lab.topo.name}: {args.action} {target}: {what}")
+    return 0
+
+
 def cmd_lab(args) -> int:
     import time
 
@@ -133,6 +159,8 @@ def cmd_lab(args) -> int:
                 print(f"  pod {pod.name:10} node {pod.node:8} vpc {pod.vpc:6} (VNI {pod.vni}) "
                       f"{pod.address:18} mac {pod.mac}  {pod.origin}")
             return 0
+        if args.action in FAULTS:
+            return _lab_fault(args)
         name = _lab_name(args.topology)
         if args.action == "check":
             return 0 if Lab.load(name).check() else 1
@@ -171,6 +199,30 @@ def cmd_demo(args) -> int:
     from vpcni.lab.demo import run_demo
 
     return run_demo()
+
+
+def cmd_controller(args) -> int:
+    """The VPC controller (docs/vpc-api.md): a kopf operator; needs an API server."""
+    if args.print_manifests:
+        from vpcni.controller.manifests import manifests
+
+        print(json.dumps(manifests(), indent=1))
+        return 0
+    import importlib.util
+    import logging
+
+    missing = [m for m in ("kopf", "kubernetes") if importlib.util.find_spec(m) is None]
+    if missing:
+        print(f"vpcnictl controller: {' and '.join(missing)} not installed: pip install "
+              "'vpcni[controller]'", file=sys.stderr)
+        return 1
+
+    from vpcni.controller.main import load_config, run
+
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
+    run(load_config(args.config), standalone=args.standalone, peering=args.peering,
+        liveness=args.liveness)
+    return 0
 
 
 def _ipam_store(args):
@@ -269,9 +321,13 @@ def build_parser() -> argparse.ArgumentParser:
                    help="interpreter for the Python shim (stdlib only; default /usr/bin/python3)")
     p.set_defaults(func=cmd_install_cni)
     p = sub.add_parser("lab", help="a simulated multi-node cluster in network namespaces")
-    p.add_argument("action", choices=["up", "check", "down"])
+    p.add_argument("action", choices=["up", "check", "down", *FAULTS],
+                   help="up, check, down; or a fault to inject: "
+                        + "; ".join(f"{verb}: {what}" for verb, what in FAULTS.items()))
     p.add_argument("topology", nargs="?",
-                   help="topology file (up; default: the shipped default.toml) or lab name")
+                   help="topology file (up; default: the shipped default.toml) or lab name; "
+                        "for a fault, the reflector or node")
+    p.add_argument("--lab", help="the lab a fault goes to (default: the default lab)")
     p.set_defaults(func=cmd_lab)
     p = sub.add_parser("render", help="configuration for the BGP daemons of the control plane",
                        description="gobgpd-node: a node's speaker (router-id = its VTEP); "
@@ -301,6 +357,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--node", help="show: this node's only; release: all of this node's")
     p.add_argument("--json", action="store_true", help="show: machine-readable output")
     p.set_defaults(func=cmd_ipam)
+    p = sub.add_parser("controller", help="the VPC controller: Vpc objects to VNIs, NADs, "
+                                          "status and tenancy bindings (needs an API server)")
+    p.add_argument("--config", help="controller config JSON (default $VPCNI_CONTROLLER_CONFIG "
+                                    "or /etc/vpcni/controller.json)")
+    p.add_argument("--standalone", action="store_true",
+                   help="no peering with other controller replicas")
+    p.add_argument("--peering", help="kopf peering object name (makes peering mandatory; "
+                                     "default: kopf's, if its CRD is installed)")
+    p.add_argument("--liveness", help="liveness endpoint, e.g. http://0.0.0.0:8080/healthz")
+    p.add_argument("--print-manifests", action="store_true",
+                   help="print the CRDs and RBAC it needs (a JSON List) and exit")
+    p.set_defaults(func=cmd_controller)
     p = sub.add_parser("demo", help="the seed's two-node test in network namespaces, step by step")
     p.set_defaults(func=cmd_demo)
     return parser

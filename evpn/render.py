@@ -17,6 +17,18 @@ Address = Union[str, ipaddress.IPv4Address, ipaddress.IPv6Address]
 KEEPALIVE = 3
 HOLD = 9
 CONNECT_RETRY = 2
+# BGP graceful restart (RFC 4724, with RFC 8538's notification support so a
+# SIGTERM'd gobgpd restarts gracefully too), for l2vpn-evpn, one way only: a
+# node's gobgpd advertises it, so gobgpd reflectors keep the node's routes for
+# NODE_RESTART_TIME while its gobgpd restarts (a sidecar is back in seconds; a
+# dead node's pods must not be announced for long). Reflectors are helpers only
+# and advertise no family: gobgpd 3.10 dereferences a nil pointer
+# (TableManager.handleMacMobility) when it marks a peer's EVPN paths stale
+# while it originates MAC/IP routes itself, i.e. on every node (tested; a
+# reflector originates none, so helping is safe there). When reflectors go,
+# the agent's own hold keeps the learned entries instead (agent/server.py),
+# for FRR reflectors too (FRR 8.4 has no graceful restart for l2vpn-evpn).
+NODE_RESTART_TIME = 60
 _HOSTNAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9.\-]{0,62}$")
 
 
@@ -66,8 +78,25 @@ def _toml_str(value: str) -> str:
     return json.dumps(value)  # a TOML basic string for these ASCII values
 
 
+def _graceful_restart(table: str, restart_time: int, helper_only: bool) -> list[str]:
+    return [f"  [{table}.graceful-restart.config]",
+            "    enabled = true",
+            f"    restart-time = {restart_time}",
+            "    notification-enabled = true",
+            *(["    helper-only = true"] if helper_only else [])]
+
+
+def _evpn_afi_safi(table: str, graceful: bool) -> list[str]:
+    return [f"  [[{table}.afi-safis]]",
+            f"    [{table}.afi-safis.config]",
+            '      afi-safi-name = "l2vpn-evpn"',
+            *([f"    [{table}.afi-safis.mp-graceful-restart.config]",
+               "      enabled = true"] if graceful else [])]
+
+
 def gobgpd_node_toml(vtep: Address, asn: int, reflectors: Sequence[Address]) -> str:
-    """A node's gobgpd: router-id = VTEP, one iBGP l2vpn-evpn session per reflector.
+    """A node's gobgpd: router-id = VTEP, one iBGP l2vpn-evpn session per reflector,
+    with graceful restart (run it with -r when it restarts).
 
     It does not listen (port -1): the node only connects out to reflectors.
     """
@@ -87,9 +116,8 @@ def gobgpd_node_toml(vtep: Address, asn: int, reflectors: Sequence[Address]) -> 
             f"    keepalive-interval = {KEEPALIVE}",
             "  [neighbors.transport.config]",
             f"    local-address = {_toml_str(vtep)}",
-            "  [[neighbors.afi-safis]]",
-            "    [neighbors.afi-safis.config]",
-            '      afi-safi-name = "l2vpn-evpn"',
+            *_graceful_restart("neighbors", NODE_RESTART_TIME, helper_only=False),
+            *_evpn_afi_safi("neighbors", graceful=True),
         ]
     return "\n".join(lines) + "\n"
 
@@ -113,9 +141,8 @@ def gobgpd_reflector_toml(router_id: Address, asn: int, vtep_prefix: str,
         "  [peer-groups.route-reflector.config]",
         "    route-reflector-client = true",
         f"    route-reflector-cluster-id = {_toml_str(cluster)}",
-        "  [[peer-groups.afi-safis]]",
-        "    [peer-groups.afi-safis.config]",
-        '      afi-safi-name = "l2vpn-evpn"',
+        *_graceful_restart("peer-groups", NODE_RESTART_TIME, helper_only=True),
+        *_evpn_afi_safi("peer-groups", graceful=False),
         "",
         "[[dynamic-neighbors]]",
         "  [dynamic-neighbors.config]",

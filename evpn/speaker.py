@@ -302,13 +302,19 @@ class EvpnSpeaker:
         """gobgpd's BGP sessions: neighbour address -> state ("established", "active", ...).
 
         Empty when gobgpd is unreachable."""
+        return self.sessions() or {}
+
+    def sessions(self, timeout: float = 2.0) -> Optional[dict[str, str]]:
+        """As `peers`, but None when gobgpd does not answer (unknown, not "none")."""
+        if not self._connected.is_set():
+            return None
         try:
-            replies = self._stub.ListPeer(api.ListPeerRequest(), timeout=self.rpc_timeout)
+            replies = self._stub.ListPeer(api.ListPeerRequest(), timeout=timeout)
             return {r.peer.state.neighbor_address:
                     api.PeerState.SessionState.Name(r.peer.state.session_state).lower()
                     for r in replies}
         except grpc.RpcError:
-            return {}
+            return None
 
     # ------------------------------------------------------------ remote routes
 

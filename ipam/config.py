@@ -13,6 +13,8 @@ from vpcni.core.models import DNS, IPAddress, IPNetwork, NAME_PATTERN, Route
 
 Address = Union[ipaddress.IPv4Address, ipaddress.IPv6Address]
 DEFAULT_PREFIX = "/vpcni/ipam"
+# Longest a store may make a call wait, in seconds (beyond any runtime's patience).
+MAX_TIMEOUT = 3600
 
 
 class _Strict(BaseModel):
@@ -63,15 +65,17 @@ class Range(_Strict):
 
 class SqliteStoreConfig(_Strict):
     type: Literal["sqlite"]
-    path: str = "/var/lib/vpcni/ipam.sqlite"
-    timeout: float = Field(default=30.0, gt=0)
+    # A file name: not empty (SQLite's private temporary database), no NUL.
+    path: str = Field(default="/var/lib/vpcni/ipam.sqlite", pattern=r"^[^\x00]+$",
+                      max_length=4096)
+    timeout: float = Field(default=30.0, gt=0, le=MAX_TIMEOUT)
 
 
 class EtcdStoreConfig(_Strict):
     type: Literal["etcd"]
     endpoints: list[str] = Field(min_length=1)
     prefix: str = Field(default=DEFAULT_PREFIX, pattern=r"^/.*[^/]$|^/$")
-    timeout: float = Field(default=5.0, gt=0)
+    timeout: float = Field(default=5.0, gt=0, le=MAX_TIMEOUT)
 
     @field_validator("endpoints")
     @classmethod
@@ -180,7 +184,10 @@ def parse_settings(raw: Any, where: str = "ipam") -> IpamSettings:
     except ValidationError as exc:
         # Name the field from the top of the network config, e.g. ipam.store.endpoints.
         err = exc.errors(include_url=False)[0]
-        raise_validation(_Relocated(err, (where, *err["loc"])), "network config",
+        loc = err["loc"]
+        if loc[:1] == ("store",) and loc[1:2] in (("sqlite",), ("etcd",)):
+            loc = loc[:1] + loc[2:]  # the union's tag is not a key of the config
+        raise_validation(_Relocated(err, (where, *loc)), "network config",
                          unsupported=InvalidConfig)
         raise  # unreachable: raise_validation always raises
 

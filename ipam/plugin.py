@@ -51,6 +51,10 @@ class VpcIpam(Ipam):
 
     keyed_by_attachment = True
 
+    @classmethod
+    def check_config(cls, ipam: dict) -> None:
+        parse_settings(ipam)
+
     def __init__(self, req):
         self.req = req
         raw = req.config.ipam

@@ -126,8 +126,14 @@ class SqliteStore(Store):
             self._ensure_wal()
             with self._tx() as db:
                 db.execute(_SCHEMA)
-        except sqlite3.DatabaseError as exc:
-            raise IpamError(f"ipam store {self.name}: cannot open: {exc}", code=5) from None
+        except (sqlite3.Error, OSError) as exc:
+            reason = getattr(exc, "strerror", None) or exc
+            if isinstance(exc, FileExistsError):  # mkdir's word for "not a directory"
+                reason = f"{exc.filename} is not a directory"
+            elif getattr(exc, "filename", None):
+                reason = f"{exc.filename}: {reason}"
+            raise IpamError(f"ipam store {self.name}: cannot open the file of "
+                            f"'ipam.store.path': {reason}", code=5) from None
 
     def _ensure_wal(self) -> None:
         """WAL (persistent in the file: readers never wait for the writer).

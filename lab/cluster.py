@@ -112,6 +112,23 @@ class Node:
                           str(self.config_path), stdout=log, stderr=log,
                           env=dict(os.environ, **env) if env else None)
 
+    def http_get(self, path: str) -> tuple[int, str]:
+        """GET `path` from the agent's health server, inside the node's namespace."""
+        address = self.node_config.get("healthAddress", "127.0.0.1:9471")
+        code = ("import sys, urllib.request, urllib.error\n"
+                "try:\n"
+                "    r = urllib.request.urlopen(sys.argv[1], timeout=5)\n"
+                "    print(r.status); print(r.read().decode())\n"
+                "except urllib.error.HTTPError as e:\n"
+                "    print(e.code); print(e.read().decode())\n")
+        out = self.ns.exec("/usr/bin/python3", "-S", "-c", code,
+                           f"http://{address}{path}").stdout
+        status, _, body = out.partition("\n")
+        return int(status), body
+
+    def metrics(self) -> str:
+        return self.http_get("/metrics")[1]
+
     def agent_status(self) -> Optional[dict]:
         try:
             reply = agent_call(self.agent_socket, {"op": "status"}, timeout=2)

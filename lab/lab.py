@@ -205,20 +205,58 @@ class Lab:
         return Gobgpd(self.box.namespaces[name], self.box.root_dir / name)
 
     def restart_agent(self, name: str) -> dict:
-        return self.node(name).restart_agent()
+        return self.node(self._vpcni_node(name)).restart_agent()
 
     def restart_gobgpd(self, name: str) -> None:
+        if name not in {r.name for r in self.topo.reflectors}:
+            self._vpcni_node(name)
+        elif self._reflector(name).daemon != "gobgpd":
+            raise LabError(f"reflector {name!r} runs FRR, not gobgpd")
         self.gobgpd(name).restart()
+
+    def _reflector(self, name: str):
+        for rr in self.topo.reflectors:
+            if rr.name == name:
+                return rr
+        raise LabError(f"no route reflector {name!r} in lab {self.topo.name!r} (reflectors: "
+                       f"{', '.join(r.name for r in self.topo.reflectors)})")
+
+    def _vpcni_node(self, name: str) -> str:
+        names = [n.name for n in self.topo.nodes]
+        if name.removesuffix("-host") not in names:
+            raise LabError(f"no node {name!r} in lab {self.topo.name!r} (nodes: "
+                           f"{', '.join(names)})")
+        return name
+
+    def cut_underlay(self, name: str) -> None:
+        """Take node `name`'s port on the fabric down: its underlay loses carrier."""
+        self._underlay_port(name, "down")
+
+    def restore_underlay(self, name: str) -> None:
+        self._underlay_port(name, "up")
+
+    def _underlay_port(self, name: str, state: str) -> None:
+        if name not in {r.name for r in self.topo.reflectors}:
+            self._vpcni_node(name)
+        ns = self.box.namespaces[name]
+        eth0 = json.loads(ns.ip("-j", "-d", "link", "show", "eth0").stdout)[0]
+        peer = eth0.get("link_index")
+        fabric = self.box.namespaces["fab"]
+        ports = json.loads(fabric.ip("-j", "link", "show").stdout)
+        port = next((p["ifname"] for p in ports if p["ifindex"] == peer), None)
+        if port is None:
+            raise LabError(f"{name}'s fabric port not found")
+        fabric.ip("link", "set", port, state)
 
     def stop_reflector(self, name: str) -> None:
         ns, d = self.box.namespaces[name], self.box.root_dir / name
-        rr = next(r for r in self.topo.reflectors if r.name == name)
+        rr = self._reflector(name)
         (Frr(ns, d) if rr.daemon == "frr" else Gobgpd(ns, d)).stop()
         self.stopped_reflectors.add(name)
 
     def start_reflector(self, name: str) -> None:
         ns, d = self.box.namespaces[name], self.box.root_dir / name
-        rr = next(r for r in self.topo.reflectors if r.name == name)
+        rr = self._reflector(name)
         (Frr(ns, d) if rr.daemon == "frr" else Gobgpd(ns, d)).start()
         self.stopped_reflectors.discard(name)
 

@@ -30,7 +30,7 @@ if [ ! -x .venv/bin/python ] || ! .venv/bin/python -c 'import sys; sys.exit(sys.
   rm -rf .venv
   /usr/bin/python3 -m venv .venv
 fi
-.venv/bin/pip install -q --disable-pip-version-check -e '.[test]'
+.venv/bin/pip install -q --disable-pip-version-check -e '.[test,controller]'
 # gobgpd's gRPC stubs, generated from the .proto files of the installed gobgpd
 # (golang-github-osrg-gobgp-dev), pinned to its version; never committed.
 .venv/bin/python -m vpcni.evpn.genstubs

@@ -385,6 +385,43 @@ def check_pod(att: Attachment) -> list[str]:
         return problems
 
 
+def set_mtu(ipr: Rtnl, att: Attachment, mtu: int) -> None:
+    """Bring the attachment's node-side port (`att.host_ifname`, if any) and its pod
+    interface (`att.ifname` in `att.netns`), both marked with its alias, to `mtu`.
+
+    Lowering changes the pod end first (it stops sending what the port would
+    drop), raising the port first. A link already at `mtu` is not set again. A
+    missing or foreign link is a BackendError naming it (nothing of it is changed).
+    """
+    alias = attachment_alias(*att.key)
+
+    def node_side() -> None:
+        if att.host_ifname:
+            _set_link_mtu(ipr, att.host_ifname, alias, mtu, "on the node")
+
+    def pod_side() -> None:
+        with open_netns(att.netns) as pod_ns:
+            _set_link_mtu(pod_ns.ipr, att.ifname, alias, mtu, f"in netns {att.netns}")
+
+    lowering = att.mtu is None or mtu < att.mtu
+    for step in ((pod_side, node_side) if lowering else (node_side, pod_side)):
+        step()
+
+
+def _set_link_mtu(ipr: Rtnl, ifname: str, alias: str, mtu: int, where: str) -> None:
+    link = get_link(ipr, ifname)
+    if link is None or link.get("IFLA_IFALIAS") != alias:
+        raise BackendError(f"{ifname} {where} is missing or not marked as the attachment's: "
+                           f"its MTU is left alone")
+    if link.get("IFLA_MTU") == mtu:
+        return
+    try:
+        ipr.link("set", index=link["index"], mtu=mtu)
+    except NetlinkError as exc:
+        raise BackendError(f"could not set MTU {mtu} on {ifname} {where}: "
+                           f"{describe(exc)}") from exc
+
+
 def delete_host_link(ipr: Rtnl, host: str, att: Attachment, alias: str) -> bool:
     """Delete the node-side link `host` of `att` if it carries `alias` (our mark);
     a link of that name that is not this attachment's is left alone. True when

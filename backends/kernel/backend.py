@@ -221,6 +221,18 @@ class KernelBackend(Backend):
     def pod_mtu(self, net: VpcNetwork) -> int:
         return pod_mtu(net, self._underlay())
 
+    def set_network_mtu(self, vni: int, mtu: int) -> bool:
+        """The VNI's VXLAN device to `mtu` (the bridge follows its ports by itself: the
+        kernel gives a bridge nobody set an MTU on the smallest of its ports')."""
+        name = vxlan_name(vni)
+        link = get_link(self.ipr, name)
+        if link is None or netlink.link_alias(link) != netlink.vni_alias(vni) or \
+                link.get("IFLA_MTU") == mtu:
+            return False
+        with netlink_errors(f"could not set MTU {mtu} on {name}"):
+            netlink.set_link(self.ipr, link["index"], mtu=mtu)
+        return True
+
     def _bridge_for_attach(self, vni: int):
         name = bridge_name(vni)
         link = get_link(self.ipr, name)
@@ -284,18 +296,35 @@ class KernelBackend(Backend):
                     problems.append(f"{vxlan} has {key} {have[key]}, expected {want}")
             if br is not None and vx.get("IFLA_MASTER") != br["index"]:
                 problems.append(f"{vxlan} is not a port of {bridge}")
+            problems += self._vxlan_mtu_problems(vxlan, vx)
         host = att.host_ifname or host_ifname(att.network, att.container_id, att.ifname)
         what = "host veth" if att.interface == "veth" else "representor"
         veth = get_link(self.ipr, host)
         if veth is None:
             problems.append(f"{what} {host} missing")
-        elif br is None or veth.get("IFLA_MASTER") != br["index"]:
-            problems.append(f"{what} {host} is not enslaved to {bridge}")
+        else:
+            if br is None or veth.get("IFLA_MASTER") != br["index"]:
+                problems.append(f"{what} {host} is not enslaved to {bridge}")
+            if att.mtu and veth.get("IFLA_MTU") != att.mtu:
+                problems.append(f"{what} {host} MTU {veth.get('IFLA_MTU')} differs from "
+                                f"recorded {att.mtu}")
         missing = self.guard.missing(host, att.mac, [ip.address.ip for ip in att.ips])
         if missing:
             problems.append(f"anti-spoofing of {host} lacks {', '.join(missing)} "
                             "(nftables table bridge vpcni)")
         return problems
+
+    def _vxlan_mtu_problems(self, name: str, vx) -> list[str]:
+        """The VXLAN device's MTU against what the underlay carries now."""
+        try:
+            underlay = self._underlay()
+        except BackendError as exc:
+            return [str(exc)]
+        if vx.get("IFLA_MTU") == underlay.pod_mtu:
+            return []
+        return [f"vxlan device {name} has MTU {vx.get('IFLA_MTU')}, expected "
+                f"{underlay.pod_mtu} (underlay {underlay.ifname} mtu {underlay.mtu} - "
+                f"{underlay.mtu - underlay.pod_mtu} bytes of encapsulation)"]
 
     # ------------------------------------------------------------ remote state
 

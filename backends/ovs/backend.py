@@ -338,9 +338,14 @@ class OvsBackend(Backend):
             problems.append(f"VNI {net.vni} or its VXLAN port {sw.tunnel_name(net.port)} "
                             f"missing on {bridge}")
         host = att.host_ifname or host_ifname(att.network, att.container_id, att.ifname)
-        if get_link(self.ipr, host) is None:
-            what = "host veth" if att.interface == "veth" else "representor"
+        link = get_link(self.ipr, host)
+        what = "host veth" if att.interface == "veth" else "representor"
+        if link is None:
             problems.append(f"{what} {host} missing")
+        elif att.mtu and link.get("IFLA_MTU") != att.mtu:
+            # The OVS port is the netdev itself (vpcni sets no mtu_request).
+            problems.append(f"{what} {host} MTU {link.get('IFLA_MTU')} differs from "
+                            f"recorded {att.mtu}")
         row = self.switch.row("Interface", host)
         if row is None or not self._is_of(row, att):
             return problems + [f"OVS port {host} missing on {bridge}"]

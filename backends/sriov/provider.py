@@ -501,6 +501,16 @@ class SriovProvider(InterfaceProvider):
             problems += podif.check_pod(att)
         return problems
 
+    def set_mtu(self, att: Attachment, mtu: int) -> bool:
+        """A VF netdev in a pod follows (the VF's MTU there, then its representor, the
+        switch's port; a NIC that refuses, e.g. above its PF's MTU, is an error the
+        caller reports). A VF a VM holds (vfio) does not: its MTU is the guest's.
+        Neither does a host's VF on a DPU: its representor is the DPU's."""
+        if att.interface != "vf" or att.provider_state.get("dpu"):
+            return False
+        podif.set_mtu(self.ipr, att, mtu)
+        return True
+
     def owned(self) -> dict[str, tuple[str, str, str]]:
         """Representors renamed for an attachment, and every claim (by PCI address when
         its representor was never taken: a crash right after the claim)."""

@@ -126,6 +126,11 @@ class VethProvider(InterfaceProvider):
     def check(self, att: Attachment) -> list[str]:
         return podif.check_pod(att)
 
+    def set_mtu(self, att: Attachment, mtu: int) -> bool:
+        # Both ends of the pair: the pod's and the switch's port.
+        podif.set_mtu(self.ipr, att, mtu)
+        return True
+
     def reap_unclaimed(self, in_use) -> list[str]:
         candidates = [link.get("IFLA_IFNAME") for link in self.ipr.link("dump")
                       if podif.unclaimed(link)

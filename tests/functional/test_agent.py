@@ -16,16 +16,7 @@ pytestmark = pytest.mark.functional
 
 
 def http_get(node, path: str) -> tuple[int, str]:
-    """GET from the agent's health server inside the node namespace."""
-    code = ("import sys, urllib.request, urllib.error\n"
-            "try:\n"
-            "    r = urllib.request.urlopen('http://127.0.0.1:9471' + sys.argv[1], timeout=5)\n"
-            "    print(r.status); print(r.read().decode())\n"
-            "except urllib.error.HTTPError as e:\n"
-            "    print(e.code); print(e.read().decode())\n")
-    out = node.ns.exec("/usr/bin/python3", "-S", "-c", code, path).stdout
-    status, _, body = out.partition("\n")
-    return int(status), body
+    return node.http_get(path)
 
 
 def host_links(node) -> list[str]:

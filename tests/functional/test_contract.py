@@ -14,6 +14,7 @@ import json
 import pytest
 
 from tests.functional.outcome import failed, ok
+from tests.functional.test_mtu import link_mtu, set_underlay_mtu
 from vpcni.lab.cluster import seed_network
 from vpcni.lab.netns import wait_for
 
@@ -157,3 +158,18 @@ def test_bad_input_is_a_clean_error_and_keeps_the_attachment(combo):
                            pod.netns))
     assert "0000:77:00.1" in body["msg"] and body["code"] in (7, 50)
     ok(node.cni("CHECK", cfg | {"prevResult": res}, pod.container_id, pod.netns))
+
+
+def test_pods_follow_the_underlay_mtu(combo):
+    """The node's underlay MTU drops and comes back (in the node's namespace): the agent's
+    reconcile brings the pod interface and its port along, and CHECK agrees."""
+    cluster, node, switch, provider, net = combo
+    pod, cfg, res = attached(combo)
+    assert link_mtu(pod.ns, "eth1") == 1450
+    for underlay, pod_mtu in ((1400, 1350), (1500, 1450)):
+        set_underlay_mtu(cluster, node, underlay)
+        wait_for(lambda: link_mtu(pod.ns, "eth1") == pod_mtu, timeout=20,
+                 what=f"the pod's eth1 at {pod_mtu}")
+        wait_for(lambda: link_mtu(node.ns, port_of(res)) == pod_mtu, timeout=5,
+                 what=f"its port at {pod_mtu}")
+        ok(node.cni("CHECK", cfg | {"prevResult": res}, pod.container_id, pod.netns))

@@ -202,3 +202,22 @@ def test_a_repeated_add_with_bad_input_keeps_the_working_attachment(cluster, nod
     assert pod_ifnames(pod) == {"eth1"}
     delete(pod, net1())
     assert_no_leftovers(node, backend, pods=[pod], macs=[mac_of(pod, good)])
+
+
+def test_a_repeated_add_with_a_bad_vpcni_ipam_key_keeps_the_working_attachment(cluster, node,
+                                                                               backend):
+    """vpcni-ipam's keys are checked with the rest of the config: they were read only
+    at the IPAM step, after the earlier attachment had been torn down."""
+    pod = cluster.add_pod(node, "a")
+    ipam = {"type": "vpcni-ipam", "subnets": ["172.16.21.0/24"],
+            "store": {"type": "sqlite", "path": str(node.dir / "ipam.sqlite")}}
+    cfg = seed_network(NET1, VNI1, version=VERSION, ipam=ipam)
+    good = add(pod, cfg)
+    res = node.cni("ADD", cfg | {"ipam": ipam | {"exclude": ["nonsense"]}}, pod.container_id,
+                   pod.netns)
+    body = json.loads(res.stdout)
+    assert not res.ok and body["code"] == 7 and "'ipam.exclude'" in body["msg"], res.stdout
+    ok(node.cni("CHECK", cfg | {"prevResult": good}, pod.container_id, pod.netns))
+    assert pod_ifnames(pod) == {"eth1"}
+    delete(pod, cfg)
+    assert_no_leftovers(node, backend, pods=[pod], macs=[mac_of(pod, good)])

@@ -199,10 +199,15 @@ def test_agent_restart_keeps_traffic_flowing(lab):
 def test_gobgpd_restart_restores_all_routes(lab):
     """gobgpd restarts empty; the agent re-sends its routes and relearns the others.
     Meanwhile (5-10 s until its sessions are back) the node keeps what it had
-    learned instead of wiping its FDB: checked all through that window."""
+    learned instead of wiping its FDB: checked all through that window. Traffic
+    *to* the node goes on too: the gobgpd reflector keeps its routes (graceful
+    restart) while the FRR one withdraws them."""
     node2 = lab.node("node2")
     blue1 = f"{lab.pods['blue-1'].mac} dst 198.51.100.11"
-    lab.restart_gobgpd("node2")
+    ping = continuous_ping(pod_ns(lab, "blue-1"), lab.pods["blue-2"].ip, seconds=15,
+                           interval=0.1)
+    time.sleep(1)
+    vpcnictl("lab", "restart-gobgpd", "node2", "--lab", lab.topo.name)
 
     def evpn(key):
         return ((node2.agent_status() or {}).get("evpn") or {}).get(key)
@@ -223,6 +228,75 @@ def test_gobgpd_restart_restores_all_routes(lab):
     wait_for(healed, timeout=60, what="routes back after gobgpd restart on node2")
     assert tcp_ident(pod_ns(lab, "blue-1"), lab.pods["blue-2"].ip) == "blue-2"
     assert tcp_ident(pod_ns(lab, "red-2"), lab.pods["red-1"].ip) == "red-1"
+    ping.join()
+    sent, received = ping.result
+    assert sent - received <= 1, f"lost {sent - received} of {sent} probes to node2"
+    rr2 = lab.gobgpd("rr2").gobgp("neighbor", "198.51.100.12")
+    assert "graceful-restart:\tadvertised and received" in rr2, rr2
+
+
+def test_all_reflectors_down_the_dataplane_holds_then_resynchronises(lab):
+    """With every reflector gone the nodes keep forwarding with what they learned
+    (held stale, not flushed: a pod deleted meanwhile stays in other nodes' FDB);
+    once the reflectors are back and the tables settled, stale entries go and
+    what changed meanwhile is learned. The faults go through `vpcnictl lab`."""
+    lab.wait_converged(timeout=60)
+    src = pod_ns(lab, "blue-1")
+    blue3_mac, blue3_address = lab.pods["blue-3"].mac, lab.pods["blue-3"].address
+    ping = continuous_ping(src, lab.pods["blue-2"].ip, seconds=40, interval=0.1)
+    time.sleep(1)
+
+    def status(node):
+        return lab.node(node).agent_status()["evpn"]
+    try:
+        for rr in ("rr1", "rr2"):
+            vpcnictl("lab", "stop-reflector", rr, "--lab", lab.topo.name)
+        wait_for(lambda: status("node1")["holdingStale"], timeout=15,
+                 what="node1 holds its remote entries")
+        assert "no BGP session established" in status("node1")["holdingStale"]
+        # Meanwhile node3's blue-3 goes away: nobody else can know.
+        lab.remove_pod("blue-3")
+        time.sleep(2)
+        assert f"{blue3_mac} dst 198.51.100.13" in fdb(lab, "node1", "vpvx300"), \
+            "a learned entry was flushed while the control plane was away"
+        metrics = lab.node("node1").metrics()
+        assert "vpcni_evpn_holding_stale 1.0" in metrics
+        assert 'vpcni_bgp_sessions{state="established"} 0.0' in metrics
+    finally:
+        for rr in ("rr1", "rr2"):
+            vpcnictl("lab", "start-reflector", rr, "--lab", lab.topo.name)
+    wait_for(lambda: status("node1")["holdingStale"] is None, timeout=60,
+             what="node1 resynchronised")
+    assert f"{blue3_mac} dst" not in fdb(lab, "node1", "vpvx300"), \
+        "the entry of a pod deleted during the outage survived the resync"
+    ping.join()
+    sent, received = ping.result
+    assert sent - received <= 1, f"lost {sent - received} of {sent} probes across the outage"
+    lab.add_pod("blue-3", "node3", "blue", blue3_address)
+    wait_for(lambda: tcp_ident(src, blue3_address.split("/")[0], timeout=0.5) == "blue-3",
+             timeout=20, interval=0.1, what="blue-1 reaches the new blue-3")
+
+
+def test_cut_underlay_makes_the_node_unready_until_restored(lab):
+    vpcnictl("lab", "cut-underlay", "node3", "--lab", lab.topo.name)
+    try:
+        wait_for(lambda: "underlay" in (lab.node("node3").agent_status() or {})
+                 .get("readyReason", ""), timeout=15, what="node3 reports its underlay down")
+    finally:
+        vpcnictl("lab", "restore-underlay", "node3", "--lab", lab.topo.name)
+    wait_for(lambda: lab.node("node3").agent_status()["ready"], timeout=20,
+             what="node3 ready again")
+    lab.wait_converged(timeout=60)
+    assert tcp_ident(pod_ns(lab, "blue-1"), lab.pods["blue-3"].ip, timeout=2) == "blue-3"
+
+
+def test_fault_verbs_name_what_is_wrong(lab):
+    bad = vpcnictl("lab", "stop-reflector", "node1", "--lab", lab.topo.name, check=False)
+    assert bad.returncode == 1 and "no route reflector 'node1'" in bad.stderr
+    bad = vpcnictl("lab", "restart-gobgpd", "rr1", "--lab", lab.topo.name, check=False)
+    assert bad.returncode == 1 and "runs FRR" in bad.stderr
+    bad = vpcnictl("lab", "restart-agent", "--lab", lab.topo.name, check=False)
+    assert bad.returncode == 2 and "name the reflector or node" in bad.stderr
 
 
 def test_one_reflector_down_keeps_traffic_and_learning(lab):

@@ -345,3 +345,150 @@ def test_unexpected_exception_becomes_error_json():
     out, rc, _ = run(env("DEL"), config("0.4.0"), RecordingHandler(raises=KeyError("boom")))
     body = failed(out, rc, 999, "0.4.0")
     assert "KeyError" in body["msg"] and "boom" in body["msg"]
+
+
+# ---------------------------------------------------------------- hostile input (issue 12)
+
+
+@pytest.mark.parametrize("command", ["VERSION", "ADD"])
+def test_deeply_nested_stdin(command):
+    """VERSION answers whatever stdin holds (it once raised RecursionError: code 999);
+    the other commands say code 6."""
+    stdin = b"[" * 100_000 + b"]" * 100_000
+    out, rc, handler = run({"CNI_COMMAND": command} if command == "VERSION" else env(command),
+                           stdin)
+    if command == "VERSION":
+        assert rc == 0 and json.loads(out)["supportedVersions"] == list(SUPPORTED)
+    else:
+        assert "nested" in failed(out, rc, 6)["msg"]
+    assert not handler.requests
+
+
+def test_config_over_4_mib_is_code_7_before_it_is_parsed():
+    """The standalone plugin's limit is the agent's (a request over 4 MiB: code 7)."""
+    from vpcni.cni.plugin import MAX_STDIN
+
+    stdin = config(padding="x" * MAX_STDIN)
+    body = failed(*run(env("ADD"), stdin)[:2], 7)
+    assert "4 MiB" in body["msg"]
+    assert failed(*run(env("ADD"), config(padding="x" * 1000))[:2], 2)  # below: read
+
+
+@pytest.mark.parametrize("literal", ["NaN", "Infinity", "-Infinity"])
+def test_non_json_numbers_are_code_6(literal):
+    stdin = config().replace(b'"vni": 100', f'"vni": {literal}'.encode())
+    body = failed(*run(env("ADD"), stdin)[:2], 6)
+    assert f"{literal} is not a JSON value" in body["msg"]
+
+
+@pytest.mark.parametrize("args", [{"cni": True}, {"cni": ["x"]}, {"cni": {"mac": 5}},
+                                  {"cni": {"ips": "10.1.0.9/24"}}])
+def test_args_of_the_wrong_shape_stop_at_the_edge(args):
+    """args.cni once reached ADD unchecked, where a non-object was an AttributeError."""
+    out, rc, handler = run(env("ADD"), config(args=args))
+    assert "'args" in failed(out, rc, 7)["msg"]
+    assert not handler.requests
+
+
+def test_parse_is_the_edge_without_the_handler():
+    d = Dispatcher(node=None)
+    req = d.parse(env("ADD"), config())
+    assert req.command == "ADD" and req.container_id == "c1" and str(req.config.addr)
+    assert d.parse({"CNI_COMMAND": "VERSION"}, b"") is None
+    with pytest.raises(InvalidEnvironment):
+        d.parse(env("ADD", CNI_IFNAME="a/b"), config())
+
+
+class TestNamedNodeConfig:
+    """The agent serves with its own node config; a request that names another file
+    (VPCNI_NODE_CONFIG, which the shim read to find the agent) is checked."""
+
+    @pytest.fixture
+    def agent_config(self, tmp_path):
+        from vpcni.core.config import NodeConfig
+
+        path = tmp_path / "node.json"
+        path.write_text(json.dumps({"vtepAddress": "198.51.100.1", "logFile": None,
+                                    "stateDir": str(tmp_path / "state")}))
+        return NodeConfig.load(str(path))
+
+    def run_named(self, node, named):
+        handler = RecordingHandler()
+        extra = {} if named is None else {"VPCNI_NODE_CONFIG": str(named)}
+        out, rc = Dispatcher(node, handler=handler).run(env("ADD", **extra), config())
+        return out, rc, handler
+
+    def test_its_own_file_by_any_name_is_served(self, agent_config, tmp_path):
+        (tmp_path / "link.json").symlink_to(tmp_path / "node.json")
+        for named in (None, tmp_path / "node.json", tmp_path / "link.json"):
+            out, rc, handler = self.run_named(agent_config, named)
+            assert rc == 0 and len(handler.requests) == 1, out
+
+    def test_an_equal_copy_is_served(self, agent_config, tmp_path):
+        (tmp_path / "copy.json").write_text((tmp_path / "node.json").read_text())
+        assert self.run_named(agent_config, tmp_path / "copy.json")[1] == 0
+
+    def test_an_invalid_one_gets_its_errors(self, agent_config, tmp_path):
+        bad = tmp_path / "bad.json"
+        bad.write_text(json.dumps({"vtepAddress": "198.51.100.1", "colour": "ultraviolet"}))
+        out, rc, handler = self.run_named(agent_config, bad)
+        msg = failed(out, rc, 7)["msg"]
+        assert str(bad) in msg and "'colour'" in msg and not handler.requests
+        out, rc, _ = self.run_named(agent_config, tmp_path / "missing.json")
+        assert "file not found" in failed(out, rc, 7)["msg"]
+
+    def test_a_valid_one_that_says_something_else_is_refused_naming_it(self, agent_config,
+                                                                      tmp_path):
+        other = tmp_path / "other.json"
+        other.write_text(json.dumps({"vtepAddress": "198.51.100.1", "logFile": None,
+                                     "stateDir": str(tmp_path / "state"),
+                                     "backend": "nosuch"}))
+        out, rc, handler = self.run_named(agent_config, other)
+        msg = failed(out, rc, 7)["msg"]
+        assert str(other) in msg and str(tmp_path / "node.json") in msg
+        assert "'backend' = \"nosuch\" there, null in the agent's" in msg
+        assert not handler.requests
+
+    def test_standalone_does_not_look(self, tmp_path):
+        """Standalone loaded the node config from the same variable: nothing to compare."""
+        out, rc, handler = self.run_named(None, tmp_path / "whatever.json")
+        assert rc == 0, out
+
+
+def test_log_file_takes_what_is_not_utf8(tmp_path, capfd):
+    """An environment's non-UTF-8 bytes arrive as surrogates and are quoted in
+    messages: the log file escapes them instead of printing a logging error
+    (a traceback) on stderr."""
+    import logging
+    import types
+
+    from vpcni.cni.main import setup_logging
+
+    root = logging.getLogger()
+    saved = (root.handlers[:], root.level)
+    try:
+        setup_logging(types.SimpleNamespace(logFile=tmp_path / "vpcni.log", logLevel="INFO"))
+        out, rc, _ = run(env("ADD\udcff"), config())  # logged as it came
+        assert failed(out, rc, 4)
+        for h in root.handlers:
+            h.flush()
+    finally:
+        for h in root.handlers[:]:
+            if h not in saved[0]:
+                root.removeHandler(h)
+                h.close()
+        root.setLevel(saved[1])
+    err = capfd.readouterr().err
+    assert "Logging error" not in err and "Traceback" not in err, err
+    assert "ADD\\udcff failed (code 4)" in (tmp_path / "vpcni.log").read_text()
+
+
+def test_vpcni_ipam_settings_are_checked_at_the_edge():
+    """In-process IPAM keys are checked with the config, before the handler; a delegated
+    plugin's keys are the plugin's."""
+    ipam = {"type": "vpcni-ipam", "subnets": ["10.1.0.0/24"], "exclude": ["nonsense"]}
+    out, rc, handler = run(env("ADD"), config(addr=None, ipam=ipam))
+    assert "'ipam.exclude'" in failed(out, rc, 7)["msg"] and not handler.requests
+    out, rc, handler = run(env("ADD"), config(addr=None, ipam={"type": "host-local",
+                                                               "exclude": ["nonsense"]}))
+    assert rc == 0 and len(handler.requests) == 1, out

@@ -1,4 +1,5 @@
 import json
+import os
 
 import pytest
 
@@ -61,3 +62,91 @@ def test_node_config_errors_name_file_and_field(tmp_path, content, needle):
 def test_missing_node_config_says_what_to_do(tmp_path):
     with pytest.raises(InvalidConfig, match="VPCNI_NODE_CONFIG"):
         NodeConfig.load(str(tmp_path / "nope.json"))
+
+
+# ---------------------------------------------------------------- strict at the edge (issue 12)
+
+
+@pytest.mark.parametrize("patch,needle", [
+    ({"vteps": [3325256705]}, "'vteps[0]' = 3325256705: must be a string"),
+    ({"vteps": [True]}, "'vteps[0]' = true: must be a string"),
+    ({"prevResult": {"cniVersion": "1.1.0", "ips": [{"address": True}]}},
+     "'prevResult.ips[0].address' = true: must be a string"),
+    ({"prevResult": {"cniVersion": "1.1.0", "routes": [{"dst": ["10.0.0.0", 8]}]}},
+     "'prevResult.routes[0].dst'"),
+    ({"args": {"cni": True}}, "'args.cni' = true"),
+    ({"args": {"cni": ["ips"]}}, "'args.cni'"),
+    ({"args": {"cni": {"ips": "172.16.0.2/24"}}}, "'args.cni.ips'"),
+    ({"args": {"cni": {"ips": ["172.16.0.2"]}}},
+     "'args.cni.ips' = [\"172.16.0.2\"]: needs a prefix"),
+    ({"args": {"cni": {"ips": ["224.0.0.1/24"]}}}, "cannot be a pod's address"),
+    ({"args": {"cni": {"mac": 5}}}, "'args.cni.mac' = 5"),
+    ({"args": 5}, "'args' = 5"),
+], ids=["vtep-number", "vtep-bool", "prevResult-address-bool", "route-dst-list",
+        "args.cni-bool", "args.cni-list", "args.cni.ips-string", "args.cni.ips-no-prefix",
+        "args.cni.ips-multicast", "args.cni.mac-number", "args-number"])
+def test_no_lax_types_where_addresses_and_args_go(patch, needle):
+    """ipaddress would read 3325256705 or true as an address and [addr, prefix] as a
+    network; args.cni of the wrong shape once reached ADD as an AttributeError."""
+    raw = {"cniVersion": "1.0.0", "name": "n", "type": "vpcni", "vni": 7} | patch
+    with pytest.raises(InvalidConfig) as info:
+        NetworkConfig.parse(raw)
+    assert needle in info.value.msg, info.value.msg
+
+
+def test_args_cni_is_read_and_the_rest_of_args_kept():
+    cfg = NetworkConfig.parse({"cniVersion": "1.0.0", "name": "n", "type": "vpcni", "vni": 7,
+                               "args": {"cni": {"ips": ["172.16.0.2/24"],
+                                                "mac": "02:00:00:00:00:01",
+                                                "infinibandGUID": "x"},
+                                        "k8s": {"a": 1}}})
+    assert [str(i) for i in cfg.args.cni.ips] == ["172.16.0.2/24"]
+    assert cfg.args.cni.mac == "02:00:00:00:00:01"
+    assert cfg.args.model_extra == {"k8s": {"a": 1}}
+
+
+def test_a_missing_field_is_named_without_quoting_the_whole_config():
+    with pytest.raises(InvalidConfig) as info:
+        NetworkConfig.parse({"cniVersion": "1.0.0", "type": "vpcni", "vni": 7})
+    assert info.value.msg == "network config: 'name' is required"
+
+
+@pytest.mark.parametrize("content,needle", [
+    ('{"vtepAddress": "198.51.100.1", "lockTimeout": NaN}', "NaN is not a JSON value"),
+    ('{"vtepAddress": "198.51.100.1", "lockTimeout": Infinity}', "Infinity is not a JSON value"),
+    ('{"vtepAddress": "198.51.100.1", "lockTimeout": 1e400}', "'lockTimeout'"),
+    ('{"vtepAddress": "198.51.100.1", "reconcileInterval": 1e400}', "'reconcileInterval'"),
+    ('{"vtepAddress": 3325256705}', "'vtepAddress' = 3325256705: must be a string"),
+], ids=["NaN", "Infinity", "lockTimeout-inf", "reconcileInterval-inf", "vtepAddress-number"])
+def test_node_config_numbers_are_json_and_finite(tmp_path, content, needle):
+    path = tmp_path / "node.json"
+    path.write_text(content)
+    with pytest.raises(InvalidConfig) as info:
+        NodeConfig.load(str(path))
+    assert str(path) in info.value.msg and needle in info.value.msg, info.value.msg
+
+
+def test_node_config_differences_name_the_keys(tmp_path):
+    a = NodeConfig.model_validate({"vtepAddress": "198.51.100.1"})
+    b = NodeConfig.model_validate({"vtepAddress": "198.51.100.1", "backend": "kernel",
+                                   "ovs": {"bridge": "br0"}})
+    assert a.differences(a.model_copy(update={"source": "elsewhere"})) == []
+    assert a.differences(b) == [("backend", "kernel", None), ("ovs", {"bridge": "br0"}, None)]
+
+
+@pytest.mark.timeout(20)
+def test_node_config_that_is_no_file_or_endless_is_code_7_at_once(tmp_path):
+    """The agent reads the node config a request names: a FIFO must not block it, a
+    device or a huge file not fill its memory, deep nesting not end in RecursionError."""
+    fifo = tmp_path / "fifo"
+    os.mkfifo(fifo)
+    big = tmp_path / "big.json"
+    big.write_text('{"vtepAddress": "198.51.100.1", "x": "' + "a" * (2 << 20) + '"}')
+    deep = tmp_path / "deep.json"
+    deep.write_text("[" * 100_000 + "]" * 100_000)
+    for path, needle in ((fifo, "not a regular file"), ("/dev/zero", "not a regular file"),
+                         (tmp_path, "not a regular file"), (big, "larger than 1024 KiB"),
+                         (deep, "nested too deeply")):
+        with pytest.raises(InvalidConfig) as info:
+            NodeConfig.load(str(path))
+        assert str(path) in info.value.msg and needle in info.value.msg, info.value.msg

@@ -302,6 +302,11 @@ def test_gobgpd_node_config():
                                          "keepalive-interval": 3}
         assert n["transport"]["config"]["local-address"] == ME
         assert [a["config"]["afi-safi-name"] for a in n["afi-safis"]] == ["l2vpn-evpn"]
+        # Graceful restart advertised for EVPN: reflectors keep our routes while we restart.
+        assert n["graceful-restart"]["config"] == {
+            "enabled": True, "restart-time": render.NODE_RESTART_TIME,
+            "notification-enabled": True}
+        assert n["afi-safis"][0]["mp-graceful-restart"]["config"] == {"enabled": True}
 
 
 def test_gobgpd_reflector_config():
@@ -312,6 +317,10 @@ def test_gobgpd_reflector_config():
                                                   "route-reflector-cluster-id": "198.51.100.10"}
     assert group["timers"]["config"] == {"hold-time": 9, "keepalive-interval": 3}
     assert [a["config"]["afi-safi-name"] for a in group["afi-safis"]] == ["l2vpn-evpn"]
+    # A helper only: it keeps a restarting node's routes and asks nodes to keep none of
+    # its own (gobgpd 3.10 crashes marking EVPN paths stale where it originates some).
+    assert group["graceful-restart"]["config"]["helper-only"] is True
+    assert "mp-graceful-restart" not in group["afi-safis"][0]
     assert cfg["dynamic-neighbors"][0]["config"] == {"prefix": "198.51.100.0/24",
                                                      "peer-group": "vtep"}
 

@@ -41,9 +41,9 @@ def addresses(result) -> list[str]:
     ({}, "ipam"),
     ({"subnets": ["172.16.32.0/33"]}, "ipam.subnets"),
     ({"subnets": ["172.16.32.0/24"], "store": {"type": "etcd", "endpoints": []}},
-     "ipam.store.etcd.endpoints"),
+     "ipam.store.endpoints"),
     ({"subnets": ["172.16.32.0/24"], "store": {"type": "etcd", "endpoints": ["127.0.0.1"]}},
-     "ipam.store.etcd.endpoints"),
+     "ipam.store.endpoints"),
     ({"subnets": ["172.16.32.0/24"], "exclude": ["nonsense"]}, "ipam.exclude"),
     ({"ranges": [[{"subnet": "172.16.32.0/24", "gateway": "172.16.33.1"}]]}, "ipam.ranges[0][0]"),
     ({"subnets": ["172.16.32.0/24", "172.16.32.128/25"]}, "ipam"),
@@ -190,3 +190,32 @@ def test_ipv6_exclusions_apply_to_their_family_only(tmp_path):
                       exclude=["fd00:32::2-fd00:32::3"])
     assert addresses(alloc.allocate(owner("a"))) == ["172.16.32.2/29", "fd00:32::4/125"]
     assert addresses(alloc.allocate(owner("b"))) == ["172.16.32.3/29", "fd00:32::5/125"]
+
+
+def test_sqlite_path_under_a_regular_file_is_code_5_naming_the_field(tmp_path):
+    (tmp_path / "file").write_text("not a directory")
+    for path in (tmp_path / "file" / "ipam.db", tmp_path / "file" / "sub" / "ipam.db"):
+        s = parse_settings({"type": "vpcni-ipam", "subnets": ["172.16.32.0/24"],
+                            "store": {"type": "sqlite", "path": str(path)}})
+        with pytest.raises(IpamError) as info:
+            SqliteStore(s.store)
+        assert info.value.code == 5, info.value.msg
+        assert "'ipam.store.path'" in info.value.msg and "not a directory" in \
+            info.value.msg.lower(), info.value.msg
+
+
+@pytest.mark.parametrize("store,field", [
+    ({"type": "sqlite", "path": ""}, "ipam.store.path"),
+    ({"type": "sqlite", "path": "/x\u0000y"}, "ipam.store.path"),
+    ({"type": "sqlite", "timeout": 1e300}, "ipam.store.timeout"),
+    ({"type": "sqlite", "timeout": float("nan")}, "ipam.store.timeout"),
+    ({"type": "etcd", "endpoints": ["http://127.0.0.1:2379"], "timeout": 7200},
+     "ipam.store.timeout"),
+    ({"type": "sqlite", "subnets": []}, "ipam.store.subnets"),
+], ids=["path-empty", "path-nul", "timeout-huge", "timeout-nan", "etcd-timeout-2h", "extra"])
+def test_store_settings_are_bounded(store, field):
+    """A timeout beyond a lock's range (OverflowError) or a path SQLite reads as a
+    private temporary database are refused with the config, naming the field."""
+    with pytest.raises(InvalidConfig) as info:
+        parse_settings({"type": "vpcni-ipam", "subnets": ["172.16.32.0/24"], "store": store})
+    assert repr(field) in info.value.msg, info.value.msg

@@ -101,3 +101,45 @@ def test_go_shim_refuses_a_malformed_agent_socket(tmp_path):
     body = json.loads(out.stdout)
     assert out.returncode == 1 and body["code"] == 7 and body["cniVersion"] == "0.4.0"
     assert "agentSocket" in body["msg"] and str(node) in body["msg"]
+
+
+@pytest.mark.parametrize("kind", ["go", "python"])
+def test_standalone_mode_takes_a_config_larger_than_a_pipe(tmp_path, kind):
+    """Standalone mode hands the config on to the in-process plugin: the Python shim
+    once wrote it into a pipe nobody read before its exec, and hung on more than
+    64 KiB. Both shims must answer (here: code 2 for the padding, then code 7 over
+    4 MiB)."""
+    target = install_shim(tmp_path, "/usr/bin/python3", standalone_python=sys.executable,
+                          kind=kind)
+    node = tmp_path / "node.json"
+    node.write_text(json.dumps({"vtepAddress": "198.51.100.1", "mode": "standalone",
+                                "stateDir": str(tmp_path / "state"), "logFile": None}))
+    env = {"CNI_COMMAND": "ADD", "PATH": "/usr/bin:/bin", "VPCNI_NODE_CONFIG": str(node),
+           "CNI_CONTAINERID": "c1", "CNI_NETNS": "/proc/self/ns/net", "CNI_IFNAME": "eth1",
+           "CNI_PATH": str(tmp_path)}
+    for size, code in ((200_000, 2), (5 << 20, 7)):
+        cfg = {"cniVersion": "1.1.0", "name": "n", "type": "vpcni", "vni": 5, "pad": "x" * size}
+        out = subprocess.run([str(target)], input=json.dumps(cfg).encode(), env=env,
+                             capture_output=True, timeout=60)
+        body = json.loads(out.stdout)
+        assert out.returncode == 1 and body["code"] == code, (body, out.stderr[-500:])
+        assert b"Traceback" not in out.stderr
+
+
+@pytest.mark.parametrize("kind", ["go", "python"])
+@pytest.mark.parametrize("key", ["mode", "agentSocket", "stateDir"])
+def test_a_shim_key_of_the_wrong_type_is_a_config_error(tmp_path, kind, key):
+    """Both shims read mode, agentSocket and stateDir themselves: one that is not a
+    string is code 7 naming it (the Python shim once died on it with a traceback)."""
+    target = install_shim(tmp_path, "/usr/bin/python3", standalone_python="/nonexistent/python",
+                          kind=kind)
+    node = tmp_path / "node.json"
+    node.write_text(json.dumps({"vtepAddress": "198.51.100.1", key: 5}))
+    for command in ("ADD", "DEL"):
+        out = subprocess.run([str(target)], input=b'{"cniVersion": "1.0.0"}', timeout=30,
+                             env={"CNI_COMMAND": command, "PATH": "/usr/bin:/bin",
+                                  "VPCNI_NODE_CONFIG": str(node)}, capture_output=True)
+        body = json.loads(out.stdout)
+        assert out.returncode == 1 and body["code"] == 7, (body, out.stderr)
+        assert f"'{key}' = 5" in body["msg"] and str(node) in body["msg"]
+        assert b"Traceback" not in out.stderr

@@ -210,3 +210,29 @@ def test_put_survives_concurrent_deletes_pruning_the_directories(tmp_path):
         for t in threads:
             t.join()
     assert errors == []
+
+
+def test_state_dir_under_a_regular_file_is_code_5_naming_state_dir(tmp_path):
+    """A path under a regular file fails for root too (ENOTDIR), where a mode would not."""
+    from vpcni.core.errors import IOFailure
+    (tmp_path / "file").write_text("not a directory")
+    with pytest.raises(IOFailure) as info:
+        AttachmentStore(tmp_path / "file" / "state")
+    assert info.value.code == 5
+    assert info.value.msg.startswith(f"stateDir {tmp_path / 'file' / 'state'}: ")
+    assert "Not a directory" in info.value.msg
+
+
+def test_state_dir_gone_unwritable_after_the_start_is_code_5_naming_state_dir(tmp_path):
+    """The agent's store outlives its state dir: the lock files and records it cannot
+    write are code 5 naming stateDir, not an internal error."""
+    from vpcni.core.errors import IOFailure
+    store = AttachmentStore(tmp_path / "state", cached=True)
+    (tmp_path / "state").rename(tmp_path / "aside")
+    (tmp_path / "state").write_text("not a directory")
+    with pytest.raises(IOFailure) as info:
+        with store.attachment_lock("net", "c1", "eth1"):
+            pass
+    assert info.value.msg.startswith(f"stateDir {tmp_path / 'state'}: cannot open a lock file")
+    with pytest.raises(IOFailure, match=r"^stateDir .*: cannot write .*Not a directory"):
+        store.put(_att())

@@ -1,0 +1,96 @@
+"""Are the agent's resources flat? ADD/DEL cycles against a kernel and an OVS node.
+
+Two agent nodes (one per switch backend, no EVPN) in one Cluster. Each gets
+`cycles` ADD/DEL pairs of one pod through the shim, alternating between two
+VNIs so that a VNI's switch state is made and removed as well (the emptying
+VNI path) while the other keeps a resident pod. Every `every` cycles the
+agent's descriptors, threads and resident memory (VmRSS) are sampled.
+
+Reported per node: the samples, and the growth per cycle between the sample
+after warm-up (the first `warmup` cycles fill caches and the allocator's
+arenas) and the last: descriptors and threads must not grow at all; memory
+growth is reported in KB per cycle (a least-squares slope over the samples
+after warm-up, less sensitive to one sample's noise than end minus start).
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+from vpcni.lab.cluster import Cluster
+from vpcni.lab.netns import Sandbox
+
+from .scale import agent_pid, process_facts
+
+VNIS = (6100, 6101)
+
+
+def _network(vni: int, host: int) -> dict:
+    return {"cniVersion": "1.0.0", "name": f"soak{vni}", "type": "vpcni", "vni": vni,
+            "addr": f"172.16.61.{host}/24"}
+
+
+def slope(xs: list[float], ys: list[float]) -> float:
+    """Least-squares slope of ys over xs (0 with fewer than two points)."""
+    n = len(xs)
+    if n < 2:
+        return 0.0
+    mx, my = sum(xs) / n, sum(ys) / n
+    den = sum((x - mx) ** 2 for x in xs)
+    return sum((x - mx) * (y - my) for x, y in zip(xs, ys)) / den if den else 0.0
+
+
+def soak(box: Sandbox, cycles: int, every: int, warmup: int,
+         log: Callable[[str], None] = print) -> dict:
+    cluster = Cluster(box)
+    out: dict = {"cycles": cycles, "every": every, "warmup": warmup}
+    for backend, address in (("kernel", "198.51.100.61"), ("ovs", "198.51.100.62")):
+        node = cluster.add_node(f"soak-{backend}", address, agent=True, backend=backend)
+        resident = cluster.add_pod(node, f"res-{backend}")
+        cluster.attach(resident, _network(VNIS[0], 2))
+        pod = cluster.add_pod(node, f"cyc-{backend}")
+        pid = agent_pid(node)
+        samples = [{"cycle": 0, **process_facts(pid)}]
+        failures = 0
+        for i in range(1, cycles + 1):
+            config = _network(VNIS[i % 2], 3)
+            cid = f"{pod.container_id}-{i % 2}"
+            add = node.cni("ADD", config, cid, pod.netns)
+            delete = node.cni("DEL", config, cid, pod.netns)
+            failures += (not add.ok) + (not delete.ok)
+            if i % every == 0:
+                samples.append({"cycle": i, **process_facts(pid)})
+        log(f"soak {backend}: {cycles} cycles, {failures} failed calls, "
+            f"first {samples[0]}, last {samples[-1]}")
+        after = [s for s in samples if s["cycle"] >= warmup]
+        first, last = after[0], after[-1]
+        span = max(1, last["cycle"] - first["cycle"])
+        out[backend] = {
+            "samples": samples, "failed_calls": failures,
+            "fds_growth": last["fds"] - first["fds"],
+            "threads_growth": last["threads"] - first["threads"],
+            "rss_growth_mb": round(last["rss_mb"] - first["rss_mb"], 1),
+            "rss_kb_per_cycle": round(1024 * slope([s["cycle"] for s in after],
+                                                   [s["rss_mb"] for s in after]), 2),
+            "rss_kb_per_cycle_end_to_end": round(1024 * (last["rss_mb"] - first["rss_mb"])
+                                                 / span, 2),
+        }
+    return out
+
+
+def render_soak(s: dict) -> list[str]:
+    lines = [f"Soak: {s['cycles']} ADD/DEL cycles per node through the shim (alternating "
+             f"two VNIs, one emptied every other cycle); samples every {s['every']}, growth "
+             f"from cycle {s['warmup']} (after warm-up) to the end.", "",
+             "| node | failed calls | descriptors | threads | RSS (MB) | RSS growth, KB/cycle "
+             "(slope / end-to-end) |", "| --- | ---: | ---: | ---: | ---: | ---: |"]
+    for backend in ("kernel", "ovs"):
+        r = s.get(backend)
+        if not r:
+            continue
+        a, b = r["samples"][0], r["samples"][-1]
+        lines.append(f"| {backend} | {r['failed_calls']} | {a['fds']} → {b['fds']} "
+                     f"({r['fds_growth']:+d} after warm-up) | {a['threads']} → {b['threads']} "
+                     f"({r['threads_growth']:+d}) | {a['rss_mb']} → {b['rss_mb']} | "
+                     f"{r['rss_kb_per_cycle']} / {r['rss_kb_per_cycle_end_to_end']} |")
+    return lines
