@@ -33,15 +33,16 @@ def go_toolchain() -> Optional[str]:
 
 
 def build_go_shim(standalone_python: str, cache: Path = CACHE) -> Path:
-    """The Go shim for `standalone_python`, built once per source and interpreter."""
-    go = go_toolchain()
-    if go is None:
-        raise ShimBuildError("no Go toolchain (`go`) in PATH to build the vpcni shim")
+    """The Go shim for `standalone_python`, built once per source and interpreter
+    (an image ships it prebuilt in the cache: no Go toolchain needed then)."""
     source = GO_SOURCE.read_bytes()
     key = hashlib.sha256(source + b"\0" + standalone_python.encode()).hexdigest()[:16]
     binary = cache / "shim" / key / "vpcni"
     if binary.exists():
         return binary
+    go = go_toolchain()
+    if go is None:
+        raise ShimBuildError("no Go toolchain (`go`) in PATH to build the vpcni shim")
     binary.parent.mkdir(parents=True, exist_ok=True)
     env = dict(os.environ, CGO_ENABLED="0", GO111MODULE="off",
                GOPATH=str(cache / "gopath"), GOCACHE=str(cache / "gocache"))

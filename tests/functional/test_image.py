@@ -139,13 +139,12 @@ def agent_node(cluster: Cluster, name: str, address: str) -> tuple[Node, AgentCo
 
 
 def install_shim_from_image(cluster: Cluster) -> bytes:
-    """The install step: the image's shim copied into the lab's CNI bin dir (atomically,
-    as root without any capability), replacing the one the lab built on the host."""
+    """The install step as the DaemonSet runs it (`vpcnictl install-cni`, as root
+    without any capability): the image's prebuilt shim, no Go toolchain in the image,
+    replacing the one the lab built on the host."""
     podman("run", "--rm", "--network", "none", "--cap-drop", "all", "--read-only",
-           "-v", f"{cluster.cni_bin}:/host/opt/cni/bin", IMAGE, "sh", "-ec",
-           "cp /opt/vpcni/cni/vpcni /host/opt/cni/bin/.vpcni.tmp\n"
-           "chmod 0755 /host/opt/cni/bin/.vpcni.tmp\n"
-           "mv -f /host/opt/cni/bin/.vpcni.tmp /host/opt/cni/bin/vpcni")
+           "-v", f"{cluster.cni_bin}:/host/opt/cni/bin", IMAGE,
+           "vpcnictl", "install-cni", "--dest", "/host/opt/cni/bin")
     return (cluster.cni_bin / "vpcni").read_bytes()
 
 
