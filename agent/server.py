@@ -560,12 +560,20 @@ class Agent:
             return False, f"reconcile loop silent for {age:.0f}s"
         return True, "alive"
 
+    def _tenancy_status(self) -> dict[str, Any]:
+        """Whether tenancy is enforced, and who holds the attachments (by namespace)."""
+        per_ns = Counter(att.pod_namespace or "(none)" for att in self.handler.store.all())
+        return {"enforced": self.node.tenancy.enforce,
+                "bindingsFile": str(self.node.tenancy.bindingsFile),
+                "attachmentsPerNamespace": dict(sorted(per_ns.items()))}
+
     def status(self) -> dict[str, Any]:
         ready, why = self.ready()
         vnis = {str(vni): n for vni, n in sorted(self.handler.store.vni_counts().items())}
         out = {"node": self.node.source, "socket": str(self.node.agentSocket),
                "uptime": round(time.time() - self.started, 1), "ready": ready,
                "readyReason": why, "backend": self.choice, "attachmentsPerVni": vnis,
+               "tenancy": self._tenancy_status(),
                "mtu": self.handler.mtu_status()}
         if self.speaker is not None:
             out["evpn"] = {"connected": self.speaker.connected, "synced": self.speaker.synced,

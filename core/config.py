@@ -229,6 +229,15 @@ class NetworkConfig(BaseModel):
             raise  # unreachable
 
 
+class TenancyConfig(BaseModel):
+    """Which namespaces may attach to which VPC (core/tenancy.py): enforced unless
+    `enforce` is false; unknown bindings refuse every ADD (fail closed)."""
+
+    model_config = ConfigDict(extra="forbid")
+    enforce: bool = True
+    bindingsFile: Path = Path("/etc/vpcni/tenancy/bindings.json")
+
+
 class EvpnConfig(BaseModel):
     """The node's EVPN speaker: a gobgpd beside the agent, driven over gRPC."""
 
@@ -271,6 +280,7 @@ class NodeConfig(BaseModel):
     # Agent only: EVPN (absent: static flood lists only), health/metrics
     # HTTP address ("" disables it), full reconcile period in seconds.
     evpn: Optional[EvpnConfig] = None
+    tenancy: TenancyConfig = TenancyConfig()
     healthAddress: str = Field(default="127.0.0.1:9471", pattern=r"^(.*:\d+)?$")
     reconcileInterval: float = Field(default=30.0, gt=0, allow_inf_nan=False)
     # Where the config came from, for messages; not read from the file.

@@ -63,6 +63,13 @@ class NotAvailable(VpcniError):
     code = 50
 
 
+class TenancyRefused(VpcniError):
+    """ADD from a namespace not bound to the VNI's VPC (a plugin-specific code: the
+    SPEC leaves 100 and up to plugins)."""
+
+    code = 101
+
+
 class BackendError(VpcniError):
     """A dataplane operation failed (netlink, OVSDB, sysfs, ...)."""
 

@@ -27,6 +27,7 @@ from .ipam import DelegatedIpam, Ipam, in_process, routes_via_gateways, static_i
 from .models import (MAC_PATTERN, Attachment, DNS, Interface, IPConfig, RemoteState, Result,
                      VpcNetwork)
 from .store import AttachmentStore
+from .tenancy import Tenancy
 
 LOG = logging.getLogger(__name__)
 PROBE_TTL = 10.0
@@ -70,6 +71,7 @@ class Handler:
         that is the store's only writer: the agent)."""
         self.node = node
         self.store = AttachmentStore(node.stateDir, node.lockTimeout, cached=cached_store)
+        self.tenancy = Tenancy(str(node.tenancy.bindingsFile), node.tenancy.enforce)
         self._backends: dict[str, backends.Guarded] = {}
         self._choices: dict[Optional[str], tuple[str, float]] = {}  # backend pin -> choice
         # Set by the agent: the control plane's remote state of a VNI, merged
@@ -171,6 +173,8 @@ class Handler:
         provider_state = {"host_vf": cfg.hostVF} if cfg.hostVF else {}
         if cfg.vf is not None:
             provider_state["vf"] = cfg.vf
+        pod_namespace, pod_name = req.args.get("K8S_POD_NAMESPACE"), req.args.get("K8S_POD_NAME")
+        vpc = self.tenancy.check(cfg.vni, pod_namespace, pod_name) or None
         caps = backend.describe()
         provider.preflight(Attachment(network=cfg.name, vni=cfg.vni,
                                       container_id=req.container_id, ifname=req.ifname,
@@ -194,6 +198,7 @@ class Handler:
                              device_info_file=cfg.runtimeConfig.CNIDeviceInfoFile,
                              mac=mac, vteps=net.vteps, port=net.port,
                              mtu_pinned=cfg.mtu is not None,
+                             pod_namespace=pod_namespace, pod_name=pod_name, vpc=vpc,
                              ipam_type=cfg.ipam.type if cfg.ipam else None, created=time.time())
             att.host_ifname = backend.port_name(att)
             # The intent is recorded before anything is built, so a crash at any
@@ -234,9 +239,10 @@ class Handler:
                     att.state = "ready"
                     self.store.put(att)
                 undo.pop_all()
-        LOG.info("ADD %s: %s %s in VNI %d via %s, ips %s", key, att.interface,
-                 att.host_ifname or att.pci_id, att.vni, att.backend,
-                 [str(i.address) for i in att.ips])
+        LOG.info("ADD %s: %s %s in VNI %d%s via %s, ips %s%s", key, att.interface,
+                 att.host_ifname or att.pci_id, att.vni, f" (VPC {vpc})" if vpc else "",
+                 att.backend, [str(i.address) for i in att.ips],
+                 f", pod {pod_namespace}/{pod_name}" if pod_namespace else "")
         self._changed(Change(added=(att,)))
         return self._result(att, cfg)
 

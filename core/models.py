@@ -162,6 +162,11 @@ class Attachment(_Model):
     routes: list[Route] = []
     dns: DNS = DNS()
     ipam_type: Optional[str] = None
+    # Who asked (CNI_ARGS K8S_POD_NAMESPACE / K8S_POD_NAME) and the VPC tenancy found
+    # the VNI bound to (None: tenancy off on this node, or not a Kubernetes call).
+    pod_namespace: Optional[str] = None
+    pod_name: Optional[str] = None
+    vpc: Optional[str] = None
     vteps: list[IPAddress] = []
     port: int = 4789
     created: float = 0.0

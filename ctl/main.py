@@ -203,11 +203,6 @@ def cmd_demo(args) -> int:
 
 def cmd_controller(args) -> int:
     """The VPC controller (docs/vpc-api.md): a kopf operator; needs an API server."""
-    if args.print_manifests:
-        from vpcni.controller.manifests import manifests
-
-        print(json.dumps(manifests(), indent=1))
-        return 0
     import importlib.util
     import logging
 
@@ -366,8 +361,6 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--peering", help="kopf peering object name (makes peering mandatory; "
                                      "default: kopf's, if its CRD is installed)")
     p.add_argument("--liveness", help="liveness endpoint, e.g. http://0.0.0.0:8080/healthz")
-    p.add_argument("--print-manifests", action="store_true",
-                   help="print the CRDs and RBAC it needs (a JSON List) and exit")
     p.set_defaults(func=cmd_controller)
     p = sub.add_parser("demo", help="the seed's two-node test in network namespaces, step by step")
     p.set_defaults(func=cmd_demo)

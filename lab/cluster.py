@@ -93,7 +93,10 @@ class Node:
     def write_node_config(self, **overrides) -> None:
         cfg = {"vtepAddress": self.address, "stateDir": str(self.state_dir),
                "logFile": str(self.dir / "vpcni.log"), "logLevel": "DEBUG",
-               "mode": "standalone"}
+               "mode": "standalone",
+               # Tests of other things attach without pod namespaces; the lab and the
+               # tenancy tests turn it on with a bindings file.
+               "tenancy": {"enforce": False}}
         cfg.update(overrides)
         self.node_config = cfg
         self.config_path.write_text(json.dumps(cfg, indent=1))
@@ -265,6 +268,7 @@ class Cluster:
         node.write_node_config(
             backend="dpu", mode="agent", agentSocket=str(node.dir / "agent.sock"),
             healthAddress="127.0.0.1:9471", dpu={"agentSocket": dpu.agent_socket},
+            tenancy=dpu.node_config.get("tenancy", {"enforce": False}),
             sriov={"sysfsRoot": str(node.nic.sysfs_root), "pfDriver": "simulated",
                    "simulatedStateFile": str(node.nic.state_file), "dpuHost": True})
         self.nodes[name] = node

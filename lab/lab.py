@@ -80,6 +80,19 @@ class Lab:
     def lab_file(self) -> Path:
         return self.dir / "lab.json"
 
+    @property
+    def bindings_file(self) -> Path:
+        """The tenancy bindings every node reads (what the VPC controller renders)."""
+        return self.dir / "tenancy.json"
+
+    def write_bindings(self) -> None:
+        doc = {"version": 1, "vnis": {str(v.vni): {"vpc": v.name, "namespaces": v.namespaces}
+                                      for v in self.topo.vpcs}}
+        self.dir.mkdir(parents=True, exist_ok=True)
+        tmp = self.bindings_file.with_suffix(".tmp")
+        tmp.write_text(json.dumps(doc, indent=1))
+        os.replace(tmp, self.bindings_file)
+
     def node_dir(self, name: str) -> Path:
         return self.box.dir(name)
 
@@ -94,6 +107,7 @@ class Lab:
         self.box = Sandbox(prefix=self.prefix, root_dir=self.dir, state_file=self.state_file)
         try:
             self.cluster = Cluster(self.box, str(self.topo.underlay))
+            self.write_bindings()
             for rr in self.topo.reflectors:
                 self._start_reflector(rr)
             for node in self.topo.nodes:
@@ -162,7 +176,8 @@ class Lab:
             return
         node_cfg = {"reconcileInterval": 10,
                     "evpn": {"gobgpdSocket": str(self.node_dir(spec.name) / "gobgpd.sock"),
-                             "asn": self.topo.asn}}
+                             "asn": self.topo.asn},
+                    "tenancy": {"bindingsFile": str(self.bindings_file)}}
         if spec.backend:
             node_cfg["backend"] = spec.backend
         nic = spec.nic.model_dump() if spec.nic else None

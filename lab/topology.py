@@ -9,11 +9,13 @@ from __future__ import annotations
 import ipaddress
 import tomllib
 from pathlib import Path
-from typing import Any, Literal, Optional
+from typing import Annotated, Any, Literal, Optional
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import (BaseModel, ConfigDict, Field, StringConstraints, ValidationError,
+                      model_validator)
 
 from vpcni.core.models import NAME_PATTERN, VNI_MAX, IPvAnyAddress, IPvAnyInterface, IPvAnyNetwork
+from vpcni.core.tenancy import K8S_NAME
 
 DEFAULT_TOPOLOGY = Path(__file__).with_name("topologies") / "default.toml"
 _SHORT = r"^[a-z0-9][a-z0-9-]{0,11}$"  # becomes part of namespace and interface names
@@ -56,6 +58,10 @@ class Vpc(_Strict):
     # vpcni-ipam keys for the pods that give no address (docs/ipam.md); by
     # default the cidr, its first host as gateway, the lab's shared SQLite file.
     ipam: dict[str, Any] = {}
+    # The (Kubernetes) namespaces bound to the VPC: the lab's tenancy bindings. The
+    # lab's pods are in namespace "lab".
+    namespaces: list[Annotated[str, StringConstraints(pattern=K8S_NAME)]] = Field(
+        default=["lab"], max_length=100)
 
 
 class Pod(_Strict):

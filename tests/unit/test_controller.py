@@ -751,17 +751,3 @@ def test_the_kubernetes_client_implementation_maps_the_api_servers_answers():
     doc = logic.bindings_configmap({"version": 1, "vnis": {}}, config())
     assert k.create(CONFIGMAP, doc) == doc  # through the client's model and back
     assert seen["cm"].metadata.namespace == "vpcni-system"
-
-
-def test_vpcnictl_controller_prints_its_crds_and_rbac(capsys):
-    from vpcni.ctl.main import main
-
-    assert main(["controller", "--print-manifests"]) == 0
-    items = json.loads(capsys.readouterr().out)["items"]
-    crds = {i["metadata"]["name"]: i for i in items if i["kind"] == "CustomResourceDefinition"}
-    assert set(crds) == {"vpcs.vpcni.io", "vniclaims.vpcni.io"}
-    vpc_version = crds["vpcs.vpcni.io"]["spec"]["versions"][0]
-    assert vpc_version["subresources"] == {"status": {}}
-    assert crds["vniclaims.vpcni.io"]["spec"]["scope"] == "Cluster"
-    role = next(i for i in items if i["kind"] == "ClusterRole")
-    assert any("vpcs/status" in r["resources"] for r in role["rules"])
