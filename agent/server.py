@@ -4,7 +4,8 @@ It owns the request handler (backends loaded once), the attachment store, the
 EVPN speaker (gobgpd over gRPC), a reconcile loop, health and metrics. CNI
 requests arrive from the shim over a unix socket (mode 0600) as one JSON
 object {env, stdin} and are answered with {stdout, rc}; {"op": "status"}
-returns the agent's status.
+returns the agent's status. The shim installed as `vpcni-ipam` adds
+{"plugin": "vpcni-ipam"}: the agent serves that IPAM plugin in-process.
 
 Restarting the agent changes nothing in the dataplane: on start it only
 converges (local routes to the store, FDB to the received routes once the
@@ -32,8 +33,9 @@ from vpcni.core.config import NodeConfig
 from vpcni.core.errors import VpcniError
 from vpcni.core.handler import Change, Handler
 from vpcni.core.models import Attachment, RemoteState
+from vpcni.ipam import IPAM_TYPE
 
-from .metrics import Metrics
+from .metrics import Metrics, code_label, ipam_pool_usage, package_version
 from .serve import PooledServer
 
 LOG = logging.getLogger("vpcni.agent")
@@ -53,6 +55,9 @@ RESYNC_MIN = 3.0
 RESYNC_QUIET = 1.0
 # While holding, the reconcile loop looks at the sessions this often.
 HOLD_POLL = 0.5
+# The vpcni-ipam pools of the networks the node's attachments use, as the requests
+# named them (network -> ipam section), kept across restarts for the metrics.
+IPAM_POOLS_FILE = "ipam-pools.json"
 
 
 def _raise_descriptor_limit() -> None:
@@ -87,11 +92,13 @@ def _unix_listener(path: str) -> socket.socket:
 class Agent:
     def __init__(self, node: NodeConfig):
         self.node = node
-        self.metrics = Metrics()
+        self.metrics = Metrics(evpn=node.evpn is not None)
         # The agent is the store's only writer while it runs (the shim never runs
         # the plugin in agent mode): the records are kept in memory as well.
         self.handler = Handler(node, cached_store=True)
-        self.dispatcher = Dispatcher(node, handler=self.handler)
+        self.dispatcher = _AgentDispatcher(node, handler=self.handler,
+                                           on_ipam=self._ipam_seen)
+        self._ipam_dispatcher: Optional[Dispatcher] = None  # vpcni-ipam's, made on first use
         self.speaker = None
         self.started = time.time()
         self._stop = threading.Event()
@@ -115,6 +122,14 @@ class Agent:
         self._last_remote: dict[int, RemoteState] = {}
         self._route_refs: Optional[Counter] = None  # route -> attachments wanting it
         self._problems: list[str] = []  # what keeps the node from serving (readiness)
+        # vpcni-ipam usage (metrics): the pools seen in requests, refreshed by a thread
+        # of its own on the reconcile loop's signal (a slow store never stalls it).
+        self._ipam_pools: dict[str, dict] = {}
+        self._ipam_noted: dict[str, float] = {}  # network -> when a request last named it
+        self._ipam_lock = threading.Lock()
+        self._ipam_kick = threading.Event()
+        self._ipam_series: set[tuple[str, str, str]] = set()
+        self._ipam_failing: dict[str, str] = {}
         if node.evpn is not None:
             from vpcni.evpn.speaker import EvpnSpeaker
 
@@ -148,6 +163,7 @@ class Agent:
         # DELs spooled while no agent listened go first: a new request for the
         # same attachment must find them done.
         self._replay_pending()
+        self._load_ipam_pools()
         self._problems = self._node_problems()
         # Bound before anything is served: a taken health port fails the start
         # cleanly instead of killing an agent that already answered requests.
@@ -164,6 +180,7 @@ class Agent:
             self.speaker.start()
         self._spawn("requests", self._server.serve_forever)
         self._spawn("reconcile", self._reconcile_loop)
+        self._spawn("ipam-usage", self._ipam_loop)
         if self._http is not None:
             self._spawn("health", self._http.serve_forever)
         self._local_changed(Change(everything=True))
@@ -191,6 +208,7 @@ class Agent:
         """Stop serving; the dataplane and gobgpd's routes are left as they are."""
         self._stop.set()
         self._kick.set()
+        self._ipam_kick.set()
         if self._server is not None:
             self._server.shutdown()
             self._server.close()
@@ -229,6 +247,7 @@ class Agent:
                 return {"stdout": json.dumps(self.status()), "rc": 0}
             env = {str(k): str(v) for k, v in req["env"].items()}
             stdin = req.get("stdin", "").encode("utf-8", "surrogateescape")
+            dispatcher = self._dispatcher_for(req.get("plugin"))
         except (ValueError, KeyError, AttributeError, TypeError) as exc:
             return {"stdout": json.dumps({"cniVersion": "1.1.0", "code": 6,
                                           "msg": f"malformed request from the shim: {exc}"}),
@@ -237,10 +256,28 @@ class Agent:
         command = env.get("CNI_COMMAND", "")
         command = command if command in COMMANDS else "invalid"
         t0 = time.perf_counter()
-        out, rc = self.dispatcher.run(env, stdin)
+        out, rc = dispatcher.run(env, stdin)
         self.metrics.latency.labels(command).observe(time.perf_counter() - t0)
         self.metrics.requests.labels(command, "ok" if rc == 0 else "error").inc()
+        if rc != 0:
+            self.metrics.errors.labels(command, code_label(_error_code(out))).inc()
         return {"stdout": out, "rc": rc}
+
+    def _dispatcher_for(self, plugin: Optional[str]) -> Dispatcher:
+        """The dispatcher of the plugin a request names: vpcni (no name: shims before
+        vpcni-ipam's forwarding), or vpcni-ipam, which the shim installed under that name
+        forwards (served here in-process, as its executable would). Anything else is a
+        ValueError (a malformed request)."""
+        if plugin is None or plugin == "vpcni":
+            return self.dispatcher
+        if plugin == IPAM_TYPE:
+            if self._ipam_dispatcher is None:
+                from vpcni.ipam.plugin import IpamDispatcher
+
+                self._ipam_dispatcher = IpamDispatcher()
+            return self._ipam_dispatcher
+        raise ValueError(f"no plugin {str(plugin)[:64]!r} here (this agent serves vpcni and "
+                         f"{IPAM_TYPE})")
 
     def _replay_pending(self) -> None:
         """DELs the shim spooled while no agent listened.
@@ -263,8 +300,8 @@ class Agent:
                 env = {str(k): str(v) for k, v in req["env"].items()}
                 if env.get("CNI_COMMAND") != "DEL":
                     raise _Untrusted(f"asks for {env.get('CNI_COMMAND')!r}, not DEL")
-                out, rc = self.dispatcher.run(env, req["stdin"].encode("utf-8",
-                                                                       "surrogateescape"))
+                dispatcher = self._dispatcher_for(req.get("plugin"))
+                out, rc = dispatcher.run(env, req["stdin"].encode("utf-8", "surrogateescape"))
             except _Untrusted as exc:
                 LOG.error("pending DEL %s ignored: the file %s", path, exc)
                 continue
@@ -413,7 +450,8 @@ class Agent:
 
     def _reconcile_loop(self) -> None:
         interval = self.node.reconcileInterval
-        marks = {"full": 0.0, "local": 0.0, "quick": 0.0}  # when each kind of pass last ran
+        # When each kind of pass last ran (ipam: the pool usage metrics were asked for).
+        marks = {"full": 0.0, "local": 0.0, "quick": 0.0, "ipam": 0.0}
         while not self._stop.is_set():
             self._kick.wait(timeout=HOLD_POLL if self._hold else min(interval, 5.0))
             self._kick.clear()
@@ -438,6 +476,9 @@ class Agent:
             self.metrics.bgp_sessions.labels("established").set(established)
             self.metrics.bgp_sessions.labels("down").set(len(self._sessions) - established)
         now = time.monotonic()
+        if now - marks.get("ipam", 0.0) >= interval:
+            marks["ipam"] = now
+            self._ipam_kick.set()
         full = hold_ended or now - marks["full"] >= interval
         # Isolation does not wait for BGP: the backends' filters are checked at
         # least every QUICK_CHECK seconds (however often remote changes wake the
@@ -474,6 +515,109 @@ class Agent:
             LOG.exception("reconcile failed")
             self.metrics.reconciles.labels("error").inc()
         return full
+
+    # ------------------------------------------------------------ IPAM usage
+
+    def _ipam_seen(self, network: str, ipam: dict) -> None:
+        """A request of `network` named this vpcni-ipam section (validated): remember it
+        (in memory, and in the state dir when it is new or changed) for the metrics,
+        which the reconcile loop has computed (never a request)."""
+        with self._ipam_lock:
+            self._ipam_noted[network] = time.monotonic()
+            if self._ipam_pools.get(network) == ipam:
+                return
+            self._ipam_pools[network] = ipam
+            pools = dict(self._ipam_pools)
+        self._save_ipam_pools(pools)
+
+    def _ipam_pools_path(self) -> Path:
+        return Path(self.node.stateDir) / IPAM_POOLS_FILE
+
+    def _load_ipam_pools(self) -> None:
+        path = self._ipam_pools_path()
+        try:
+            data = json.loads(_read_trusted(path))
+        except FileNotFoundError:
+            return
+        except (OSError, ValueError, _Untrusted) as exc:
+            LOG.warning("%s ignored (%s): vpcni-ipam usage metrics come back with the "
+                        "networks' next requests", path, exc)
+            return
+        if isinstance(data, dict):
+            with self._ipam_lock:
+                self._ipam_pools.update({str(k): v for k, v in data.items()
+                                         if isinstance(v, dict)})
+
+    def _save_ipam_pools(self, pools: dict[str, dict]) -> None:
+        path = self._ipam_pools_path()
+        tmp = path.with_name(f".{IPAM_POOLS_FILE}.{threading.get_ident()}.tmp")
+        try:
+            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
+            with os.fdopen(fd, "w") as f:
+                json.dump(pools, f, indent=1, sort_keys=True)
+            os.replace(tmp, path)
+        except OSError as exc:
+            LOG.warning("cannot save %s: %s", path, exc)
+            tmp.unlink(missing_ok=True)
+
+    def _ipam_loop(self) -> None:
+        while not self._stop.is_set():
+            self._ipam_kick.wait()
+            self._ipam_kick.clear()
+            if self._stop.is_set():
+                return
+            try:
+                self._update_ipam_gauges()
+            except Exception:
+                LOG.exception("vpcni-ipam usage metrics failed")
+
+    def _update_ipam_gauges(self) -> None:
+        """vpcni_ipam_addresses of every vpcni-ipam network this node's attachments use:
+        one list of the network's allocations from its store per network."""
+        from vpcni.ipam.config import parse_settings
+        from vpcni.ipam.plugin import store_for
+
+        used_here = {att.network for att in self.handler.store.all()
+                     if att.ipam_type == IPAM_TYPE}
+        # A network no attachment uses is forgotten, unless a request named it lately
+        # (an ADD under way is recorded after it named its pool).
+        recent = time.monotonic() - max(60.0, 2 * self.node.reconcileInterval)
+        with self._ipam_lock:
+            gone = {n for n in self._ipam_pools
+                    if n not in used_here and self._ipam_noted.get(n, 0.0) < recent}
+            for network in gone:
+                del self._ipam_pools[network]
+                self._ipam_noted.pop(network, None)
+            pools = {n: raw for n, raw in self._ipam_pools.items() if n in used_here}
+        if gone:
+            self._save_ipam_pools(pools)
+        series: set[tuple[str, str, str]] = set()
+        for network, raw in sorted(pools.items()):
+            try:
+                settings = parse_settings(raw)
+                store = settings.store
+                if store.type == "sqlite" and not Path(store.path).exists():
+                    continue  # never create a store for a metric
+                usage = ipam_pool_usage(settings, store_for(settings).list(network))
+            except Exception as exc:
+                why = getattr(exc, "msg", None) or str(exc) or type(exc).__name__
+                if self._ipam_failing.get(network) != why:
+                    LOG.warning("vpcni-ipam usage of network %s not known: %s", network, why)
+                self._ipam_failing[network] = why
+                # The last values stay (a store away is not an empty pool).
+                series |= {s for s in self._ipam_series if s[0] == network}
+                continue
+            self._ipam_failing.pop(network, None)
+            for pool, used, free in usage:
+                for state, n in (("used", used), ("free", free)):
+                    self.metrics.ipam_addresses.labels(network, pool, state).set(n)
+                    series.add((network, pool, state))
+        for labels in self._ipam_series - series:
+            try:
+                self.metrics.ipam_addresses.remove(*labels)
+            except KeyError:
+                pass
+        self._ipam_series = series
 
     # ------------------------------------------------------------ status
 
@@ -570,7 +714,8 @@ class Agent:
     def status(self) -> dict[str, Any]:
         ready, why = self.ready()
         vnis = {str(vni): n for vni, n in sorted(self.handler.store.vni_counts().items())}
-        out = {"node": self.node.source, "socket": str(self.node.agentSocket),
+        out = {"version": package_version(),
+               "node": self.node.source, "socket": str(self.node.agentSocket),
                "uptime": round(time.time() - self.started, 1), "ready": ready,
                "readyReason": why, "backend": self.choice, "attachmentsPerVni": vnis,
                "tenancy": self._tenancy_status(),
@@ -584,6 +729,34 @@ class Agent:
                            "gobgpd": self.speaker.target, "announcing": len(self.speaker.local_routes()),
                            **self.speaker.counters()}
         return out
+
+
+class _AgentDispatcher(Dispatcher):
+    """The agent's dispatcher: tells `on_ipam(network, section)` which vpcni-ipam pool
+    each request's network uses (the metrics of its usage), from the config the
+    request was validated with (nothing parsed again)."""
+
+    def __init__(self, node: NodeConfig, handler: Handler, on_ipam):
+        super().__init__(node, handler=handler)
+        self._on_ipam = on_ipam
+
+    def request(self, command: str, env, raw: dict, stdin: bytes):
+        req = super().request(command, env, raw, stdin)
+        ipam = raw.get("ipam")
+        if isinstance(ipam, dict) and ipam.get("type") == IPAM_TYPE:
+            try:
+                self._on_ipam(req.config.name, ipam)
+            except Exception:
+                LOG.exception("noting the vpcni-ipam pool of %s failed", req.config.name)
+        return req
+
+
+def _error_code(out: str):
+    """The CNI error code of an error answer (None when it has none)."""
+    try:
+        return json.loads(out).get("code")
+    except (ValueError, AttributeError):
+        return None
 
 
 class _Untrusted(Exception):

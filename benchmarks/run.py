@@ -33,6 +33,7 @@ from benchmarks.cni import CniBench  # noqa: E402
 from benchmarks.first_reply import PlainVxlan, VpcniFirstReply, iperf_compare  # noqa: E402
 from benchmarks.scale import ScaleBench  # noqa: E402
 from benchmarks.soak import render_soak, soak  # noqa: E402
+from benchmarks.faults import gobgpd_restart_loss, render_faults  # noqa: E402
 from benchmarks.vnifilter import compare as vnifilter_compare  # noqa: E402
 from benchmarks.stats import ratio  # noqa: E402
 
@@ -177,9 +178,13 @@ def run_soak(p: dict, results: dict) -> None:
     box = sandbox()
     try:
         Section(results, "soak")(soak, box, p["soak_cycles"], p["soak_every"],
-                                 p["soak_warmup"], log)
+                                 p["soak_warmup"], p["callers"], log)
     finally:
         box.cleanup()
+
+
+def run_faults(p: dict, results: dict) -> None:
+    Section(results, "faults")(gobgpd_restart_loss, log)
 
 
 def run_dataplane(p: dict, results: dict) -> None:
@@ -421,6 +426,8 @@ def render(r: dict) -> str:
     lines += render_scale(r.get("scale") or {})
     if r.get("soak") and "error" not in r["soak"]:
         lines += ["", "### 7. Resources under ADD/DEL cycles", ""] + render_soak(r["soak"])
+    if r.get("faults") and "error" not in r["faults"]:
+        lines += ["", "### 8. Control plane faults", ""] + render_faults(r["faults"])
     lines += render_goals(r)
     errors = [f"{k}: {v['error']}" for k, v in _walk(r) if isinstance(v, dict) and "error" in v]
     if errors:
@@ -545,7 +552,7 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n", 1)[0])
     ap.add_argument("--quick", action="store_true", help="fewer samples (about 3 minutes)")
     ap.add_argument("--json", type=Path, help="also write the results (with samples) here")
-    ap.add_argument("--only", choices=["cni", "dataplane", "scale", "soak"], help="run one part only")
+    ap.add_argument("--only", choices=["cni", "dataplane", "scale", "soak", "faults"], help="run one part only")
     args = ap.parse_args(argv)
     problem = environment_ok()
     if problem:
@@ -566,6 +573,8 @@ def main(argv=None) -> int:
             run_scale(p, results)
         if args.only in (None, "soak"):
             run_soak(p, results)
+        if args.only in (None, "faults"):
+            run_faults(p, results)
     finally:
         results["duration_s"] = round(time.monotonic() - t0)
         results["machine"]["loadavg_end"] = Path("/proc/loadavg").read_text().split()[:3]

@@ -1,9 +1,10 @@
 """Are the agent's resources flat? ADD/DEL cycles against a kernel and an OVS node.
 
 Two agent nodes (one per switch backend, no EVPN) in one Cluster. Each gets
-`cycles` ADD/DEL pairs of one pod through the shim, alternating between two
-VNIs so that a VNI's switch state is made and removed as well (the emptying
-VNI path) while the other keeps a resident pod. Every `every` cycles the
+`cycles` ADD/DEL pairs from `callers` parallel callers (a pod each) through
+the shim, alternating between two VNIs so that a VNI's switch state is made
+and removed as well (the emptying VNI path) while the other keeps a resident
+pod. At the end only the resident's record and links may remain. Every `every` cycles the
 agent's descriptors, threads and resident memory (VmRSS) are sampled.
 
 Reported per node: the samples, and the growth per cycle between the sample
@@ -15,6 +16,9 @@ after warm-up, less sensitive to one sample's noise than end minus start).
 
 from __future__ import annotations
 
+import concurrent.futures
+import json
+import threading
 from typing import Callable
 
 from vpcni.lab.cluster import Cluster
@@ -40,33 +44,55 @@ def slope(xs: list[float], ys: list[float]) -> float:
     return sum((x - mx) * (y - my) for x, y in zip(xs, ys)) / den if den else 0.0
 
 
-def soak(box: Sandbox, cycles: int, every: int, warmup: int,
+def _vpcni_links(node) -> set[str]:
+    links = json.loads(node.ns.ip("-j", "link", "show").stdout)
+    return {link["ifname"] for link in links if link["ifname"].startswith(("vp", "vo"))}
+
+
+def soak(box: Sandbox, cycles: int, every: int, warmup: int, callers: int = 8,
          log: Callable[[str], None] = print) -> dict:
     cluster = Cluster(box)
-    out: dict = {"cycles": cycles, "every": every, "warmup": warmup}
+    out: dict = {"cycles": cycles, "every": every, "warmup": warmup, "callers": callers}
     for backend, address in (("kernel", "198.51.100.61"), ("ovs", "198.51.100.62")):
         node = cluster.add_node(f"soak-{backend}", address, agent=True, backend=backend)
         resident = cluster.add_pod(node, f"res-{backend}")
         cluster.attach(resident, _network(VNIS[0], 2))
-        pod = cluster.add_pod(node, f"cyc-{backend}")
+        pods = [cluster.add_pod(node, f"c{i}-{backend}") for i in range(callers)]
+        before = _vpcni_links(node)
         pid = agent_pid(node)
         samples = [{"cycle": 0, **process_facts(pid)}]
-        failures = 0
-        for i in range(1, cycles + 1):
-            config = _network(VNIS[i % 2], 3)
-            cid = f"{pod.container_id}-{i % 2}"
-            add = node.cni("ADD", config, cid, pod.netns)
-            delete = node.cni("DEL", config, cid, pod.netns)
-            failures += (not add.ok) + (not delete.ok)
-            if i % every == 0:
-                samples.append({"cycle": i, **process_facts(pid)})
-        log(f"soak {backend}: {cycles} cycles, {failures} failed calls, "
-            f"first {samples[0]}, last {samples[-1]}")
+        done, failures, lock = [0], [0], threading.Lock()
+        next_sample = [every]
+
+        def caller(k: int) -> None:
+            pod = pods[k]
+            for j in range(k, cycles, callers):
+                config = _network(VNIS[j % 2], 3 + k)
+                add = node.cni("ADD", config, pod.container_id, pod.netns)
+                delete = node.cni("DEL", config, pod.container_id, pod.netns)
+                with lock:
+                    failures[0] += (not add.ok) + (not delete.ok)
+                    done[0] += 1
+                    if done[0] >= next_sample[0]:
+                        samples.append({"cycle": done[0], **process_facts(pid)})
+                        next_sample[0] += every
+
+        with concurrent.futures.ThreadPoolExecutor(callers) as pool:
+            list(pool.map(caller, range(callers)))
+        # Leaks: anything but the resident's record and what was there before the cycles.
+        records = sorted(p.parent.name for p in
+                         (node.state_dir / "attachments").rglob("*.json")
+                         if p.parent.name != resident.container_id)
+        vpcni_links = sorted(_vpcni_links(node) - before)
+        log(f"soak {backend}: {cycles} cycles by {callers} callers, {failures[0]} failed "
+            f"calls, first {samples[0]}, last {samples[-1]}; records left {records}, "
+            f"vpcni links left {vpcni_links}")
         after = [s for s in samples if s["cycle"] >= warmup]
         first, last = after[0], after[-1]
         span = max(1, last["cycle"] - first["cycle"])
         out[backend] = {
-            "samples": samples, "failed_calls": failures,
+            "samples": samples, "failed_calls": failures[0],
+            "records_left": records, "links_left": vpcni_links,
             "fds_growth": last["fds"] - first["fds"],
             "threads_growth": last["threads"] - first["threads"],
             "rss_growth_mb": round(last["rss_mb"] - first["rss_mb"], 1),
@@ -79,17 +105,21 @@ def soak(box: Sandbox, cycles: int, every: int, warmup: int,
 
 
 def render_soak(s: dict) -> list[str]:
-    lines = [f"Soak: {s['cycles']} ADD/DEL cycles per node through the shim (alternating "
-             f"two VNIs, one emptied every other cycle); samples every {s['every']}, growth "
-             f"from cycle {s['warmup']} (after warm-up) to the end.", "",
-             "| node | failed calls | descriptors | threads | RSS (MB) | RSS growth, KB/cycle "
-             "(slope / end-to-end) |", "| --- | ---: | ---: | ---: | ---: | ---: |"]
+    lines = [f"Soak: {s['cycles']} ADD/DEL cycles per node by {s.get('callers', 1)} parallel "
+             f"callers through the shim and the agent (alternating two VNIs, one emptied "
+             f"again and again); samples every {s['every']} cycles, growth from cycle "
+             f"{s['warmup']} (after warm-up) to the end; left over: records and vpcni links "
+             f"other than the resident pod's (and than before the cycles).", "",
+             "| node | failed calls | left over | descriptors | threads | RSS (MB) | RSS growth, "
+             "KB/cycle (slope / end-to-end) |", "| --- | ---: | --- | ---: | ---: | ---: | ---: |"]
     for backend in ("kernel", "ovs"):
         r = s.get(backend)
         if not r:
             continue
         a, b = r["samples"][0], r["samples"][-1]
-        lines.append(f"| {backend} | {r['failed_calls']} | {a['fds']} → {b['fds']} "
+        left = (f"{len(r['records_left'])} records, "
+                f"{len(r['links_left'])} links")
+        lines.append(f"| {backend} | {r['failed_calls']} | {left} | {a['fds']} → {b['fds']} "
                      f"({r['fds_growth']:+d} after warm-up) | {a['threads']} → {b['threads']} "
                      f"({r['threads_growth']:+d}) | {a['rss_mb']} → {b['rss_mb']} | "
                      f"{r['rss_kb_per_cycle']} / {r['rss_kb_per_cycle_end_to_end']} |")

@@ -1,10 +1,16 @@
-"""Install the `vpcni` executable into a CNI bin dir (what the CNI install DaemonSet does).
+"""Install `vpcni` and `vpcni-ipam` into a CNI bin dir (what the CNI install DaemonSet does).
 
 The executable runtimes exec is the static Go forwarder (cni/goshim/main.go),
 built here with the Go toolchain (CGO_ENABLED=0: no libc, no Python needed on
 the host) and cached per source and standalone interpreter. cni/shim.py is
 the same forwarder in Python, run by `python3 -S`: `kind="python"` installs it
 (hosts without a Go toolchain at install time).
+
+`vpcni-ipam` is the same file under a second name (a hard link, else a copy):
+run as vpcni-ipam the forwarder serves the CNI IPAM plugin, so that plugins
+delegating to it (and chained configs) find it in the bin dir on a host that
+has no Python with vpcni: in agent mode the agent runs it, in standalone mode
+the standalone interpreter does (`-m vpcni.ipam.plugin`).
 """
 
 from __future__ import annotations
@@ -21,6 +27,8 @@ from typing import Optional
 from . import shim
 
 GO_SOURCE = Path(__file__).with_name("goshim") / "main.go"
+# What install_shim() puts into the bin dir: one program under both names.
+NAMES = ("vpcni", "vpcni-ipam")
 CACHE = Path(os.environ.get("VPCNI_BUILD_CACHE", "/var/cache/vpcni"))
 
 
@@ -61,13 +69,15 @@ def build_go_shim(standalone_python: str, cache: Path = CACHE) -> Path:
 
 def install_shim(dest: Path, interpreter: str = "/usr/bin/python3",
                  standalone_python: str = sys.executable, kind: str = "go") -> Path:
-    """Install `dest/vpcni`: the Go shim (default), or the Python one run by
-    `interpreter -S` (`kind="python"`). Standalone mode runs `standalone_python`,
-    the interpreter that has vpcni installed."""
+    """Install `dest/vpcni` and `dest/vpcni-ipam` (see NAMES): the Go shim (default),
+    or the Python one run by `interpreter -S` (`kind="python"`). Standalone mode runs
+    `standalone_python`, the interpreter that has vpcni installed. Each name is
+    replaced atomically (a runtime exec'ing the old file meanwhile is unaffected).
+    Returns the path of `vpcni`; `vpcni-ipam` is beside it."""
     dest = Path(dest)
     dest.mkdir(parents=True, exist_ok=True)
-    target = dest / "vpcni"
-    tmp = dest / ".vpcni.tmp"
+    target = dest / NAMES[0]
+    tmp = dest / f".{NAMES[0]}.tmp"
     if kind == "go":
         shutil.copyfile(build_go_shim(standalone_python), tmp)
     else:
@@ -78,5 +88,13 @@ def install_shim(dest: Path, interpreter: str = "/usr/bin/python3",
         body = body.replace(marker, f"STANDALONE_PYTHON = {standalone_python!r}", 1)
         tmp.write_text(f"#!{interpreter} -S\n{body}")
     os.chmod(tmp, 0o755)
+    for name in NAMES[1:]:
+        other = dest / f".{name}.tmp"
+        other.unlink(missing_ok=True)
+        try:
+            os.link(tmp, other)
+        except OSError:  # a file system without hard links
+            shutil.copy2(tmp, other)
+        os.replace(other, dest / name)
     os.replace(tmp, target)
     return target

@@ -7,9 +7,13 @@ and errors, to stderr; never to stdout.
 
 from __future__ import annotations
 
+import json
 import logging
+import logging.handlers
 import os
 import sys
+from datetime import datetime
+from typing import Optional
 
 
 def _quiet_pyroute2(record: logging.LogRecord) -> bool:
@@ -18,12 +22,50 @@ def _quiet_pyroute2(record: logging.LogRecord) -> bool:
     return record.levelno >= logging.WARNING or not record.name.startswith(("pyroute2", "asyncio"))
 
 
+def _timestamp(record: logging.LogRecord) -> str:
+    """ISO 8601 local time with milliseconds and the UTC offset, e.g.
+    2025-01-31T17:04:05.123+01:00."""
+    return datetime.fromtimestamp(record.created).astimezone().isoformat(timespec="milliseconds")
+
+
+class TextFormatter(logging.Formatter):
+    """`<time> <prefix>LEVEL message`, the time as _timestamp gives it."""
+
+    def formatTime(self, record: logging.LogRecord, datefmt: Optional[str] = None) -> str:
+        return _timestamp(record)
+
+
+class JsonFormatter(logging.Formatter):
+    """One JSON object a line: time, level, logger, message, pid, and the exception
+    (and stack) text when the record has one."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        line = {"time": _timestamp(record), "level": record.levelname, "logger": record.name,
+                "message": record.getMessage(), "pid": record.process}
+        if record.exc_info:
+            line["exception"] = self.formatException(record.exc_info)
+        elif record.exc_text:
+            line["exception"] = record.exc_text
+        if record.stack_info:
+            line["stack"] = self.formatStack(record.stack_info)
+        # ASCII only: what callers sent may not be UTF-8 (surrogates are escaped too).
+        return json.dumps(line, default=str)
+
+
+def formatter(kind: str, text_format: str) -> logging.Formatter:
+    return JsonFormatter() if kind == "json" else TextFormatter(text_format)
+
+
 def setup_logging(node, stderr_level: int = logging.WARNING) -> None:
+    """Log to stderr (at `stderr_level`) and to the node's logFile (at its logLevel),
+    in its logFormat. The file is reopened when it is renamed or removed (logrotate
+    without copytruncate): a WatchedFileHandler."""
+    kind = getattr(node, "logFormat", "text")
     root = logging.getLogger()
     root.setLevel(logging.DEBUG)
     stderr = logging.StreamHandler(sys.stderr)
     stderr.setLevel(stderr_level)
-    stderr.setFormatter(logging.Formatter("vpcni: %(levelname)s %(message)s"))
+    stderr.setFormatter(formatter(kind, "%(asctime)s vpcni: %(levelname)s %(message)s"))
     root.addHandler(stderr)
     stderr.addFilter(_quiet_pyroute2)
     if node is not None and node.logFile:
@@ -31,14 +73,14 @@ def setup_logging(node, stderr_level: int = logging.WARNING) -> None:
             node.logFile.parent.mkdir(parents=True, exist_ok=True)
             # Messages quote what callers sent, which may not be UTF-8 (an environment's
             # bytes arrive as surrogates): escaped, never a logging error on stderr.
-            fh = logging.FileHandler(node.logFile, errors="backslashreplace")
+            fh = logging.handlers.WatchedFileHandler(node.logFile, errors="backslashreplace")
         except OSError as exc:
             root.warning("cannot open log file %s: %s", node.logFile, exc)
         else:
             fh.setLevel(getattr(logging, node.logLevel))
             fh.addFilter(_quiet_pyroute2)
-            fh.setFormatter(logging.Formatter(
-                f"%(asctime)s {os.getpid()} %(levelname)s %(name)s: %(message)s"))
+            fh.setFormatter(formatter(
+                kind, f"%(asctime)s {os.getpid()} %(levelname)s %(name)s: %(message)s"))
             root.addHandler(fh)
 
 

@@ -12,6 +12,9 @@ reply. This file is also installed on its own (`vpcnictl install-cni`) with a
   not lost.
 - `"mode": "standalone"` in the node config: the request is served in-process
   (no agent, static flood list only); it must be chosen explicitly.
+- Installed under the name `vpcni-ipam` it serves vpcni-ipam, the CNI IPAM
+  plugin, the same way: marked {"plugin": "vpcni-ipam"} for the agent (and in a
+  spooled DEL), `-m vpcni.ipam.plugin` in standalone mode.
 """
 
 import json
@@ -29,6 +32,16 @@ AGENT_TIMEOUT = 120.0
 # The same list as vpcni.cni.versions.SUPPORTED (a unit test keeps them equal).
 SUPPORTED_VERSIONS = ("0.3.0", "0.3.1", "0.4.0", "1.0.0", "1.1.0")
 _ENV_PREFIXES = ("CNI_", "VPCNI_")
+# The plugins this file serves, by the name it runs under; the module of each in
+# standalone mode.
+PLUGIN_VPCNI = "vpcni"
+PLUGIN_IPAM = "vpcni-ipam"
+STANDALONE_MODULES = {PLUGIN_VPCNI: "vpcni.cni.main", PLUGIN_IPAM: "vpcni.ipam.plugin"}
+
+
+def plugin_of(argv0):
+    """vpcni-ipam when run under that name, else vpcni."""
+    return PLUGIN_IPAM if os.path.basename(argv0 or "") == PLUGIN_IPAM else PLUGIN_VPCNI
 
 
 def _error(code, msg, version="1.1.0"):
@@ -68,11 +81,14 @@ def _node_config(path):
     return cfg, None
 
 
-def _standalone(stdin):
+def _standalone(stdin, plugin=PLUGIN_VPCNI):
     python = STANDALONE_PYTHON
     if python is None:
         # Run from an installed package: this interpreter has vpcni.
-        from vpcni.cni.main import serve
+        if plugin == PLUGIN_IPAM:
+            from vpcni.ipam.plugin import serve
+        else:
+            from vpcni.cni.main import serve
 
         return serve(stdin)
     # The config already read becomes the new stdin: a memory file, not a pipe (a
@@ -83,7 +99,7 @@ def _standalone(stdin):
         view = view[os.write(fd, view):]
     os.lseek(fd, 0, os.SEEK_SET)
     os.dup2(fd, 0)
-    os.execv(python, [python, "-m", "vpcni.cni.main"])
+    os.execv(python, [python, "-m", STANDALONE_MODULES[plugin]])
 
 
 def agent_call(sock_path, payload, timeout=AGENT_TIMEOUT):
@@ -105,14 +121,21 @@ def agent_call(sock_path, payload, timeout=AGENT_TIMEOUT):
     return json.loads(b"".join(chunks))
 
 
-def ask_agent(sock_path, env, stdin, timeout=AGENT_TIMEOUT):
+def _request(env, stdin, plugin):
+    """The request for the agent: {env, stdin}, and the plugin unless it is vpcni."""
+    req = {"env": env, "stdin": stdin.decode("utf-8", "surrogateescape")}
+    if plugin != PLUGIN_VPCNI:
+        req["plugin"] = plugin
+    return req
+
+
+def ask_agent(sock_path, env, stdin, timeout=AGENT_TIMEOUT, plugin=PLUGIN_VPCNI):
     """Forward one CNI call; (stdout, rc). Raises OSError if the agent is unreachable."""
-    reply = agent_call(sock_path, {"env": env,
-                                   "stdin": stdin.decode("utf-8", "surrogateescape")}, timeout)
+    reply = agent_call(sock_path, _request(env, stdin, plugin), timeout)
     return reply["stdout"], int(reply["rc"])
 
 
-def spool_del(state_dir, env, stdin):
+def spool_del(state_dir, env, stdin, plugin=PLUGIN_VPCNI):
     """Record a DEL the agent could not take, for it to replay on start."""
     spool = os.path.join(state_dir, "pending-del")
     os.makedirs(spool, mode=0o700, exist_ok=True)
@@ -121,7 +144,7 @@ def spool_del(state_dir, env, stdin):
     name = "".join(c if c.isalnum() or c in "-_." else "_" for c in name)
     tmp = os.path.join(spool, "." + name)
     with open(tmp, "w") as f:
-        json.dump({"env": env, "stdin": stdin.decode("utf-8", "surrogateescape")}, f)
+        json.dump(_request(env, stdin, plugin), f)
         f.flush()
         os.fsync(f.fileno())
     os.rename(tmp, os.path.join(spool, name))
@@ -129,6 +152,7 @@ def spool_del(state_dir, env, stdin):
 
 
 def main():
+    plugin = plugin_of(sys.argv[0])
     stdin = sys.stdin.buffer.read()
     command = os.environ.get("CNI_COMMAND", "")
     if command == "VERSION":
@@ -144,22 +168,23 @@ def main():
         # A key of the shim's own is malformed: no guessing which agent was meant.
         return _error(7, "node config %s: %s" % (cfg_path, node_problem), _version_of(stdin))
     if node.get("mode") == "standalone":
-        return _standalone(stdin)
+        return _standalone(stdin, plugin)
     sock_path = node.get("agentSocket") or DEFAULT_SOCKET
     env = {k: v for k, v in os.environ.items() if k.startswith(_ENV_PREFIXES) or k == "PATH"}
     try:
-        out, rc = ask_agent(sock_path, env, stdin)
+        out, rc = ask_agent(sock_path, env, stdin, plugin=plugin)
     except (OSError, ValueError, KeyError) as exc:
         reason = getattr(exc, "strerror", None) or str(exc) or type(exc).__name__
         if command == "DEL":
             try:
-                where = spool_del(node.get("stateDir") or DEFAULT_STATE_DIR, env, stdin)
+                where = spool_del(node.get("stateDir") or DEFAULT_STATE_DIR, env, stdin, plugin)
             except OSError as spool_exc:
                 return _error(11, "vpcni agent unreachable at %s (%s) and the DEL could not be "
                               "recorded (%s); retry" % (sock_path, reason, spool_exc),
                               _version_of(stdin))
-            sys.stderr.write("vpcni: agent unreachable at %s (%s); DEL recorded in %s, the "
-                             "agent completes it when it starts\n" % (sock_path, reason, where))
+            sys.stderr.write("%s: agent unreachable at %s (%s); DEL recorded in %s, the "
+                             "agent completes it when it starts\n"
+                             % (plugin, sock_path, reason, where))
             return 0
         if node_problem:
             # Not knowing the mode nor the socket, the agent was only a guess: the

@@ -269,6 +269,8 @@ class NodeConfig(BaseModel):
     backend: Optional[str] = Field(default=None, pattern=NAME_PATTERN)
     logFile: Optional[Path] = Path("/var/log/vpcni/vpcni.log")
     logLevel: str = Field(default="INFO", pattern=r"^(DEBUG|INFO|WARNING|ERROR)$")
+    # How log lines are written (stderr and logFile): text, or one JSON object a line.
+    logFormat: Literal["text", "json"] = "text"
     lockTimeout: float = Field(default=30.0, gt=0, allow_inf_nan=False)
     # How CNI calls are served: by the node agent over agentSocket, or in the
     # plugin process (standalone: no agent, static flood list only).

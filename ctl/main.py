@@ -7,30 +7,104 @@ import json
 import sys
 
 
+def _default_route_interface() -> tuple[str | None, str]:
+    """The interface of this network namespace's default route (IPv4 first), read
+    over netlink, and how it was found (or why there is none)."""
+    import socket as sk
+
+    from vpcni.backends.common.rtnl import Rtnl
+
+    try:
+        with Rtnl() as ipr:
+            for family in (sk.AF_INET, sk.AF_INET6):
+                for route in ipr.route("dump", family=family):
+                    if route["dst_len"] != 0 or route.get("RTA_TABLE", 254) != 254:
+                        continue
+                    index = route.get("RTA_OIF")
+                    if index is None:
+                        continue
+                    name = ipr.link("get", index=index)[0].get("IFLA_IFNAME")
+                    return name, f"the interface of the default route ({name})"
+    except OSError as exc:
+        return None, f"cannot read the routes: {exc}"
+    return None, "this network namespace has no default route"
+
+
+def _probe_node(path: str | None):
+    """(node config, what probe assumed for lack of one: None when it read one).
+
+    Without --node-config, $VPCNI_NODE_CONFIG or the default file, the probes run
+    with the defaults and the underlay of the default route; what that leaves
+    undetermined is said."""
+    import os
+
+    from vpcni.core.config import DEFAULT_NODE_CONFIG, NODE_CONFIG_ENV, NodeConfig
+
+    if path or os.environ.get(NODE_CONFIG_ENV) or os.path.lexists(DEFAULT_NODE_CONFIG):
+        return NodeConfig.load(path), None
+    ifname, how = _default_route_interface()
+    source = "(no node config)"
+    if ifname:
+        node = NodeConfig(underlayInterface=ifname, logFile=None, source=source)
+    else:
+        # No underlay to give: the switches that need one say so (below).
+        node = NodeConfig.model_construct(logFile=None, source=source)
+    assumed = [
+        f"underlay (VTEP address): {'guessed from ' + how if ifname else 'unknown: ' + how}; "
+        "a node config sets it (vtepAddress or underlayInterface)",
+        "backend: not pinned, the best usable one is shown (node config `backend`)",
+        "backend sections at their defaults: ovs (OVSDB under /run/openvswitch), "
+        "sriov (every PF under /sys), no dpu section (not a DPU host)",
+        f"stateDir {node.stateDir} (the VFs claimed there count as used)",
+        "EVPN, tenancy and the agent's readiness are not probed: `vpcnictl status` "
+        "says them",
+    ]
+    return node, assumed
+
+
 def cmd_probe(args) -> int:
     from vpcni.core import backend as backends
-    from vpcni.core.config import NodeConfig
     from vpcni.core.errors import VpcniError
 
     try:
-        node = NodeConfig.load(args.node_config)
+        node, assumed = _probe_node(args.node_config)
     except VpcniError as exc:
         print(f"vpcnictl: {exc.msg}", file=sys.stderr)
         return 2
     probes = backends.probe_all(node)
-    try:
-        chosen, _ = backends.choose(node)
-        verdict, why = chosen.name, ("pinned by node config" if node.backend else "best available")
-        rc = 0
-    except VpcniError as exc:
-        verdict, why, rc = None, exc.msg, 1
+    if assumed is not None and node.vtepAddress is None and node.underlayInterface is None:
+        for p in probes:
+            if not p.available and p.reason.startswith("probe failed"):
+                p.reason = ("cannot tell without an underlay: no node config names one and "
+                            "this network namespace has no default route")
+    if assumed is not None:  # nothing pinned: the best usable one, as choose() picks
+        usable = [p for p in probes if p.available]
+        verdict, why, rc = ((usable[0].name, "best available", 0) if usable else
+                            (None, "no usable backend on this node (" + "; ".join(
+                                f"{p.name}: {p.reason}" for p in probes) + ")", 1))
+    else:
+        try:
+            chosen, _ = backends.choose(node)
+            verdict, why = chosen.name, ("pinned by node config" if node.backend
+                                         else "best available")
+            rc = 0
+        except VpcniError as exc:
+            verdict, why, rc = None, exc.msg, 1
     interfaces = backends.probe_all(node, backends.INTERFACES)
     if args.json:
         print(json.dumps({"backends": [p.model_dump(mode="json") for p in probes],
                           "interfaces": [p.model_dump(mode="json") for p in interfaces],
-                          "chosen": verdict, "why": why}, indent=2))
+                          "chosen": verdict, "why": why,
+                          "nodeConfig": None if assumed is not None else node.source,
+                          "assumed": assumed or []}, indent=2))
         return rc
     width = max([len(p.name) for p in probes + interfaces] + [9])
+    if assumed is not None:
+        print("no node config (--node-config, $VPCNI_NODE_CONFIG, /etc/vpcni/node.json): "
+              "probed with the defaults; what that leaves open:")
+        for line in assumed:
+            print(f"  - {line}")
+        print()
     print(f"{'SWITCH':<{width}}  USABLE  SCORE  REASON")
     for p in probes:
         print(f"{p.name:<{width}}  {'yes' if p.available else 'no':<6}  {p.score:>5}  {p.reason}")
@@ -70,6 +144,82 @@ def cmd_agent(args) -> int:
     return 0
 
 
+def _duration(seconds) -> str:
+    """12.3s, 4m05s, 3h02m, 2d04h."""
+    if not isinstance(seconds, (int, float)):
+        return "?"
+    if seconds < 60:
+        return f"{seconds:.1f}s"
+    m, s = divmod(int(seconds), 60)
+    h, m = divmod(m, 60)
+    d, h = divmod(h, 24)
+    if d:
+        return f"{d}d{h:02d}h"
+    return f"{h}h{m:02d}m" if h else f"{m}m{s:02d}s"
+
+
+def format_status(st: dict) -> str:
+    """The agent's status (its JSON, `vpcnictl status --json`) for a person."""
+    lines: list[str] = []
+
+    def row(key: str, text: str) -> None:
+        lines.append(f"{key:<13} {text}")
+
+    row("agent", f"vpcni {st.get('version', '?')}, node config {st.get('node')}, "
+                 f"socket {st.get('socket')}")
+    row("ready", ("yes" if st.get("ready") else f"NO: {st.get('readyReason')}")
+        + f" (up {_duration(st.get('uptime'))})")
+    backend = st.get("backend") or {}
+    if backend.get("backend"):
+        row("backend", f"{backend['backend']}, {backend.get('why')}: {backend.get('reason')}")
+    else:
+        row("backend", f"none usable: {backend.get('why')}")
+    vnis = st.get("attachmentsPerVni") or {}
+    row("attachments", f"{sum(vnis.values())} in {len(vnis)} VNI(s)"
+        + (": " + ", ".join(f"VNI {vni}: {n}" for vni, n in vnis.items()) if vnis else ""))
+    evpn = st.get("evpn")
+    if evpn is None:
+        row("EVPN", "not configured (static flood lists only)")
+    else:
+        row("EVPN", f"gobgpd {evpn.get('gobgpd')}: "
+                    + ("connected" if evpn.get("connected") else "NOT CONNECTED") + ", "
+                    + ("initial route dump received" if evpn.get("synced")
+                       else "waiting for the initial route dump"))
+        peers = evpn.get("peers") or {}
+        up = sum(1 for state in peers.values() if state == "established")
+        row("  sessions", f"{up} of {len(peers)} established"
+            + (": " + ", ".join(f"{addr} {state}" for addr, state in sorted(peers.items()))
+               if peers else ""))
+        hold = evpn.get("holdingStale")
+        row("  remote", f"HOLDING STALE entries for {_duration(evpn.get('holdingFor'))}: {hold}"
+            if hold else "following gobgpd's table (not holding stale)")
+        t2, t3 = evpn.get("remote_type2", 0), evpn.get("remote_type3", 0)
+        row("  routes", f"announcing {evpn.get('announcing', 0)}, received {t2 + t3} "
+                        f"(type-2 {t2}, type-3 {t3})")
+    tenancy = st.get("tenancy")
+    if tenancy is not None:
+        row("tenancy", ("enforced" if tenancy.get("enforced") else "NOT ENFORCED")
+            + f" (bindings {tenancy.get('bindingsFile')})")
+        per_ns = tenancy.get("attachmentsPerNamespace") or {}
+        row("  namespaces", ", ".join(f"{ns}: {n}" for ns, n in per_ns.items())
+            or "no attachments")
+    mtu = st.get("mtu")
+    if mtu is not None:
+        pod_mtu = mtu.get("podMtu") or {}
+        differ = mtu.get("differ", 0)
+        row("MTU", (f"{differ} attachment(s) not at the MTU they should have"
+                    if differ else "no drift")
+            + (" (pod MTU " + ", ".join(f"VNI {vni}: {m}" for vni, m in pod_mtu.items()) + ")"
+               if pod_mtu else ""))
+        listed = mtu.get("attachments") or []
+        for entry in listed[:5]:
+            row("", f"{entry.get('attachment')}: MTU {entry.get('mtu')}, expected "
+                    f"{entry.get('expected')}: {entry.get('why')}")
+        if differ > 5:
+            row("", f"... {differ - 5} more (--json lists up to 100)")
+    return "\n".join(lines)
+
+
 def cmd_status(args) -> int:
     from vpcni.cni.shim import agent_call
 
@@ -80,7 +230,7 @@ def cmd_status(args) -> int:
     except (OSError, ValueError, KeyError) as exc:
         print(f"vpcnictl: agent unreachable at {node.agentSocket}: {exc}", file=sys.stderr)
         return 1
-    print(json.dumps(status, indent=2))
+    print(json.dumps(status, indent=2) if args.json else format_status(status))
     return 0 if status.get("ready") else 1
 
 
@@ -93,7 +243,8 @@ def cmd_install_cni(args) -> int:
         print(f"vpcnictl install-cni: {exc}", file=sys.stderr)
         return 1
     how = "static Go binary" if args.kind == "go" else f"run by {args.python} -S"
-    print(f"installed {target} ({how}; standalone mode runs {sys.executable})")
+    print(f"installed {target} and {target.with_name('vpcni-ipam')} ({how}; standalone mode "
+          f"runs {sys.executable})")
     return 0
 
 
@@ -147,7 +298,11 @@ def cmd_lab(args) -> int:
             topo = Topology.load(args.topology)
             t0 = time.monotonic()
             lab = Lab(topo)
-            lab.up()
+
+            def progress(elapsed: float, what: str) -> None:
+                # stderr: stdout stays what `up` prints at the end
+                print(f"lab {topo.name}: [{elapsed:5.1f}s] {what}", file=sys.stderr, flush=True)
+            lab.up(progress=progress)
             print(f"lab {topo.name} up in {time.monotonic() - t0:.1f}s: "
                   f"{len(topo.reflectors)} route reflectors "
                   f"({', '.join(f'{r.name}={r.daemon}' for r in topo.reflectors)}), "
@@ -293,8 +448,47 @@ def cmd_ipam(args) -> int:
         return 1
 
 
+def _gobgpd_version() -> str:
+    """`gobgpd --version` of the gobgpd in PATH (a static binary: milliseconds)."""
+    import shutil
+    import subprocess
+
+    exe = shutil.which("gobgpd")
+    if exe is None:
+        return "gobgpd: not found in PATH"
+    try:
+        out = subprocess.run([exe, "--version"], capture_output=True, text=True, timeout=5)
+        words = (out.stdout or out.stderr).split()
+    except (OSError, subprocess.SubprocessError) as exc:
+        return f"gobgpd: {exe}: {exc}"
+    return f"gobgpd {words[-1] if words else '?'} ({exe})"
+
+
+def versions() -> str:
+    """What `vpcnictl --version` prints: vpcni's version (the package metadata), the
+    Python it runs on, and the gobgpd in PATH."""
+    import platform
+
+    from vpcni.agent.metrics import package_version
+
+    return "\n".join([f"vpcni {package_version()}",
+                      f"Python {platform.python_version()} ({sys.executable})",
+                      _gobgpd_version()])
+
+
+class _Version(argparse.Action):
+    def __init__(self, option_strings, dest, **kwargs):
+        super().__init__(option_strings, dest, nargs=0, default=argparse.SUPPRESS, **kwargs)
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        print(versions())
+        parser.exit()
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="vpcnictl", description="Operate vpcni on a node.")
+    parser.add_argument("--version", action=_Version,
+                        help="vpcni's version, the Python it runs on and gobgpd's; exit")
     sub = parser.add_subparsers(dest="command", required=True)
     p = sub.add_parser("probe", help="which dataplane backends are usable here, and why")
     p.add_argument("--node-config", help="node config file (default $VPCNI_NODE_CONFIG "
@@ -306,8 +500,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_agent)
     p = sub.add_parser("status", help="the node agent's status (backend choice, EVPN, attachments)")
     p.add_argument("--node-config", help="node config file")
+    p.add_argument("--json", action="store_true", help="the agent's status as JSON (as /status)")
     p.set_defaults(func=cmd_status)
-    p = sub.add_parser("install-cni", help="install the vpcni shim into a CNI bin dir")
+    p = sub.add_parser("install-cni",
+                       help="install the vpcni shim (as vpcni and vpcni-ipam) into a CNI bin dir")
     p.add_argument("--dest", default="/opt/cni/bin", help="CNI bin dir (default /opt/cni/bin)")
     p.add_argument("--kind", choices=["go", "python"], default="go",
                    help="the static Go shim (default; built with the Go toolchain) or the "

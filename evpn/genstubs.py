@@ -1,6 +1,10 @@
 """Generate the Python gRPC stubs of gobgpd's API into vpcni/evpn/gobgpapi/.
 
-Run at build time, never committed: `python -m vpcni.evpn.genstubs`.
+Run when the package is built, never committed: setup.py's build_py calls
+generate() (grpcio-tools is a [build-system] requirement, not a runtime one),
+into the wheel's build directory or, for an editable install, the source tree.
+By hand: `python -m vpcni.evpn.genstubs [--out DIR]` (needs grpcio-tools).
+Standard library only at import: setup.py loads this file by path.
 
 The stubs must describe the daemon that runs beside the agent, so this
 refuses unless `gobgpd --version` is 3.10.x and the .proto tree (Debian's
@@ -88,12 +92,23 @@ def check_inputs(proto_dir: Path, gobgpd: str = "gobgpd") -> tuple[int, int, int
     return daemon
 
 
+def _tool_versions() -> tuple[str, str]:
+    """(grpcio-tools, protobuf) of this environment: the build's."""
+    try:
+        return (importlib.metadata.version("grpcio-tools"),
+                importlib.metadata.version("protobuf"))
+    except importlib.metadata.PackageNotFoundError as exc:
+        raise StubError(f"{exc.name} is not installed where the stubs are generated: "
+                        "grpcio-tools is a build requirement of vpcni ([build-system] in "
+                        "pyproject.toml); with --no-build-isolation install it first") from None
+
+
 def _stamp(proto_dir: Path, daemon: tuple[int, int, int]) -> str:
     digest = hashlib.sha256()
     for name in PROTOS:
         digest.update(name.encode() + b"\0" + (proto_dir / name).read_bytes())
-    digest.update(importlib.metadata.version("grpcio-tools").encode())
-    digest.update(importlib.metadata.version("protobuf").encode())
+    for version in _tool_versions():
+        digest.update(version.encode())
     version = ".".join(map(str, daemon))
     return f"gobgpd {version} sha256 {digest.hexdigest()[:32]}"
 

@@ -34,8 +34,10 @@ try:
     from .gobgpapi import attribute_pb2 as attr
     from .gobgpapi import gobgp_pb2 as api
 except ImportError as exc:  # pragma: no cover - depends on the build step
-    raise ImportError("gobgpd API stubs are missing: run `python -m vpcni.evpn.genstubs` "
-                      f"(scripts/setup.sh does): {exc}") from exc
+    raise ImportError("gobgpd API stubs are missing: the package's build generates them "
+                      "(reinstall vpcni where gobgpd 3.10 and its .proto files are installed; "
+                      "scripts/setup.sh does), or run `python -m vpcni.evpn.genstubs`: "
+                      f"{exc}") from exc
 
 EVPN_FAMILY = api.Family(afi=api.Family.AFI_L2VPN, safi=api.Family.SAFI_EVPN)
 ORIGIN_INCOMPLETE = 2

@@ -5,7 +5,8 @@ from __future__ import annotations
 import ipaddress
 from typing import Any, Iterator, Literal, Optional, Union
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import (BaseModel, ConfigDict, Field, ValidationError, ValidationInfo,
+                      field_validator, model_serializer, model_validator)
 
 from vpcni.core.config import raise_validation
 from vpcni.core.errors import InvalidConfig
@@ -71,11 +72,23 @@ class SqliteStoreConfig(_Strict):
     timeout: float = Field(default=30.0, gt=0, le=MAX_TIMEOUT)
 
 
+# TLS to etcd, all three optional: PEM files on the node, by absolute path (a CNI
+# plugin's working directory is the runtime's). Whether each can be read is the store's
+# to say when it opens (code 5 naming the key); the shape is checked here (code 7).
+TLS_FIELDS = ("caFile", "certFile", "keyFile")
+
+
 class EtcdStoreConfig(_Strict):
     type: Literal["etcd"]
     endpoints: list[str] = Field(min_length=1)
     prefix: str = Field(default=DEFAULT_PREFIX, pattern=r"^/.*[^/]$|^/$")
     timeout: float = Field(default=5.0, gt=0, le=MAX_TIMEOUT)
+    # TLS (https:// endpoints): the CA bundle that signed etcd's server certificate
+    # (default: the bundle of Python's requests, certifi), and the client certificate
+    # and its key for an etcd that asks for one (--client-cert-auth). PEM files.
+    caFile: Optional[str] = Field(default=None, max_length=4096)
+    certFile: Optional[str] = Field(default=None, max_length=4096)
+    keyFile: Optional[str] = Field(default=None, max_length=4096, validate_default=True)
 
     @field_validator("endpoints")
     @classmethod
@@ -84,6 +97,30 @@ class EtcdStoreConfig(_Strict):
             if not e.startswith(("http://", "https://")):
                 raise ValueError(f"endpoint {e!r} must be a URL like http://127.0.0.1:2379")
         return [e.rstrip("/") for e in v]
+
+    @field_validator(*TLS_FIELDS)
+    @classmethod
+    def _over_tls(cls, v: Optional[str], info: ValidationInfo) -> Optional[str]:
+        if v is not None and (not v.startswith("/") or v == "/" or "\x00" in v):
+            raise ValueError("must be the absolute path of a PEM file on the node")
+        plain = [e for e in info.data.get("endpoints") or [] if not e.startswith("https://")]
+        if v is not None and plain:
+            raise ValueError(f"TLS needs https:// endpoints, and {plain[0]!r} is not")
+        if info.field_name == "keyFile" and (v is None) != (info.data.get("certFile") is None):
+            raise ValueError("certFile and keyFile go together (the client certificate and "
+                             f"its private key): {'keyFile' if v is None else 'certFile'} "
+                             "is missing")
+        return v
+
+    @model_serializer(mode="wrap")
+    def _without_unset_tls(self, handler) -> dict:
+        """TLS keys that are not set are left out of dumps (configs rendered from this
+        one, e.g. the controller's NADs, say only what is set)."""
+        out = handler(self)
+        for key in TLS_FIELDS:
+            if out.get(key) is None:
+                out.pop(key, None)
+        return out
 
 
 class Reservation(_Strict):

@@ -19,7 +19,7 @@ from typing import Any, Optional
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from vpcni.cni import versions
-from vpcni.cni.plugin import Dispatcher
+from vpcni.cni.plugin import MAX_STDIN, Dispatcher
 from vpcni.core.config import ValidAttachment, raise_validation
 from vpcni.core.ipam import Ipam
 from vpcni.core.errors import (CheckFailed, InvalidConfig, NotAvailable, TryAgainLater,
@@ -149,8 +149,10 @@ class IpamDispatcher(Dispatcher):
         return "", 0
 
 
-def main() -> int:
-    stdin = sys.stdin.buffer.read()
+def serve(stdin: bytes) -> int:
+    """Serve one CNI invocation in this process: the `vpcni-ipam` console script, and
+    the shim's standalone mode (`python -m vpcni.ipam.plugin`). In agent mode the shim
+    installed as vpcni-ipam forwards the call, and the agent runs IpamDispatcher."""
     logging.basicConfig(level=logging.WARNING, stream=sys.stderr,
                         format=f"{IPAM_TYPE}: %(levelname)s %(message)s")
     out, rc = IpamDispatcher().run(os.environ, stdin)
@@ -158,6 +160,11 @@ def main() -> int:
         sys.stdout.write(out + "\n")
     sys.stdout.flush()
     return rc
+
+
+def main() -> int:
+    # Never more than the largest config plus one byte (that one says "too large").
+    return serve(sys.stdin.buffer.read(MAX_STDIN + 1))
 
 
 if __name__ == "__main__":

@@ -5,8 +5,12 @@
 - EtcdStore: etcd v3 through its JSON gateway (etcd3gw); every reservation
   is one compare-and-swap transaction that creates the address key and the
   owner key only if neither exists, so two nodes never get the same address.
+  Over TLS with https:// endpoints (caFile, and certFile/keyFile when etcd
+  asks for a client certificate).
 
-An unreachable or locked store is TryAgainLater (CNI code 11) naming it.
+An unreachable or locked store is TryAgainLater (CNI code 11) naming it; a
+store that cannot be used as configured (a file of its config unreadable, a
+TLS handshake refused) is code 5 naming what to fix.
 """
 
 from __future__ import annotations
@@ -26,7 +30,7 @@ from typing import Callable, Iterator, Optional
 
 from vpcni.core.errors import IpamError, TryAgainLater
 
-from .config import EtcdStoreConfig, SqliteStoreConfig
+from .config import TLS_FIELDS, EtcdStoreConfig, SqliteStoreConfig
 
 LOG = logging.getLogger(__name__)
 # Picks a free address given those in use in the network; None when there is none.
@@ -264,6 +268,40 @@ def _reason(exc: Exception) -> str:
     return "timed out" if "timeout" in text.lower() else text[:200]
 
 
+# TLS failures in the text of a connection error (etcd3gw keeps only the text):
+# OpenSSL's "[SSL: REASON] text", else an ssl exception's "SSL...Error(n, 'text')".
+_SSL_REASON = re.compile(r"\[SSL: ?[A-Z0-9_]*\] ?([^'\"(]+)")
+_SSL_ERROR = re.compile(r"\bSSL\w*Error\((?:\d+, )?'([^'(]+)")
+
+
+def _tls_failure(exc: Exception) -> Optional[str]:
+    """What a TLS handshake failure in `exc` says, or None when it is not one."""
+    text = getattr(exc, "detail_text", None) or str(exc)
+    if "SSLError(" not in text and "[SSL" not in text:
+        return None
+    found = _SSL_REASON.search(text) or _SSL_ERROR.search(text)
+    reason = found.group(1).strip() if found else "TLS error"
+    if "EOF" in reason:
+        # What a TLS 1.3 client may see of a server that refused its certificate.
+        reason += " (etcd ended the handshake)"
+    return reason
+
+
+def _check_pem(cfg: EtcdStoreConfig, key: str) -> None:
+    """The file of `ipam.store.<key>` exists, can be read and holds PEM: else code 5
+    naming the key (the TLS layer would only say a file was bad, later)."""
+    path = getattr(cfg, key)
+    try:
+        with open(path, "rb") as f:
+            head = f.read(1 << 20)
+    except OSError as exc:
+        raise IpamError(f"ipam store etcd: cannot read the file of 'ipam.store.{key}' "
+                        f"({path}): {exc.strerror or exc}", code=5) from None
+    if b"-----BEGIN " not in head:
+        raise IpamError(f"ipam store etcd: the file of 'ipam.store.{key}' ({path}) is not "
+                        "PEM (no '-----BEGIN' line)", code=5)
+
+
 def _prefix_end(prefix: str) -> str:
     """The range end that selects every key starting with `prefix` (etcd's convention)."""
     b = prefix.encode()
@@ -284,16 +322,38 @@ class EtcdStore(Store):
         self.prefix = cfg.prefix.rstrip("/")
         self.endpoints = cfg.endpoints
         self.name = f"etcd {', '.join(self.endpoints)}"
+        for key in TLS_FIELDS:
+            if getattr(cfg, key) is not None:
+                _check_pem(cfg, key)
+        self._tls_keys = [k for k in TLS_FIELDS if getattr(cfg, k) is not None]
         self._clients = []
         for url in cfg.endpoints:
             protocol, _, hostport = url.partition("://")
             host, _, port = hostport.rpartition(":")
             session = requests.Session()
-            session.trust_env = False  # never a proxy from the environment
+            session.trust_env = False  # never a proxy (nor a CA bundle) from the environment
+            # etcd3gw applies its ca_cert/cert_* only to a session of its own making.
+            if cfg.caFile is not None:
+                session.verify = cfg.caFile
+            if cfg.certFile is not None:
+                session.cert = (cfg.certFile, cfg.keyFile)
             self._clients.append((url, etcd3gw.Etcd3Client(
                 host=host.strip("[]"), port=int(port or 2379), protocol=protocol,
                 timeout=cfg.timeout, api_path="/v3/", session=session)))
         self._current = 0
+
+    def _tls_hint(self) -> str:
+        """What the TLS side of the config gave: what to check, or what was missing."""
+        hints = []
+        if self._tls_keys:
+            hints.append("check " + ", ".join(f"'ipam.store.{k}'" for k in self._tls_keys))
+        if "caFile" not in self._tls_keys:
+            hints.append("no 'ipam.store.caFile': only the CA bundle of Python's requests "
+                         "(certifi) is trusted")
+        if "certFile" not in self._tls_keys:
+            hints.append("no 'ipam.store.certFile'/'keyFile': no client certificate was "
+                         "offered")
+        return "; ".join(hints)
 
     # ------------------------------------------------------------ transport
 
@@ -301,19 +361,32 @@ class EtcdStore(Store):
         """One gateway call, to the first endpoint that answers."""
         from etcd3gw import exceptions
 
-        problems = []
+        problems, tls = [], []
         n = len(self._clients)
         for i in range(n):
             url, client = self._clients[(self._current + i) % n]
             try:
                 out = client.post(client.get_url(path), data=json.dumps(body))
             except (exceptions.ConnectionFailedError, exceptions.ConnectionTimeoutError) as exc:
-                problems.append(f"{url}: {_reason(exc)}")
+                failure = _tls_failure(exc)
+                if failure is not None:
+                    tls.append(f"{url}: {failure}")
+                else:
+                    problems.append(f"{url}: {_reason(exc)}")
                 continue
             except exceptions.Etcd3Exception as exc:
                 raise IpamError(f"ipam store etcd {url}: {path} failed: {exc}") from None
+            except OSError as exc:
+                # requests checks the TLS files on each request (one gone since the
+                # store was opened), before any connection.
+                raise IpamError(f"ipam store etcd {url}: {exc} ({self._tls_hint()})",
+                                code=5) from None
             self._current = (self._current + i) % n
             return out
+        if tls:
+            # A refused certificate is not a store that is away: retrying will not help.
+            raise IpamError(f"ipam store etcd: TLS handshake failed ({'; '.join(tls + problems)}): "
+                            f"{self._tls_hint()}", code=5)
         raise TryAgainLater(f"ipam store etcd unreachable ({'; '.join(problems)}); "
                             "retry when etcd is back")
 

@@ -204,9 +204,15 @@ class Etcd:
         self.address = address
         self.log = self.dir / "etcd.log"
 
+    scheme = "http"
+
     @property
     def endpoint(self) -> str:
-        return f"http://{self.address}:2379"
+        return f"{self.scheme}://{self.address}:2379"
+
+    def server_args(self) -> list[str]:
+        """Extra etcd flags (a subclass's TLS)."""
+        return []
 
     def start(self, timeout: float = 30.0) -> "Etcd":
         peer = f"http://{self.address}:2380"
@@ -216,7 +222,7 @@ class Etcd:
                                  "--advertise-client-urls", self.endpoint,
                                  "--listen-peer-urls", peer,
                                  "--initial-advertise-peer-urls", peer,
-                                 "--initial-cluster", f"vpcni={peer}",
+                                 "--initial-cluster", f"vpcni={peer}", *self.server_args(),
                                  stdout=log, stderr=subprocess.STDOUT)
         wait_for(lambda: proc.poll() is not None or self.healthy(), timeout=timeout,
                  interval=0.1, what=f"etcd at {self.endpoint} in {self.ns.name}")

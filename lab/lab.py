@@ -20,7 +20,7 @@ import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Optional
+from typing import Callable, Optional
 
 from vpcni.evpn import render
 
@@ -98,7 +98,15 @@ class Lab:
 
     # ------------------------------------------------------------ up
 
-    def up(self) -> None:
+    def up(self, progress: Optional[Callable[[float, str], None]] = None) -> None:
+        """Bring the lab up; `progress(seconds since the start, what)` is called once
+        each step is done (reflectors, nodes, agents, sessions, pods, convergence)."""
+        t0 = time.monotonic()
+
+        def step(what: str) -> None:
+            if progress is not None:
+                progress(time.monotonic() - t0, what)
+
         if self.state_file.exists():
             raise LabError(f"lab {self.topo.name!r} is already up (or was not taken down): "
                            f"run `vpcnictl lab down {self.topo.name}` first")
@@ -110,20 +118,30 @@ class Lab:
             self.write_bindings()
             for rr in self.topo.reflectors:
                 self._start_reflector(rr)
+            step(f"reflectors started: {len(self.topo.reflectors)} ("
+                 + ", ".join(f"{rr.name} {rr.daemon}" for rr in self.topo.reflectors) + ")")
             for node in self.topo.nodes:
                 self._start_node(node)
-            for node in self.topo.nodes:
-                if node.kind == "vpcni":
-                    self.node(node.name).wait_agent_ready()
+            step(f"nodes started: {len(self.topo.nodes)} ("
+                 + ", ".join(f"{n.name} {n.kind}" for n in self.topo.nodes) + ")")
+            agents = [n.name for n in self.topo.nodes if n.kind == "vpcni"]
+            for name in agents:
+                self.node(name).wait_agent_ready()
+            step(f"agents ready: {len(agents)}")
             # As in a cluster, the nodes' BGP sessions are up before pods come: the
             # convergence measured below is the routes' trip, not session setup
             # (gobgpd dials its first connection 5-10 s after it starts).
             self.sessions_after = self.wait_sessions()
+            running = len(self.topo.reflectors) - len(self.stopped_reflectors)
+            step(f"BGP sessions up: {len(agents) * running} ({len(agents)} node(s) x "
+                 f"{running} reflector(s))")
             for pod in self.topo.pods:
                 self.add_pod(pod.name, pod.node, pod.vpc,
                              str(pod.address) if pod.address else None, pod.interface)
             self._save()
+            step(f"pods attached: {len(self.pods)}")
             self.converged_after = self.wait_converged()
+            step("EVPN converged: every node knows every remote pod of its VNIs")
         except BaseException:
             self.down()
             raise
@@ -295,8 +313,9 @@ class Lab:
                        else {"addr": info.address})
 
     def add_pod(self, name: str, node: str, vpc: str, address: Optional[str] = None,
-                interface: str = "veth") -> PodInfo:
-        """Attach pod `name`; without `address` the VPC's vpcni-ipam hands one out."""
+                interface: str = "veth", namespace: str = "lab") -> PodInfo:
+        """Attach pod `name` (of Kubernetes namespace `namespace`: tenancy); without
+        `address` the VPC's vpcni-ipam hands one out."""
         spec = self.topo.node(node)
         if address is None and spec.kind == "frr":
             raise LabError(f"pod {name}: an FRR node's pod needs an address")
@@ -311,8 +330,10 @@ class Lab:
         else:
             res = self.cni_node(node).cni("ADD", self.pod_config(info), info.container_id,
                                           ns.path, "eth1",
-                                          args=f"K8S_POD_NAMESPACE=lab;K8S_POD_NAME={name}")
+                                          args=f"K8S_POD_NAMESPACE={namespace};"
+                                               f"K8S_POD_NAME={name}")
             if not res.ok:
+                ns.delete()
                 raise LabError(f"ADD of pod {name} on {node} failed: {res.stdout or res.stderr}")
             result = res.json
             pod_if = result["interfaces"][result["ips"][0]["interface"]]

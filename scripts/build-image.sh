@@ -133,7 +133,8 @@ mkdir -p "$src" "$ctx/deps" "$ctx/vpcni" "$ctx/opt/cni"
 # folders, tracked and untracked files (not ignored ones: no stubs generated for the
 # tree's own use, no caches).
 mapfile -t wheel_inputs < <("$PY" -c 'import tomllib; t = tomllib.load(open("pyproject.toml", "rb"))
-print("pyproject.toml", *sorted(set(t["tool"]["setuptools"]["package-dir"].values())), sep="\n")')
+print("pyproject.toml", "setup.py", *t["project"]["license-files"],
+      *sorted(set(t["tool"]["setuptools"]["package-dir"].values())), sep="\n")')
 git ls-files -z --cached --others --exclude-standard -- "${wheel_inputs[@]}" \
   | while IFS= read -r -d '' f; do [ -e "$f" ] && printf '%s\0' "$f"; done \
   | tar --null -T - -cf - | tar -C "$src" -xf -
@@ -149,11 +150,15 @@ cp "$shim" "$ctx/opt/cache/shim/$shim_key/vpcni"
 chmod 0755 "$ctx/opt/cache/shim/$shim_key/vpcni"
 ln -s "../cache/shim/$shim_key/vpcni" "$ctx/opt/cni/vpcni"
 
-# Dependencies: pyproject's, less grpcio-tools; pinned to .venv's versions (what the
-# tests run with; the stubs' protobuf and grpcio runtime checks hold for those).
+# Dependencies: pyproject's, its ovs extra's (the image serves ovs nodes too) and its
+# controller extra's (the VPC controller's Deployment runs the same image), less
+# grpcio-tools; pinned to .venv's versions (what the tests run with; the stubs' protobuf
+# and grpcio runtime checks hold for those).
 "$PY" - "$src/pyproject.toml" >"$work/requirements.txt" <<'PYTHON'
 import re, sys, tomllib
-for dep in tomllib.load(open(sys.argv[1], "rb"))["project"]["dependencies"]:
+project = tomllib.load(open(sys.argv[1], "rb"))["project"]
+extras = project["optional-dependencies"]
+for dep in project["dependencies"] + extras["ovs"] + extras["controller"]:
     name = re.match(r"[A-Za-z0-9._-]+", dep).group(0).lower().replace("_", "-")
     if name != "grpcio-tools":
         print(dep)

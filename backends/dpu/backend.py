@@ -118,6 +118,11 @@ class DpuBackend(Backend):
             config["vteps"] = [str(v) for v in att.vteps]
         env = {"CNI_COMMAND": command, "CNI_CONTAINERID": att.container_id,
                "CNI_IFNAME": att.ifname, "CNI_NETNS": DPU_NETNS, "CNI_PATH": DPU_CNI_PATH}
+        if att.pod_namespace:
+            # The DPU checks tenancy again with its own bindings (it trusts the host's
+            # kubelet for the namespace, as the host's agent does).
+            env["CNI_ARGS"] = (f"IgnoreUnknown=1;K8S_POD_NAMESPACE={att.pod_namespace}"
+                               + (f";K8S_POD_NAME={att.pod_name}" if att.pod_name else ""))
         try:
             reply = agent_call(str(self.settings.agentSocket),
                                {"env": env, "stdin": json.dumps(config)}, self.settings.timeout)

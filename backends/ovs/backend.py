@@ -17,6 +17,7 @@ the same VXLAN as the kernel backend, so both serve one VNI through EVPN.
 from __future__ import annotations
 
 import fcntl
+import importlib
 import ipaddress
 import logging
 import threading
@@ -118,9 +119,12 @@ class OvsBackend(Backend):
             return Probe(name=cls.name, available=False, facts=facts, reason=reason)
 
         try:
-            import ovsdbapp.schema.open_vswitch  # noqa: F401  (the backend cannot work without it)
+            # The backend cannot work without it; an optional extra of vpcni (a
+            # kernel-only node does without it).
+            importlib.import_module("ovsdbapp.schema.open_vswitch")
         except ImportError as exc:
-            return no(f"ovsdbapp is not installed: {exc}")
+            return no(f"ovsdbapp (the ovs backend's OVSDB client) is not installed: "
+                      f"install vpcni[ovs] ({exc})")
         try:
             load_binding()
         except BackendError as exc:

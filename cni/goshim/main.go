@@ -12,6 +12,12 @@
 //     itself succeeds.
 //   - "mode": "standalone": exec the Python plugin (standalonePython -m vpcni.cni.main).
 //
+// The same binary is also installed as `vpcni-ipam` (`vpcnictl install-cni`): run
+// under that name it serves vpcni-ipam, the CNI IPAM plugin, for plugins that
+// delegate to it. Its calls go to the agent marked {"plugin": "vpcni-ipam"} (the
+// agent runs vpcni-ipam in-process; a spooled DEL keeps the mark), and standalone
+// mode execs standalonePython -m vpcni.ipam.plugin.
+//
 // Standard library only; built with CGO_ENABLED=0 (scripts/setup.sh, `vpcnictl
 // install-cni`), so it runs on any host without Python.
 package main
@@ -136,9 +142,31 @@ func cniEnv() map[string]string {
 	return env
 }
 
+// The plugins this binary serves, by the name it runs under, and the Python module
+// that serves each in standalone mode.
+const (
+	pluginVpcni = "vpcni"
+	pluginIpam  = "vpcni-ipam"
+)
+
+var standaloneModule = map[string]string{
+	pluginVpcni: "vpcni.cni.main",
+	pluginIpam:  "vpcni.ipam.plugin",
+}
+
+// pluginOf is the plugin that argv0 names: vpcni-ipam under that name, else vpcni.
+func pluginOf(argv0 string) string {
+	if filepath.Base(argv0) == pluginIpam {
+		return pluginIpam
+	}
+	return pluginVpcni
+}
+
 type request struct {
 	Env   map[string]string `json:"env"`
 	Stdin string            `json:"stdin"`
+	// Empty for vpcni (what agents before vpcni-ipam's forwarding understood).
+	Plugin string `json:"plugin,omitempty"`
 }
 
 type reply struct {
@@ -238,6 +266,7 @@ func spoolDel(stateDir string, req request) (string, error) {
 }
 
 func run() int {
+	plugin := pluginOf(os.Args[0])
 	command := os.Getenv("CNI_COMMAND")
 	if command == "VERSION" {
 		stdin, _ := io.ReadAll(os.Stdin)
@@ -264,7 +293,7 @@ func run() int {
 			return cniError(7, fmt.Sprintf("node config %s: mode standalone needs "+
 				"standalonePython (the Python that has vpcni installed)", cfgPath), "1.1.0")
 		}
-		err := syscall.Exec(python, []string{python, "-m", "vpcni.cni.main"}, os.Environ())
+		err := syscall.Exec(python, []string{python, "-m", standaloneModule[plugin]}, os.Environ())
 		return cniError(11, fmt.Sprintf("cannot run %s for standalone mode: %s", python,
 			errText(err)), "1.1.0")
 	}
@@ -277,6 +306,9 @@ func run() int {
 		sock = defaultSocket
 	}
 	req := request{Env: cniEnv(), Stdin: string(stdin)}
+	if plugin != pluginVpcni {
+		req.Plugin = plugin
+	}
 	rep, err := askAgent(sock, req)
 	if err != nil {
 		reason := errText(err)
@@ -291,8 +323,8 @@ func run() int {
 					"could not be recorded (%s); retry", sock, reason, errText(serr)),
 					versionOf(stdin))
 			}
-			fmt.Fprintf(os.Stderr, "vpcni: agent unreachable at %s (%s); DEL recorded in %s, "+
-				"the agent completes it when it starts\n", sock, reason, where)
+			fmt.Fprintf(os.Stderr, "%s: agent unreachable at %s (%s); DEL recorded in %s, "+
+				"the agent completes it when it starts\n", plugin, sock, reason, where)
 			return 0
 		}
 		if problem != "" {

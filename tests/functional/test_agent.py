@@ -28,7 +28,7 @@ def test_socket_is_private_and_status_says_which_backend_and_why(cluster):
     node = cluster.add_node("n1", "198.51.100.1", agent=True)
     mode = os.stat(node.agent_socket).st_mode
     assert stat.S_ISSOCK(mode) and stat.S_IMODE(mode) == 0o600
-    out = subprocess.run([installed_executable("vpcnictl"), "status", "--node-config",
+    out = subprocess.run([installed_executable("vpcnictl"), "status", "--json", "--node-config",
                           str(node.config_path)], capture_output=True, text=True, timeout=30)
     assert out.returncode == 0, out.stderr
     status = json.loads(out.stdout)

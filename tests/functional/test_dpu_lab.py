@@ -56,6 +56,7 @@ def test_nothing_of_the_switch_runs_in_the_host_namespace(lab):
     assert "vpcni" not in tables, tables
     for exe in ("gobgpd", "ovs-vswitchd"):
         assert not lab.box.pids(host.name, exe), exe
-    status = json.loads(host.exec(installed_executable("vpcnictl"), "status", "--node-config",
+    status = json.loads(host.exec(installed_executable("vpcnictl"), "status", "--json",
+                                  "--node-config",
                                   str(lab.box.root_dir / "dpu1-host" / "node.json")).stdout)
     assert status["backend"]["backend"] == "dpu"

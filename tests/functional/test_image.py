@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pytest
 
-from vpcni.lab.cluster import Cluster, Node
+from vpcni.lab.cluster import REFERENCE_PLUGINS, Cluster, Node
 from vpcni.lab.netns import NETNS_DIR
 
 from tests.functional.test_seed import test_seed_two_nodes_ping_and_tcp_both_ways as seed_test
@@ -81,14 +81,28 @@ class AgentContainer:
     (node config, state, socket, log) at the same path, /run/netns shared so that pod
     namespaces made later show up, root with AGENT_CAPS only, read-only root file system."""
 
-    def __init__(self, node: Node):
+    def __init__(self, node: Node, host_cni_state: bool = True):
         self.node = node
         self.cidfile = node.dir / "agent.cid"
         self.id: str | None = None
+        # As the DaemonSet mounts the host's /var/lib/cni (delegated IPAM state) and
+        # CNI bin dir: here the node's own "host" dir and the lab's bin dir.
+        self.host_cni_state = host_cni_state
+        self.var_lib_cni = node.dir / "host-var-lib-cni"
 
     def start(self) -> None:
+        cni_bin = self.node.cni_bin
         mounts = ["-v", f"{self.node.dir}:{self.node.dir}",
-                  "-v", f"{NETNS_DIR}:{NETNS_DIR}:rslave"]
+                  "-v", f"{NETNS_DIR}:{NETNS_DIR}:rslave",
+                  "-v", f"{cni_bin}:{cni_bin}:ro"]
+        # The lab's bin dir links the reference plugins (static binaries) from here.
+        if REFERENCE_PLUGINS.is_dir():
+            mounts += ["-v", f"{REFERENCE_PLUGINS}:{REFERENCE_PLUGINS}:ro"]
+        if self.host_cni_state:
+            self.var_lib_cni.mkdir(exist_ok=True)
+            mounts += ["-v", f"{self.var_lib_cni}:/var/lib/cni"]
+        else:  # the old manifest's mistake: the container's own, lost with it
+            mounts += ["--tmpfs", "/var/lib/cni"]
         if Path("/lib/modules").is_dir():  # the kernel backend's probe reads module lists
             mounts += ["-v", "/lib/modules:/lib/modules:ro"]
         caps = [a for cap in AGENT_CAPS for a in ("--cap-add", cap)]
@@ -125,13 +139,14 @@ class AgentContainer:
             self.id = None
 
 
-def agent_node(cluster: Cluster, name: str, address: str) -> tuple[Node, AgentContainer]:
+def agent_node(cluster: Cluster, name: str, address: str,
+               host_cni_state: bool = True) -> tuple[Node, AgentContainer]:
     """A node whose agent runs from the image (`Cluster.add_node(agent=True)` would start
     the host's `vpcnictl agent`: the same node config, without starting one)."""
     node_dir = cluster.sandbox.root_dir / name  # what add_node gives the node
     node = cluster.add_node(name, address, mode="agent", agentSocket=str(node_dir / "agent.sock"),
                             healthAddress="127.0.0.1:9471")
-    agent = AgentContainer(node)
+    agent = AgentContainer(node, host_cni_state)
     # Removed before the sandbox deletes the namespaces, also when the test fails.
     cluster.sandbox.on_cleanup(agent.remove)
     agent.start()
@@ -179,6 +194,8 @@ def test_image_contents(image):
     # vpcni, its stubs, no grpcio-tools; the CLI entry points.
     in_image("python", "-c", "import importlib.util as u, sys\n"
              "import vpcni.evpn.gobgpapi.gobgp_pb2_grpc, vpcni.agent.server\n"
+             # The controller's Deployment runs this image too; the ovs backend's client.
+             "import kopf, kubernetes, ovsdbapp, vpcni.controller.main\n"
              "sys.exit('grpcio-tools is installed' if u.find_spec('grpc_tools') else 0)")
     assert "agent" in in_image("vpcnictl", "--help").stdout
     assert in_image("sh", "-c", "test -x /opt/vpcni/venv/bin/vpcni-ipam && echo ok").stdout == "ok\n"
@@ -216,3 +233,34 @@ def test_gobgpd_runs_without_root_and_without_capabilities(image):
     out = in_image("sh", "-c", script, user=NONROOT, timeout=60).stdout
     assert out.splitlines()[0] == "65532"
     assert "198.51.100.11" in out  # gobgp global: the router id
+
+
+@pytest.mark.timeout(BUILD_TIMEOUT + 300)
+def test_delegated_host_local_keeps_its_allocations_across_an_agent_restart(image, cluster):
+    """host-local, delegated by the agent in its container, keeps its state in the
+    host's /var/lib/cni (mounted as the DaemonSet does): after the agent's container
+    is replaced, the next pod gets another address. Without the mount (the old
+    manifest) the same address is handed out twice: shown first."""
+    install_shim_from_image(cluster)
+    config = {"cniVersion": "1.0.0", "name": "hl", "type": "vpcni", "vni": 4600,
+              "ipam": {"type": "host-local", "subnet": "172.16.46.0/24"}}
+
+    def address(node, pod):
+        res = node.cni("ADD", config, pod.container_id, pod.netns)
+        assert res.ok, res.stdout + res.stderr
+        return res.json["ips"][0]["address"]
+
+    for host_cni_state, name, ip in ((False, "h0", "198.51.100.5"), (True, "h1", "198.51.100.6")):
+        node, agent = agent_node(cluster, name, ip, host_cni_state=host_cni_state)
+        node.wait_agent_ready(timeout=60)
+        first = address(node, cluster.add_pod(node, f"{name}a"))
+        agent.remove()
+        agent.start()
+        node.wait_agent_ready(timeout=60)
+        second = address(node, cluster.add_pod(node, f"{name}b"))
+        if host_cni_state:
+            assert first != second, f"host-local handed out {first} twice"
+            held = {p.name for p in (agent.var_lib_cni / "networks" / "hl").iterdir()}
+            assert {first.split("/")[0], second.split("/")[0]} <= held
+        else:
+            assert first == second, "without the host's /var/lib/cni the state is lost"

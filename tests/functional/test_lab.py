@@ -16,7 +16,7 @@ import time
 import pytest
 
 from vpcni.lab.cluster import installed_executable
-from vpcni.lab.lab import Lab
+from vpcni.lab.lab import Lab, LabError
 from vpcni.lab.netns import Netns, wait_for
 from vpcni.lab.topology import DEFAULT_TOPOLOGY
 from vpcni.lab.traffic import tcp_ident
@@ -235,16 +235,22 @@ def test_gobgpd_restart_restores_all_routes(lab):
     assert "graceful-restart:\tadvertised and received" in rr2, rr2
 
 
+OUTAGE = 60.0
+
+
 def test_all_reflectors_down_the_dataplane_holds_then_resynchronises(lab):
-    """With every reflector gone the nodes keep forwarding with what they learned
-    (held stale, not flushed: a pod deleted meanwhile stays in other nodes' FDB);
-    once the reflectors are back and the tables settled, stale entries go and
-    what changed meanwhile is learned. The faults go through `vpcnictl lab`."""
+    """Both reflectors down for 60 s: the nodes keep forwarding with what they
+    learned (held stale, not flushed: a pod deleted meanwhile stays in other
+    nodes' FDB), 0 pings lost between existing pods; a pod created during the
+    outage is reachable within 2 s of the reflectors' return (flooded to the
+    held flood list until its routes come); once sessions settled, stale
+    entries go. The faults go through `vpcnictl lab`."""
     lab.wait_converged(timeout=60)
     src = pod_ns(lab, "blue-1")
     blue3_mac, blue3_address = lab.pods["blue-3"].mac, lab.pods["blue-3"].address
-    ping = continuous_ping(src, lab.pods["blue-2"].ip, seconds=40, interval=0.1)
+    ping = continuous_ping(src, lab.pods["blue-2"].ip, seconds=OUTAGE + 30, interval=0.1)
     time.sleep(1)
+    t_down = time.monotonic()
 
     def status(node):
         return lab.node(node).agent_status()["evpn"]
@@ -254,27 +260,55 @@ def test_all_reflectors_down_the_dataplane_holds_then_resynchronises(lab):
         wait_for(lambda: status("node1")["holdingStale"], timeout=15,
                  what="node1 holds its remote entries")
         assert "no BGP session established" in status("node1")["holdingStale"]
-        # Meanwhile node3's blue-3 goes away: nobody else can know.
+        # Meanwhile node3's blue-3 goes away (nobody else can know) and blue-5 comes.
         lab.remove_pod("blue-3")
+        blue5 = lab.add_pod("blue-5", "node3", "blue")
         time.sleep(2)
         assert f"{blue3_mac} dst 198.51.100.13" in fdb(lab, "node1", "vpvx300"), \
             "a learned entry was flushed while the control plane was away"
         metrics = lab.node("node1").metrics()
         assert "vpcni_evpn_holding_stale 1.0" in metrics
         assert 'vpcni_bgp_sessions{state="established"} 0.0' in metrics
+        time.sleep(max(0.0, OUTAGE - (time.monotonic() - t_down)))
     finally:
         for rr in ("rr1", "rr2"):
             vpcnictl("lab", "start-reflector", rr, "--lab", lab.topo.name)
+    t_up = time.monotonic()
+    wait_for(lambda: tcp_ident(src, blue5.address.split("/")[0], timeout=0.5) == "blue-5",
+             timeout=10, interval=0.1, what="blue-1 reaches blue-5, created during the outage")
+    assert time.monotonic() - t_up < 2.0, "blue-5 unreachable for 2 s after the return"
     wait_for(lambda: status("node1")["holdingStale"] is None, timeout=60,
              what="node1 resynchronised")
     assert f"{blue3_mac} dst" not in fdb(lab, "node1", "vpvx300"), \
         "the entry of a pod deleted during the outage survived the resync"
+    assert f"{blue5.mac} dst 198.51.100.13" in fdb(lab, "node1", "vpvx300")
     ping.join()
     sent, received = ping.result
-    assert sent - received <= 1, f"lost {sent - received} of {sent} probes across the outage"
+    assert sent == received, f"lost {sent - received} of {sent} probes across the outage"
+    lab.remove_pod("blue-5")
     lab.add_pod("blue-3", "node3", "blue", blue3_address)
     wait_for(lambda: tcp_ident(src, blue3_address.split("/")[0], timeout=0.5) == "blue-3",
              timeout=20, interval=0.1, what="blue-1 reaches the new blue-3")
+
+
+def test_tenancy_refuses_an_unbound_namespace_and_builds_nothing(lab):
+    """Pods of namespace tenant-b may not join blue (bound to namespace lab); the
+    same pod from the bound namespace attaches."""
+    node1 = lab.box.namespaces["node1"]
+    before = links(lab, "node1")
+    records = set((lab.box.root_dir / "node1" / "state" / "attachments").rglob("*.json"))
+    with pytest.raises(LabError) as refused:
+        lab.add_pod("intruder", "node1", "blue", "172.16.32.77/24", namespace="tenant-b")
+    msg = str(refused.value)
+    assert '"code": 101' in msg and "tenant-b" in msg and "VPC blue" in msg, msg
+    assert links(lab, "node1") == before
+    assert set((lab.box.root_dir / "node1" / "state" / "attachments").rglob("*.json")) == records
+    assert "172.16.32.77" not in node1.ip("neigh", "show").stdout
+    lab.add_pod("intruder", "node1", "blue", "172.16.32.77/24", namespace="lab")
+    try:
+        assert tcp_ident(pod_ns(lab, "blue-2"), "172.16.32.77") == "intruder"
+    finally:
+        lab.remove_pod("intruder")
 
 
 def test_cut_underlay_makes_the_node_unready_until_restored(lab):

@@ -55,8 +55,6 @@ BASE = {
     ("CustomResourceDefinition", "vpcs.vpcni.io"),
     ("CustomResourceDefinition", "vniclaims.vpcni.io"),
     ("ServiceAccount", "vpcni-agent"), ("ServiceAccount", "vpcni-controller"),
-    ("Role", "vpcni-agent"), ("RoleBinding", "vpcni-agent"),
-    ("ClusterRole", "vpcni-agent"), ("ClusterRoleBinding", "vpcni-agent"),
     ("Role", "vpcni-controller"), ("RoleBinding", "vpcni-controller"),
     ("ClusterRole", "vpcni-controller"), ("ClusterRoleBinding", "vpcni-controller"),
     ("ConfigMap", "vpcni-fabric"), ("ConfigMap", "vpcni-tenancy"),
@@ -754,24 +752,24 @@ def test_rbac_is_least_privilege(base):
     for o in base:
         if o["kind"] in ("Role", "ClusterRole"):
             assert "*" not in json.dumps(o["rules"]), o["metadata"]["name"]
-    assert rules(base, "Role", "vpcni-agent") == {
-        ("", "configmaps", v, ()) for v in ("get", "list", "watch")}
-    assert rules(base, "ClusterRole", "vpcni-agent") == {("", "nodes", "get", ())}
+    # The agent calls no API: no role, no token in its pods.
+    assert not [o for o in base if o["kind"] in ("Role", "ClusterRole", "RoleBinding",
+                                                 "ClusterRoleBinding")
+                and o["metadata"]["name"] == "vpcni-agent"]
+    assert get(base, "ServiceAccount", "vpcni-agent")["automountServiceAccountToken"] is False
     assert rules(base, "ClusterRole", "vpcni-controller") == {
         *{("vpcni.io", "vpcs", v, ()) for v in ("get", "list", "watch", "patch")},
         ("vpcni.io", "vpcs/status", "update", ()),
         *{("vpcni.io", "vniclaims", v, ()) for v in ("create", "get", "list", "delete")},
         *{("k8s.cni.cncf.io", "network-attachment-definitions", v, ())
           for v in ("create", "get", "list", "update", "delete")},
-        *{("", "namespaces", v, ()) for v in ("get", "list", "watch")},
-        ("", "nodes", "list", ()),
         ("", "events", "create", ()),
         *{("apiextensions.k8s.io", "customresourcedefinitions", v, ()) for v in ("list", "watch")},
     }
     assert rules(base, "Role", "vpcni-controller") == {
         ("", "configmaps", v, ("vpcni-tenancy",)) for v in ("get", "update")}
     for kind in ("RoleBinding", "ClusterRoleBinding"):
-        for name in ("vpcni-agent", "vpcni-controller"):
+        for name in ("vpcni-controller",):
             binding = get(base, kind, name)
             assert binding["roleRef"]["name"] == name
             assert binding["roleRef"]["kind"] == kind.replace("Binding", "")
@@ -901,7 +899,9 @@ def test_tenancy_bindings_the_controller_writes_are_what_the_agent_reads(base, t
 def test_install_script_installs_both_executables_and_the_node_config(base, tmp_path):
     pod, data = agent_parts(base)
     bin_dir, cni_bin = tmp_path / "fakes", tmp_path / "cni-bin"
-    vpcnictl = fake(bin_dir, "vpcnictl", 'touch "$3/vpcni"; chmod 0755 "$3/vpcni"')
+    # As install-cni does: the shim under both names.
+    vpcnictl = fake(bin_dir, "vpcnictl", 'touch "$3/vpcni"; chmod 0755 "$3/vpcni"; '
+                                         'ln -f "$3/vpcni" "$3/vpcni-ipam"')
     scripts = write_scripts(data, tmp_path / "scripts", {
         "/opt/vpcni/venv/bin/vpcnictl": str(vpcnictl),
         "/opt/vpcni/venv/bin/python": sys.executable,
@@ -921,34 +921,6 @@ def test_install_script_installs_both_executables_and_the_node_config(base, tmp_
     assert sorted(p.name for p in cni_bin.iterdir()) == ["vpcni", "vpcni-ipam"]
     NodeConfig.load(str(tmp_path / "node.json"))
     assert (tmp_path / "tenancy").is_dir()
-
-
-def ipam_wrapper(base, tmp_path: Path, pid_file: Path) -> Path:
-    _, data = agent_parts(base)
-    wrapper = tmp_path / "vpcni-ipam"
-    text = data["vpcni-ipam"].replace("/run/vpcni/agent.pid", str(pid_file))
-    wrapper.write_text(text.replace("/opt/vpcni/venv/bin/vpcni-ipam",
-                                    installed_executable("vpcni-ipam")))
-    return wrapper
-
-
-def test_vpcni_ipam_wrapper_without_an_agent_says_try_again(base, tmp_path):
-    out = run(ipam_wrapper(base, tmp_path, tmp_path / "none.pid"),
-              {"CNI_COMMAND": "ADD", "PATH": os.environ["PATH"]})
-    assert out.returncode == 1
-    error = json.loads(out.stdout)
-    assert error["code"] == 11 and "agent is not running" in error["msg"]
-
-
-@pytest.mark.skipif(os.geteuid() != 0, reason="chroot needs root")
-def test_vpcni_ipam_wrapper_runs_vpcni_ipam_in_the_agents_root(base, tmp_path):
-    pid_file = tmp_path / "agent.pid"
-    pid_file.write_text(f"{os.getpid()}\n")  # this process's root is /, as good as an agent's
-    out = subprocess.run(["/bin/sh", str(ipam_wrapper(base, tmp_path, pid_file))],
-                         input='{"cniVersion": "1.1.0"}', capture_output=True, text=True,
-                         env={"CNI_COMMAND": "VERSION", "PATH": os.environ["PATH"]}, timeout=60)
-    assert out.returncode == 0, out.stderr
-    assert "1.1.0" in json.loads(out.stdout)["supportedVersions"]
 
 
 def test_gobgpd_sidecar_renders_from_the_fabric_and_restarts_without_r(base, tmp_path):

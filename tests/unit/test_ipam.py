@@ -219,3 +219,80 @@ def test_store_settings_are_bounded(store, field):
     with pytest.raises(InvalidConfig) as info:
         parse_settings({"type": "vpcni-ipam", "subnets": ["172.16.32.0/24"], "store": store})
     assert repr(field) in info.value.msg, info.value.msg
+
+
+# ---------------------------------------------------------------- etcd over TLS
+
+HTTPS = "https://127.0.0.1:9"  # never reached: these stores fail before connecting
+
+
+def etcd_tls(**keys) -> dict:
+    return {"type": "vpcni-ipam", "subnets": ["172.16.32.0/24"],
+            "store": {"type": "etcd", "endpoints": [HTTPS], **keys}}
+
+
+def pem(path, body="-----BEGIN CERTIFICATE-----\nAA==\n-----END CERTIFICATE-----\n"):
+    path.write_text(body)
+    return str(path)
+
+
+@pytest.mark.parametrize("keys,field,says", [
+    ({"caFile": "ca.pem"}, "caFile", "absolute path"),
+    ({"caFile": "/"}, "caFile", "absolute path"),
+    ({"caFile": 5}, "caFile", "string"),
+    ({"certFile": "/c.pem"}, "keyFile", "keyFile is missing"),
+    ({"keyFile": "/k.pem"}, "keyFile", "certFile is missing"),
+    ({"caFile": "/ca.pem", "endpoints": [HTTPS, "http://127.0.0.1:2379"]}, "caFile",
+     "https://"),
+    ({"certFile": "/c.pem", "keyFile": "/k.pem", "endpoints": ["http://127.0.0.1:2379"]},
+     "certFile", "https://"),
+    ({"cafile": "/ca.pem"}, "cafile", "unsupported"),
+])
+def test_etcd_tls_config_is_code_7_naming_the_key(keys, field, says):
+    with pytest.raises(InvalidConfig) as info:
+        parse_settings(etcd_tls(**keys))
+    assert info.value.code == 7
+    assert f"'ipam.store.{field}'" in info.value.msg and says in info.value.msg, info.value.msg
+
+
+def test_etcd_tls_keys_are_dumped_only_when_set(tmp_path):
+    """Configs rendered from a store config (the controller's NADs) say only what is set."""
+    plain = parse_settings(etcd_tls()).store
+    assert set(plain.model_dump()) == {"type", "endpoints", "prefix", "timeout"}
+    assert "caFile" not in plain.model_dump_json()
+    tls = parse_settings(etcd_tls(caFile="/ca.pem", certFile="/c.pem", keyFile="/k.pem")).store
+    assert {k: v for k, v in tls.model_dump().items() if k.endswith("File")} == {
+        "caFile": "/ca.pem", "certFile": "/c.pem", "keyFile": "/k.pem"}
+    assert type(tls).model_validate(tls.model_dump()) == tls
+
+
+@pytest.mark.parametrize("key", ["caFile", "certFile", "keyFile"])
+def test_etcd_tls_files_that_cannot_be_used_are_code_5_naming_the_key(tmp_path, key):
+    from vpcni.ipam.store import EtcdStore
+
+    files = {k: pem(tmp_path / f"{k}.pem") for k in ("caFile", "certFile", "keyFile")}
+    (tmp_path / "dir").mkdir()
+    (tmp_path / "text").write_text("not PEM at all\n")
+    for path, says in ((tmp_path / "missing.pem", "No such file or directory"),
+                       (tmp_path / "dir", "Is a directory"),
+                       (tmp_path / "text", "not PEM")):
+        s = parse_settings(etcd_tls(**(files | {key: str(path)})))
+        with pytest.raises(IpamError) as info:
+            EtcdStore(s.store)
+        assert info.value.code == 5
+        assert f"'ipam.store.{key}'" in info.value.msg and str(path) in info.value.msg
+        assert says in info.value.msg, info.value.msg
+    EtcdStore(parse_settings(etcd_tls(**files)).store)  # all three usable: opens
+
+
+def test_etcd_tls_file_gone_after_open_is_code_5(tmp_path):
+    """requests looks for the files on each request: one removed since the store opened
+    is code 5 naming the TLS keys, not an internal error (nothing is connected)."""
+    from vpcni.ipam.store import EtcdStore
+
+    files = {k: pem(tmp_path / f"{k}.pem") for k in ("caFile", "certFile", "keyFile")}
+    store = EtcdStore(parse_settings(etcd_tls(**files)).store)
+    (tmp_path / "caFile.pem").unlink()
+    with pytest.raises(IpamError) as info:
+        store.ping()
+    assert info.value.code == 5 and "'ipam.store.caFile'" in info.value.msg, info.value.msg

@@ -5,14 +5,10 @@ set -eu
 here=$(dirname "$0")
 bin=/host/opt/cni/bin
 
-# The shim: a static Go binary, so the host needs nothing to run it (the image has it
-# prebuilt where install-cni finds it: no Go toolchain).
+# The shim, a static Go binary (the host needs nothing to run it; the image has it
+# prebuilt where install-cni finds it: no Go toolchain), as `vpcni` and as `vpcni-ipam`
+# (under that name it forwards IPAM calls to the agent, which serves vpcni-ipam).
 /opt/vpcni/venv/bin/vpcnictl install-cni --dest "$bin"
-
-# vpcni-ipam, for plugins that delegate to it (see the wrapper's comment).
-cp "$here/vpcni-ipam" "$bin/.vpcni-ipam.tmp"
-chmod 0755 "$bin/.vpcni-ipam.tmp"
-mv -f "$bin/.vpcni-ipam.tmp" "$bin/vpcni-ipam"
 
 /opt/vpcni/venv/bin/python "$here/write-node-config.py"
 
