@@ -51,7 +51,11 @@ REQUEST_READ_TIMEOUT = 10.0
 # flushed). It lets them go only once a session has been up for RESYNC_MIN
 # seconds and no remote change has arrived for RESYNC_QUIET: the table is then
 # the control plane's again, and one full converge drops what went meanwhile.
-RESYNC_MIN = 3.0
+# RESYNC_MIN covers the other nodes: each node's gobgpd dials the returning
+# reflectors on its own clock (every 5-10 s), so a node whose session came back
+# first must not take the reflectors' table as complete before the others' routes
+# are in it (tested: at 3 s a node dropped a whole node's routes for seconds).
+RESYNC_MIN = 12.0
 RESYNC_QUIET = 1.0
 # While holding, the reconcile loop looks at the sessions this often.
 HOLD_POLL = 0.5

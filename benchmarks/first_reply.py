@@ -155,8 +155,10 @@ class VpcniFirstReply:
         return f"{self.lab.box.prefix}-b{self.count}", ns, f"{SUBNET}.{10 + self.count}/24"
 
     def _cni(self, command: str, cid: str, ns: Netns, address: str) -> float:
+        # As kubelet/Multus call: the pod's namespace (the lab's VPCs bind "lab": tenancy).
         ms, res = time_ms(lambda: self.node1.cni(command, self._config(address), cid, ns.path,
-                                                 "eth1"))
+                                                 "eth1", args="K8S_POD_NAMESPACE=lab;"
+                                                              "K8S_POD_NAME=bench"))
         if not res.ok:
             raise RuntimeError(f"{command} {cid} on node1 failed: {res.stdout or res.stderr}")
         return ms

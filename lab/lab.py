@@ -85,9 +85,13 @@ class Lab:
         """The tenancy bindings every node reads (what the VPC controller renders)."""
         return self.dir / "tenancy.json"
 
-    def write_bindings(self) -> None:
+    def write_bindings(self, extra: Optional[dict[int, tuple[str, list[str]]]] = None) -> None:
+        """The topology's VPCs, and `extra` VNIs (VNI -> (VPC, namespaces)) for tests that
+        attach outside the topology."""
         doc = {"version": 1, "vnis": {str(v.vni): {"vpc": v.name, "namespaces": v.namespaces}
                                       for v in self.topo.vpcs}}
+        for vni, (vpc, namespaces) in (extra or {}).items():
+            doc["vnis"][str(vni)] = {"vpc": vpc, "namespaces": list(namespaces)}
         self.dir.mkdir(parents=True, exist_ok=True)
         tmp = self.bindings_file.with_suffix(".tmp")
         tmp.write_text(json.dumps(doc, indent=1))

@@ -55,6 +55,7 @@ fi
 PY=$ROOT/.venv/bin/python
 VERSION=$("$PY" -c 'import tomllib; print(tomllib.load(open("pyproject.toml", "rb"))["project"]["version"])')
 IMAGE=localhost/vpcni:$VERSION
+CONTROLLER_IMAGE=localhost/vpcni-controller:$VERSION
 
 mkdir -p "$CACHE/tmp" "$CACHE/wheels"
 exec 9>"$CACHE/.lock"
@@ -150,23 +151,24 @@ cp "$shim" "$ctx/opt/cache/shim/$shim_key/vpcni"
 chmod 0755 "$ctx/opt/cache/shim/$shim_key/vpcni"
 ln -s "../cache/shim/$shim_key/vpcni" "$ctx/opt/cni/vpcni"
 
-# Dependencies: pyproject's, its ovs extra's (the image serves ovs nodes too) and its
-# controller extra's (the VPC controller's Deployment runs the same image), less
-# grpcio-tools; pinned to .venv's versions (what the tests run with; the stubs' protobuf
-# and grpcio runtime checks hold for those).
-"$PY" - "$src/pyproject.toml" >"$work/requirements.txt" <<'PYTHON'
+# Dependencies: pyproject's and its ovs extra's (the node image serves ovs nodes too),
+# less grpcio-tools; the controller extra's (kopf, kubernetes: 130 MB the nodes do not
+# need) for the controller image only. Pinned to .venv's versions (what the tests run
+# with; the stubs' protobuf and grpcio runtime checks hold for those).
+"$PY" - "$src/pyproject.toml" "$work/controller-requirements.txt" >"$work/requirements.txt" <<'PYTHON'
 import re, sys, tomllib
 project = tomllib.load(open(sys.argv[1], "rb"))["project"]
 extras = project["optional-dependencies"]
-for dep in project["dependencies"] + extras["ovs"] + extras["controller"]:
+for dep in project["dependencies"] + extras["ovs"]:
     name = re.match(r"[A-Za-z0-9._-]+", dep).group(0).lower().replace("_", "-")
     if name != "grpcio-tools":
         print(dep)
+open(sys.argv[2], "w").write("".join(f"{dep}\n" for dep in extras["controller"]))
 PYTHON
 "$PY" -m pip freeze --exclude-editable --disable-pip-version-check \
   | grep -v -i -e '^vpcni==' -e ' @ ' -e '^grpcio-tools==' >"$work/constraints.txt" || true
 pip_version=$("$PY" -c 'import pip; print(pip.__version__)')
-wheels_key=$(cat "$work/requirements.txt" "$work/constraints.txt" \
+wheels_key=$(cat "$work/requirements.txt" "$work/controller-requirements.txt" "$work/constraints.txt" \
                <(echo "pip $pip_version"; "$PY" -c 'import sys, sysconfig; print(sys.version, sysconfig.get_platform())') \
              | sha256sum | cut -c1-12)
 wheels=$CACHE/wheels/$wheels_key
@@ -175,10 +177,11 @@ if [ ! -d "$wheels" ]; then
   rm -rf "$wheels.tmp"
   mkdir -p "$wheels.tmp"
   "$PY" -m pip wheel -q --disable-pip-version-check -w "$wheels.tmp" \
-    -r "$work/requirements.txt" -c "$work/constraints.txt"
+    -r "$work/requirements.txt" -r "$work/controller-requirements.txt" -c "$work/constraints.txt"
   "$PY" -m pip download -q --disable-pip-version-check --no-deps --only-binary=:all: \
     -d "$wheels.tmp" "pip==$pip_version"
-  cp "$work/requirements.txt" "$work/constraints.txt" "$wheels.tmp/"
+  cp "$work/requirements.txt" "$work/controller-requirements.txt" "$work/constraints.txt" \
+    "$wheels.tmp/"
   mv "$wheels.tmp" "$wheels"
   # Wheelhouses of other inputs: only the one in use is kept.
   find "$CACHE/wheels" -mindepth 1 -maxdepth 1 -type d ! -name "$wheels_key" -exec rm -rf {} +
@@ -203,7 +206,9 @@ print(h.hexdigest()[:16])
 PYTHON
 )
 current=$(podman image inspect --format '{{index .Labels "io.vpcni.build"}}' "$IMAGE" 2>/dev/null || true)
-if [ "$current" = "$build_hash" ]; then
+current_controller=$(podman image inspect --format '{{index .Labels "io.vpcni.build"}}' \
+                       "$CONTROLLER_IMAGE" 2>/dev/null || true)
+if [ "$current" = "$build_hash" ] && [ "$current_controller" = "$build_hash" ]; then
   size=$(podman image inspect --format '{{.Size}}' "$IMAGE")
   log "$IMAGE is up to date (build $build_hash, $((size / 1000000)) MB)"
   exit 0
@@ -219,7 +224,17 @@ old=$(podman image inspect --format '{{.Id}}' "$IMAGE" 2>/dev/null || true)
 log "podman build $IMAGE FROM $BASE"
 podman build "${BUILD_FLAGS[@]}" --build-arg "BASE=$BASE" --build-arg "VERSION=$VERSION" \
   --label "io.vpcni.build=$build_hash" --label "io.vpcni.base=$BASE" \
-  -f "$ROOT/$CONTAINERFILE" -t "$IMAGE" "$ctx"
+  -f "$ROOT/$CONTAINERFILE" --target node -t "$IMAGE" "$ctx"
+# The controller's image: the node image's stages again (cached) plus the controller extra.
+log "podman build $CONTROLLER_IMAGE"
+old_controller=$(podman image inspect --format '{{.Id}}' "$CONTROLLER_IMAGE" 2>/dev/null || true)
+podman build "${BUILD_FLAGS[@]}" --build-arg "BASE=$BASE" --build-arg "VERSION=$VERSION" \
+  --label "io.vpcni.build=$build_hash" --label "io.vpcni.base=$BASE" \
+  -f "$ROOT/$CONTAINERFILE" --target controller -t "$CONTROLLER_IMAGE" "$ctx"
+new_controller=$(podman image inspect --format '{{.Id}}' "$CONTROLLER_IMAGE")
+if [ -n "$old_controller" ] && [ "$old_controller" != "$new_controller" ]; then
+  podman rmi "$old_controller" >/dev/null 2>&1 || true
+fi
 new=$(podman image inspect --format '{{.Id}}' "$IMAGE")
 if [ -n "$old" ] && [ "$old" != "$new" ]; then
   # The image this one replaces, now untagged (kept if a container still uses it).
@@ -231,4 +246,5 @@ for tag in $(podman images --format '{{.Repository}}:{{.Tag}}' localhost/vpcni-b
 done
 [ -z "${replaced_base:-}" ] || podman rmi "$replaced_base" >/dev/null 2>&1 || true
 size=$(podman image inspect --format '{{.Size}}' "$IMAGE")
-log "built $IMAGE (build $build_hash, $((size / 1000000)) MB)"
+csize=$(podman image inspect --format '{{.Size}}' "$CONTROLLER_IMAGE")
+log "built $IMAGE (build $build_hash, $((size / 1000000)) MB) and $CONTROLLER_IMAGE ($((csize / 1000000)) MB)"

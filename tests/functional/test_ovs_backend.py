@@ -63,7 +63,10 @@ def cni(lab: Lab, node: str, command: str, name: str, vni: int, addr: str, ns: N
         extra: dict | None = None):
     conf = {"cniVersion": "1.1.0", "name": name, "type": "vpcni", "vni": vni, "addr": addr,
             **(extra or {})}
-    return lab.node(node).cni(command, conf, f"{lab.box.prefix}-{ns.name}", ns.path, "eth1")
+    # VNIs outside the topology: bound to the lab's namespace for these calls (tenancy).
+    lab.write_bindings({302: ("green", ["lab"]), 303: ("chk", ["lab"])})
+    return lab.node(node).cni(command, conf, f"{lab.box.prefix}-{ns.name}", ns.path, "eth1",
+                              args="K8S_POD_NAMESPACE=lab;K8S_POD_NAME=" + ns.name)
 
 
 def test_mixed_lab_reaches_inside_and_isolates_across(lab):

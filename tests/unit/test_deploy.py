@@ -39,6 +39,7 @@ ROOT = Path(__file__).resolve().parents[2]
 DEPLOY = ROOT / "deploy"
 KUBERNETES = "1.32"  # the schemas objects are validated against (kubernetes-validate ships them)
 IMAGE = "localhost/vpcni:0.1.0"
+CONTROLLER_IMAGE = "localhost/vpcni-controller:0.1.0"
 FRR_IMAGE = "quay.io/frrouting/frr:9.1.0"
 ETCD_IMAGE = "registry.k8s.io/etcd:3.5.16-0"
 NAMESPACE = "vpcni-system"
@@ -216,12 +217,13 @@ def test_namespaced_objects_are_in_vpcni_system(target):
 def test_every_container_runs_vpcnis_image_but_bgpd_and_etcd(target):
     for _, pod in workloads(rendered(target)):
         for c in all_containers(pod):
-            expected = {"frr": FRR_IMAGE, "etcd": ETCD_IMAGE}.get(c["name"], IMAGE)
+            expected = {"frr": FRR_IMAGE, "etcd": ETCD_IMAGE,
+                        "controller": CONTROLLER_IMAGE}.get(c["name"], IMAGE)
             assert c["image"] == expected, c["name"]
 
 
 def test_images_are_named_in_one_place():
-    for image in (IMAGE, FRR_IMAGE, ETCD_IMAGE):
+    for image in (IMAGE, CONTROLLER_IMAGE, FRR_IMAGE, ETCD_IMAGE):
         repository = image.rsplit(":", 1)[0]
         named = [p.relative_to(DEPLOY) for p in DEPLOY.rglob("*.yaml")
                  if repository in p.read_text()]
@@ -229,7 +231,7 @@ def test_images_are_named_in_one_place():
     for p in DEPLOY.rglob("*.yaml"):
         if p.parent.name != "examples":
             for image in re.findall(r"^\s*image:\s*(\S+)", p.read_text(), re.M):
-                assert image in ("vpcni", "frr", "etcd"), (p, image)
+                assert image in ("vpcni", "vpcni-controller", "frr", "etcd"), (p, image)
 
 
 # ---------------------------------------------------------------- Kubernetes schemas
@@ -683,8 +685,9 @@ def test_agent_pod(base):
 
 
 def test_reflector_pods(full):
-    frr = get(full, "StatefulSet", "vpcni-route-reflector")
-    gobgpd = get(rendered("overlays/gobgpd-reflectors"), "StatefulSet", "vpcni-route-reflector")
+    # The full overlay picks gobgpd reflectors (graceful restart helpers).
+    gobgpd = get(full, "StatefulSet", "vpcni-route-reflector")
+    frr = get(rendered("overlays/frr-reflectors"), "StatefulSet", "vpcni-route-reflector")
     for sts in (frr, gobgpd):
         assert sts["spec"]["replicas"] == 2
         pod = sts["spec"]["template"]["spec"]
