@@ -57,6 +57,9 @@ REQUEST_READ_TIMEOUT = 10.0
 # are in it (tested: at 3 s a node dropped a whole node's routes for seconds).
 RESYNC_MIN = 12.0
 RESYNC_QUIET = 1.0
+# ... but never longer than this after a session is back (routes that keep
+# changing somewhere in the cluster must not keep deleted pods' entries forever).
+RESYNC_MAX = 60.0
 # While holding, the reconcile loop looks at the sessions this often.
 HOLD_POLL = 0.5
 # The vpcni-ipam pools of the networks the node's attachments use, as the requests
@@ -123,6 +126,7 @@ class Agent:
         self._last_remote_change = 0.0
         self._seen_disconnects = 0
         self._sessions: dict[str, str] = {}
+        self._cp_lock = threading.Lock()  # _check_control_plane: reconcile thread and ADDs
         self._last_remote: dict[int, RemoteState] = {}
         self._route_refs: Optional[Counter] = None  # route -> attachments wanting it
         self._problems: list[str] = []  # what keeps the node from serving (readiness)
@@ -395,6 +399,10 @@ class Agent:
             backend = self._backend_of_vni(vni)
             if backend is None:
                 continue
+            if self._hold is not None and vni not in self._last_remote:
+                # Nothing learned in this process yet (an agent started while the
+                # control plane is away): leave the entries the dataplane has.
+                continue
             try:
                 self.handler.apply_remote(backend, vni)
             except VpcniError as exc:
@@ -406,12 +414,26 @@ class Agent:
         return None
 
     def _remote_state(self, vni: int) -> RemoteState:
+        """What the backend is to hold for `vni`: gobgpd's table, plus, while the
+        control plane is away or resynchronising, the entries learned before. Called
+        by the reconcile thread and by ADDs: a remote state that shrank is checked
+        against gobgpd's sessions first, so that an ADD racing the withdrawals of a
+        session that just went down does not flush what the hold is to keep."""
         learned = self.speaker.remote_state(vni)
         kept = self._last_remote.get(vni)
+        if (kept is not None and self._hold is None
+                and len(learned.endpoints) + len(learned.flood)
+                < len(kept.endpoints) + len(kept.flood)):
+            with self._cp_lock:
+                self._check_control_plane()
         if kept is not None and self._hold is not None:
-            fresh = {ep.mac for ep in learned.endpoints}
+            # Fresh entries win: a kept one goes when its MAC or its address is in
+            # gobgpd's table now (a pod moved, or its address was reused).
+            macs = {ep.mac for ep in learned.endpoints}
+            ips = {ep.ip for ep in learned.endpoints if ep.ip is not None}
             learned = RemoteState(
-                endpoints=learned.endpoints + [ep for ep in kept.endpoints if ep.mac not in fresh],
+                endpoints=learned.endpoints + [ep for ep in kept.endpoints
+                                               if ep.mac not in macs and ep.ip not in ips],
                 flood=list(dict.fromkeys([*learned.flood, *kept.flood])))
         self._last_remote[vni] = learned
         return learned
@@ -444,11 +466,17 @@ class Agent:
             self._hold = f"resynchronising (sessions up: {', '.join(up)})"
             LOG.info("control plane back after %.1fs (%s): resynchronising",
                      now - self._hold_since, ", ".join(up))
-        if (now - self._sessions_since >= RESYNC_MIN
-                and now - self._last_remote_change >= RESYNC_QUIET):
+        settled = (now - self._sessions_since >= RESYNC_MIN
+                   and now - self._last_remote_change >= RESYNC_QUIET)
+        if settled or now - self._sessions_since >= RESYNC_MAX:
             LOG.info("control plane resynchronised: remote entries follow gobgpd's table "
-                     "again (held %.1fs)", now - self._hold_since)
+                     "again (held %.1fs%s)", now - self._hold_since,
+                     "" if settled else "; routes still changing, held no longer")
             self._hold, self._sessions_since = None, None
+            # What was kept for VNIs no longer on this node goes too.
+            local = self.handler.local_vnis()
+            for vni in [v for v in self._last_remote if v not in local]:
+                del self._last_remote[vni]
             return True
         return False
 
@@ -472,9 +500,11 @@ class Agent:
         hold_ended = False
         if self.speaker is not None:
             try:
-                hold_ended = self._check_control_plane()
+                with self._cp_lock:
+                    hold_ended = self._check_control_plane()
             except Exception:
-                LOG.exception("checking gobgpd's sessions failed")
+                LOG.exception("checking gobgpd's sessions failed: holding remote entries")
+                self._hold = self._hold or "checking gobgpd's sessions failed"
             self.metrics.holding_stale.set(1 if self._hold else 0)
             established = sum(1 for st in self._sessions.values() if st == "established")
             self.metrics.bgp_sessions.labels("established").set(established)

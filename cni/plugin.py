@@ -200,7 +200,14 @@ class Dispatcher:
         if command == "GC" and cfg.gc_valid() is None:
             raise InvalidConfig("network config: GC needs 'cni.dev/valid-attachments'")
         _check_ipam(cfg)
-        self._check_node_config(env)
+        try:
+            self._check_node_config(env)
+        except VpcniError as exc:
+            # Cleaning up is never refused for a difference in settings (kubelet would
+            # retry a DEL forever, a spooled one would be given up): logged instead.
+            if command not in ("DEL", "GC"):
+                raise
+            LOG.warning("%s served despite the node config: %s", command, exc)
         from vpcni.core.handler import Request
 
         return Request(command=command, config=cfg, env=dict(env), stdin=stdin, **fields)

@@ -412,7 +412,8 @@ def bindings_document(vpcs: Iterable[dict], claims: Iterable[dict]) -> dict:
             continue
         if (vpc.get("status") or {}).get("vni") != vni:
             continue
-        vnis[vni] = {"vpc": name_of(vpc), "namespaces": bound_namespaces(vpc)}
+        vnis[vni] = {"vpc": name_of(vpc), "network": nad_name(name_of(vpc)),
+                     "namespaces": bound_namespaces(vpc)}
     return {"version": 1, "vnis": {str(k): vnis[k] for k in sorted(vnis)}}
 
 

@@ -174,7 +174,7 @@ class Handler:
         if cfg.vf is not None:
             provider_state["vf"] = cfg.vf
         pod_namespace, pod_name = req.args.get("K8S_POD_NAMESPACE"), req.args.get("K8S_POD_NAME")
-        vpc = self.tenancy.check(cfg.vni, pod_namespace, pod_name) or None
+        vpc = self.tenancy.check(cfg.vni, pod_namespace, pod_name, cfg.name) or None
         caps = backend.describe()
         provider.preflight(Attachment(network=cfg.name, vni=cfg.vni,
                                       container_id=req.container_id, ifname=req.ifname,

@@ -19,11 +19,12 @@ from __future__ import annotations
 import json
 import os
 import threading
-from typing import Annotated, Optional
+from typing import Annotated, NamedTuple, Optional
 
 from pydantic import BaseModel, ConfigDict, Field, StringConstraints, ValidationError
 
 from .errors import InvalidConfig, TenancyRefused, TryAgainLater
+from .models import NAME_PATTERN
 
 K8S_NAME = r"^[a-z0-9]([-a-z0-9]{0,61}[a-z0-9])?$"
 MAX_FILE = 16 * 1024 * 1024
@@ -35,6 +36,9 @@ Namespace = Annotated[str, StringConstraints(pattern=K8S_NAME)]
 class Binding(BaseModel):
     model_config = ConfigDict(extra="forbid")
     vpc: str = Field(pattern=K8S_NAME)
+    # The network name (the NAD's config `name`) the VPC's attachments must carry:
+    # vpcni-ipam keys its pools by it, so a tenant may not borrow another VPC's.
+    network: Optional[str] = Field(default=None, pattern=NAME_PATTERN)
     namespaces: list[Namespace] = []
 
 
@@ -44,8 +48,8 @@ class BindingsDoc(BaseModel):
     vnis: dict[int, Binding] = {}
 
 
-def parse_bindings(text: str, source: str) -> dict[int, tuple[str, frozenset[str]]]:
-    """VNI -> (VPC, namespaces) from the file's text; InvalidConfig naming the field."""
+def parse_bindings(text: str, source: str) -> dict[int, "Bound"]:
+    """VNI -> Bound from the file's text; InvalidConfig naming the field."""
     try:
         raw = json.loads(text)
     except (ValueError, RecursionError) as exc:
@@ -61,7 +65,14 @@ def parse_bindings(text: str, source: str) -> dict[int, tuple[str, frozenset[str
         if not 1 <= vni <= 16777215:
             raise InvalidConfig(f"tenancy bindings {source}: vnis.{vni}: not a VNI "
                                 "(1..16777215)")
-    return {vni: (b.vpc, frozenset(b.namespaces)) for vni, b in doc.vnis.items()}
+    return {vni: Bound(b.vpc, frozenset(b.namespaces), b.network)
+            for vni, b in doc.vnis.items()}
+
+
+class Bound(NamedTuple):
+    vpc: str
+    namespaces: frozenset[str]
+    network: Optional[str] = None
 
 
 class Tenancy:
@@ -72,9 +83,9 @@ class Tenancy:
         self.enforce = enforce
         self._lock = threading.Lock()
         self._identity: Optional[tuple] = None
-        self._bindings: dict[int, tuple[str, frozenset[str]]] = {}
+        self._bindings: dict[int, Bound] = {}
 
-    def bindings(self) -> dict[int, tuple[str, frozenset[str]]]:
+    def bindings(self) -> dict[int, Bound]:
         """The current bindings, read again when the file changed; TryAgainLater
         when there is no file (yet), InvalidConfig when it is not valid."""
         try:
@@ -99,9 +110,11 @@ class Tenancy:
                 self._identity = identity
             return self._bindings
 
-    def check(self, vni: int, namespace: Optional[str], pod: Optional[str] = None) -> str:
-        """The VPC the pod may join on `vni`; TenancyRefused naming the namespace and
-        the VPC when it may not. Does nothing (returns "") when tenancy is off."""
+    def check(self, vni: int, namespace: Optional[str], pod: Optional[str] = None,
+              network: Optional[str] = None) -> str:
+        """The VPC the pod may join on `vni` through network `network`; TenancyRefused
+        naming the namespace and the VPC when it may not. Does nothing (returns "")
+        when tenancy is off."""
         if not self.enforce:
             return ""
         bindings = self.bindings()
@@ -114,9 +127,13 @@ class Tenancy:
         if bound is None:
             raise TenancyRefused(f"{who} may not attach to VNI {vni}: no VPC has that VNI "
                                  f"(tenancy bindings {self.path})")
-        vpc, namespaces = bound
+        vpc, namespaces, bound_network = bound
         if namespace not in namespaces:
             raise TenancyRefused(
                 f"{who} may not attach to VPC {vpc} (VNI {vni}): namespace {namespace} is "
                 f"not bound to it (bound: {', '.join(sorted(namespaces)) or 'none'})")
+        if bound_network and network is not None and network != bound_network:
+            raise TenancyRefused(
+                f"{who}: network {network!r} may not use VNI {vni}: it is VPC {vpc}'s, "
+                f"whose network is {bound_network!r}")
         return vpc

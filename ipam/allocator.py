@@ -8,6 +8,7 @@ ifname): a repeated ADD gets what it holds, DEL frees exactly that.
 from __future__ import annotations
 
 import ipaddress
+import os
 import random
 import socket
 from typing import Mapping, Optional
@@ -24,8 +25,11 @@ SCAN_LIMIT = 1 << 20
 
 
 def node_name(settings: IpamSettings, env: Mapping[str, str]) -> str:
-    """This node's name, recorded with its allocations so that its GC touches only those."""
-    return settings.node or env.get("VPCNI_NODE_NAME") or socket.gethostname()
+    """This node's name, recorded with its allocations so that its GC touches only those:
+    the config's, the request's VPCNI_NODE_NAME, the serving process's (the agent's
+    DaemonSet sets it from spec.nodeName; runtimes do not pass it), the host name."""
+    return (settings.node or env.get("VPCNI_NODE_NAME") or os.environ.get("VPCNI_NODE_NAME")
+            or socket.gethostname())
 
 
 def _address(version: int, value: int):

@@ -88,7 +88,8 @@ class Lab:
     def write_bindings(self, extra: Optional[dict[int, tuple[str, list[str]]]] = None) -> None:
         """The topology's VPCs, and `extra` VNIs (VNI -> (VPC, namespaces)) for tests that
         attach outside the topology."""
-        doc = {"version": 1, "vnis": {str(v.vni): {"vpc": v.name, "namespaces": v.namespaces}
+        doc = {"version": 1, "vnis": {str(v.vni): {"vpc": v.name, "network": f"vpc-{v.name}",
+                                                   "namespaces": v.namespaces}
                                       for v in self.topo.vpcs}}
         for vni, (vpc, namespaces) in (extra or {}).items():
             doc["vnis"][str(vni)] = {"vpc": vpc, "namespaces": list(namespaces)}

@@ -611,8 +611,8 @@ def test_the_bindings_document():
     steps.reconcile_vpc(server, make_vpc(server, "red", namespaces=["team-b"]), cfg)
     make_vpc(server, "green")  # not reconciled yet: no VNI in force, not bound
     expected = {"version": 1, "vnis": {
-        "300": {"vpc": "blue", "namespaces": ["team-a", "team-b"]},
-        "4096": {"vpc": "red", "namespaces": ["team-b"]}}}
+        "300": {"vpc": "blue", "network": "vpc-blue", "namespaces": ["team-a", "team-b"]},
+        "4096": {"vpc": "red", "network": "vpc-red", "namespaces": ["team-b"]}}}
     assert steps.reconcile_bindings(server, cfg) == expected
     cm = server.get(CONFIGMAP, "vpcni-tenancy", "vpcni-system")
     assert json.loads(cm["data"]["bindings.json"]) == expected
@@ -625,7 +625,7 @@ def test_bindings_bind_a_vni_only_to_the_vpc_whose_claim_backs_its_status():
             {"metadata": {"name": "red", "uid": "u2"}, "spec": spec(), "status": {"vni": 300}}]
     claim = logic.claim_object(300, vpcs[0])
     doc = logic.bindings_document(vpcs, [claim])
-    assert doc == {"version": 1, "vnis": {"300": {"vpc": "blue",
+    assert doc == {"version": 1, "vnis": {"300": {"vpc": "blue", "network": "vpc-blue",
                                                   "namespaces": ["team-a", "team-b"]}}}
 
 
@@ -638,7 +638,7 @@ def test_a_hand_made_bindings_configmap_is_taken_over_keeping_its_other_keys():
     cm = server.get(CONFIGMAP, "vpcni-tenancy", "vpcni-system")
     assert cm["data"]["README"] == "hand made"
     assert json.loads(cm["data"]["bindings.json"])["vnis"] == {
-        "4096": {"vpc": "blue", "namespaces": []}}
+        "4096": {"vpc": "blue", "network": "vpc-blue", "namespaces": []}}
 
 
 # ---------------------------------------------------------------- status from vpcni-ipam

@@ -988,6 +988,9 @@ def test_reflector_runs_the_fabrics_config(reflector_overlay, tmp_path):
     name, objs = reflector_overlay
     fabric = configmap_data(objs, "vpcni-fabric")
     node_ip = fabric["REFLECTORS"].split()[0]
+    # Not the node IP: the node's own gobgpd, on the same node, has that one.
+    router_id = fabric["REFLECTOR_ROUTER_IDS"].split()[0]
+    assert router_id != node_ip
     results, tmp = reflector_run(objs, tmp_path, node_ip)
     for c, env, out in results.values():
         assert out.returncode == 0, (c["name"], out.stderr)
@@ -995,7 +998,7 @@ def test_reflector_runs_the_fabrics_config(reflector_overlay, tmp_path):
         assert list(results) == ["render", "frr"]
         conf = (tmp / "etc-frr" / "bgpd.conf").read_text()
         assert f"router bgp {fabric['ASN']}\n" in conf
-        assert f" bgp router-id {node_ip}\n" in conf
+        assert f" bgp router-id {router_id}\n" in conf
         assert f" bgp listen range {fabric['VTEP_PREFIX']} peer-group VTEP\n" in conf
         calls = (tmp / "fakes" / "bgpd.args").read_text().split("-Z\n")
         assert len(calls) == 3 and f"-f\n{tmp}/etc-frr/bgpd.conf" in calls[1]  # started twice
@@ -1004,7 +1007,7 @@ def test_reflector_runs_the_fabrics_config(reflector_overlay, tmp_path):
         ((c, env, out),) = results.values()
         assert c["name"] == "gobgpd"
         config = tomllib.loads((tmp / "run-gobgpd" / "gobgpd.toml").read_text())
-        assert config["global"]["config"]["router-id"] == node_ip
+        assert config["global"]["config"]["router-id"] == router_id
         assert config["dynamic-neighbors"][0]["config"]["prefix"] == fabric["VTEP_PREFIX"]
         args = (tmp / "fakes" / "gobgpd.args").read_text().split()
         assert args[args.index("--api-hosts") + 1] == f"unix://{tmp}/run-gobgpd/gobgpd.sock"

@@ -60,3 +60,14 @@ def test_a_changed_file_is_read_again_an_unchanged_one_is_not(tmp_path, monkeypa
     write(path, {"300": {"vpc": "blue", "namespaces": ["a", "z"]}})
     assert t.check(300, "z") == "blue"
     assert reads == [str(path)]
+
+
+def test_a_bound_network_name_keeps_other_networks_off_the_vni(tmp_path):
+    """A tenant's NAD may carry the VPC's VNI only under the VPC's network name
+    (vpcni-ipam keys its pools by it)."""
+    path = tmp_path / "b.json"
+    write(path, {"300": {"vpc": "blue", "network": "vpc-blue", "namespaces": ["a"]}})
+    t = Tenancy(str(path))
+    assert t.check(300, "a", "p", "vpc-blue") == "blue"
+    with pytest.raises(TenancyRefused, match="network 'vpc-red' may not use VNI 300"):
+        t.check(300, "a", "p", "vpc-red")

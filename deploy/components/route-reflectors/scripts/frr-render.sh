@@ -5,6 +5,6 @@
 set -eu
 here=$(dirname "$0")
 . "$here/require-listed.sh"
-/opt/vpcni/venv/bin/vpcnictl render frr-rr --router-id "$NODE_IP" --asn "$ASN" \
+/opt/vpcni/venv/bin/vpcnictl render frr-rr --router-id "$ROUTER_ID" --asn "$ASN" \
   --vtep-prefix "$VTEP_PREFIX" > /etc/frr/bgpd.conf
 : > /etc/frr/vtysh.conf

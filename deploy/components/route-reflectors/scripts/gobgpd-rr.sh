@@ -5,7 +5,7 @@
 set -eu
 here=$(dirname "$0")
 . "$here/require-listed.sh"
-/opt/vpcni/venv/bin/vpcnictl render gobgpd-rr --router-id "$NODE_IP" --asn "$ASN" \
+/opt/vpcni/venv/bin/vpcnictl render gobgpd-rr --router-id "$ROUTER_ID" --asn "$ASN" \
   --vtep-prefix "$VTEP_PREFIX" > /run/gobgpd/gobgpd.toml
 rm -f /run/gobgpd/gobgpd.sock
 exec gobgpd -f /run/gobgpd/gobgpd.toml -p --pprof-disable \
