@@ -128,6 +128,9 @@ class Agent:
         self._sessions: dict[str, str] = {}
         self._cp_lock = threading.Lock()  # _check_control_plane: reconcile thread and ADDs
         self._last_remote: dict[int, RemoteState] = {}
+        # What a hold keeps: the remote state as it was when the control plane went
+        # (routes learned and withdrawn during the hold are the control plane's word).
+        self._held: dict[int, RemoteState] = {}
         self._route_refs: Optional[Counter] = None  # route -> attachments wanting it
         self._problems: list[str] = []  # what keeps the node from serving (readiness)
         # vpcni-ipam usage (metrics): the pools seen in requests, refreshed by a thread
@@ -415,7 +418,8 @@ class Agent:
 
     def _remote_state(self, vni: int) -> RemoteState:
         """What the backend is to hold for `vni`: gobgpd's table, plus, while the
-        control plane is away or resynchronising, the entries learned before. Called
+        control plane is away or resynchronising, the entries it had when the control
+        plane went (nothing, for an agent that starts without sessions). Called
         by the reconcile thread and by ADDs: a remote state that shrank is checked
         against gobgpd's sessions first, so that an ADD racing the withdrawals of a
         session that just went down does not flush what the hold is to keep."""
@@ -426,7 +430,8 @@ class Agent:
                 < len(kept.endpoints) + len(kept.flood)):
             with self._cp_lock:
                 self._check_control_plane()
-        if kept is not None and self._hold is not None:
+        kept = self._held.get(vni) if self._hold is not None else None
+        if kept is not None:
             # Fresh entries win: a kept one goes when its MAC or its address is in
             # gobgpd's table now (a pod moved, or its address was reused).
             macs = {ep.mac for ep in learned.endpoints}
@@ -437,6 +442,15 @@ class Agent:
                 flood=list(dict.fromkeys([*learned.flood, *kept.flood])))
         self._last_remote[vni] = learned
         return learned
+
+    def _start_hold(self, why: str, now: float) -> None:
+        """Hold remote entries (`why`): a hold that starts, or the control plane lost
+        again while resynchronising, keeps what the dataplane has now."""
+        if self._hold is None:
+            self._hold_since = now
+        if self._hold is None or self._sessions_since is not None:
+            self._held = dict(self._last_remote)
+        self._hold = why
 
     def _check_control_plane(self) -> bool:
         """Update the hold on remote entries from gobgpd's sessions (see RESYNC_MIN);
@@ -453,11 +467,11 @@ class Agent:
                    else f"no BGP session established (route reflectors "
                         f"{', '.join(sorted(self._sessions)) or 'none configured'} unreachable)")
             if self._hold is None or self._sessions_since is not None:
-                self._hold_since = self._hold_since if self._hold else now
                 LOG.log(logging.WARNING if self._last_remote else logging.INFO,
                         "control plane lost (%s): keeping the remote entries learned so far "
                         "until it is back and resynchronised", why)
-            self._hold, self._sessions_since = why, None
+            self._start_hold(why, now)
+            self._sessions_since = None
             return False
         if self._hold is None:
             return False
@@ -472,7 +486,7 @@ class Agent:
             LOG.info("control plane resynchronised: remote entries follow gobgpd's table "
                      "again (held %.1fs%s)", now - self._hold_since,
                      "" if settled else "; routes still changing, held no longer")
-            self._hold, self._sessions_since = None, None
+            self._hold, self._sessions_since, self._held = None, None, {}
             # What was kept for VNIs no longer on this node goes too.
             local = self.handler.local_vnis()
             for vni in [v for v in self._last_remote if v not in local]:
@@ -504,7 +518,8 @@ class Agent:
                     hold_ended = self._check_control_plane()
             except Exception:
                 LOG.exception("checking gobgpd's sessions failed: holding remote entries")
-                self._hold = self._hold or "checking gobgpd's sessions failed"
+                self._start_hold(self._hold or "checking gobgpd's sessions failed",
+                                 time.monotonic())
             self.metrics.holding_stale.set(1 if self._hold else 0)
             established = sum(1 for st in self._sessions.values() if st == "established")
             self.metrics.bgp_sessions.labels("established").set(established)

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import os
 import tempfile
-import threading
 import time
 from pathlib import Path
 from typing import Callable
@@ -21,6 +20,7 @@ from typing import Callable
 from vpcni.lab.lab import Lab
 from vpcni.lab.netns import Netns
 from vpcni.lab.topology import Topology
+from vpcni.lab.traffic import continuous_ping
 
 TOPOLOGY = """
 name = "{name}"
@@ -52,20 +52,6 @@ address = "172.16.32.12/24"
 INTERVAL = 0.01
 
 
-def _ping(ns: Netns, dst: str, seconds: float) -> tuple[threading.Thread, dict]:
-    res: dict = {}
-    count = int(seconds / INTERVAL)
-
-    def go():
-        proc = ns.exec("ping", "-n", "-q", "-i", str(INTERVAL), "-W", "1", "-c", str(count),
-                       dst, check=False, timeout=seconds + 30)
-        stats = [l for l in proc.stdout.splitlines() if "packets transmitted" in l][0].split()
-        res["sent"], res["received"] = int(stats[0]), int(stats[3])
-    thread = threading.Thread(target=go)
-    thread.start()
-    return thread, res
-
-
 def gobgpd_restart_loss(log: Callable[[str], None] = print, window: float = 20.0) -> dict:
     out: dict = {"interval_ms": INTERVAL * 1000, "window_s": window}
     for daemon in ("frr", "gobgpd"):
@@ -76,18 +62,19 @@ def gobgpd_restart_loss(log: Callable[[str], None] = print, window: float = 20.0
             lab.up()
             try:
                 src = Netns(lab.pods["a"].netns, lab.box, create=False)
-                thread, res = _ping(src, lab.pods["b"].ip, window)
+                ping = continuous_ping(src, lab.pods["b"].ip, window, INTERVAL)
                 time.sleep(2)
                 t0 = time.monotonic()
                 lab.restart_gobgpd("node2")
                 restart_s = time.monotonic() - t0
-                thread.join()
-                lost = res["sent"] - res["received"]
-                out[daemon] = {"sent": res["sent"], "lost": lost,
+                ping.join()
+                sent, received = ping.result
+                lost = sent - received
+                out[daemon] = {"sent": sent, "lost": lost,
                                "loss_ms": round(lost * INTERVAL * 1000),
                                "restart_s": round(restart_s, 2)}
                 log(f"gobgpd restart on node2 with a {daemon} reflector: lost {lost} of "
-                    f"{res['sent']} probes ({lost * INTERVAL * 1000:.0f} ms)")
+                    f"{sent} probes ({lost * INTERVAL * 1000:.0f} ms)")
             finally:
                 lab.down()
     return out

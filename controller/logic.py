@@ -17,6 +17,7 @@ from typing import Annotated, Any, Iterable, Iterator, Literal, Optional
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
+from vpcni.core.config import first_error
 from vpcni.core.models import VNI_MAX, IPAddress, IPNetwork
 from vpcni.ipam.config import EtcdStoreConfig, Range, parse_span
 
@@ -162,18 +163,11 @@ def parse_spec(raw: Any) -> VpcSpec:
 
 
 def _first_error(exc: ValidationError) -> str:
-    err = exc.errors(include_url=False)[0]
-    field = "spec"
-    for part in err["loc"]:
-        field += f"[{part}]" if isinstance(part, int) else f".{part}"
-    if err["type"] == "missing":
+    kind, field, value, msg = first_error(exc, "spec")
+    if kind == "missing":
         return f"{field} is required"
-    value = json.dumps(err.get("input"), default=str)
-    value = value if len(value) <= 120 else value[:117] + "..."
-    if err["type"] == "extra_forbidden":
+    if kind == "extra_forbidden":
         return f"{field}: unsupported field (value {value})"
-    msg = err["msg"]
-    msg = msg[len("Value error, "):] if msg.startswith("Value error, ") else msg
     return f"{field} = {value}: {msg}"
 
 

@@ -18,6 +18,8 @@ from typing import Any, Optional
 import kopf
 from pydantic import ValidationError
 
+from vpcni.core.config import first_error
+
 from . import api as steps
 from .logic import GROUP, VERSION, ControllerConfig
 
@@ -38,9 +40,8 @@ def load_config(path: Optional[str] = None) -> ControllerConfig:
     try:
         return ControllerConfig.model_validate(raw)
     except ValidationError as exc:
-        err = exc.errors(include_url=False)[0]
-        field = ".".join(str(p) for p in err["loc"]) or "(config)"
-        raise SystemExit(f"controller config {path}: {field}: {err['msg']}") from None
+        _, field, _, msg = first_error(exc)
+        raise SystemExit(f"controller config {path}: {field or '(config)'}: {msg}") from None
 
 
 def operator_settings() -> kopf.OperatorSettings:

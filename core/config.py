@@ -39,6 +39,17 @@ def _loc(loc: tuple) -> str:
     return out
 
 
+def first_error(exc: ValidationError, root: str = "") -> tuple[str, str, str, str]:
+    """The first pydantic error as (type, field path like `root.a[0].b`, the value as
+    JSON cut at 120 characters, message): one reading for every error message."""
+    err = exc.errors(include_url=False)[0]
+    field = _loc(((root,) if root else ()) + tuple(err["loc"]))
+    value = json.dumps(err.get("input"), default=str)
+    if len(value) > 120:
+        value = value[:117] + "..."
+    return err["type"], field, value, err["msg"].removeprefix("Value error, ")
+
+
 def raise_validation(exc: ValidationError, where: str,
                      unsupported: type[VpcniError] = UnsupportedField) -> None:
     """Turn the first pydantic error into a CNI error naming field and value.
@@ -46,19 +57,13 @@ def raise_validation(exc: ValidationError, where: str,
     An unknown key is `unsupported` (code 2 is the spec's for the network
     config only; the node config is plugin-private, so it passes InvalidConfig).
     """
-    err = exc.errors(include_url=False)[0]
-    field = _loc(err["loc"]) or "(config)"
-    value = json.dumps(err.get("input"), default=str)
-    if len(value) > 120:
-        value = value[:117] + "..."
-    if err["type"] == "extra_forbidden":
+    kind, field, value, msg = first_error(exc)
+    field = field or "(config)"
+    if kind == "extra_forbidden":
         raise unsupported(f"{where}: unsupported field {field!r} (value {value})")
-    if err["type"] == "missing":
+    if kind == "missing":
         # The input of a missing field is the object around it: not worth quoting.
         raise InvalidConfig(f"{where}: {field!r} is required")
-    msg = err["msg"]
-    if msg.startswith("Value error, "):
-        msg = msg[len("Value error, "):]
     raise InvalidConfig(f"{where}: invalid {field!r} = {value}: {msg}")
 
 

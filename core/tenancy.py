@@ -23,6 +23,7 @@ from typing import Annotated, NamedTuple, Optional
 
 from pydantic import BaseModel, ConfigDict, Field, StringConstraints, ValidationError
 
+from .config import raise_validation
 from .errors import InvalidConfig, TenancyRefused, TryAgainLater
 from .models import NAME_PATTERN
 
@@ -57,10 +58,7 @@ def parse_bindings(text: str, source: str) -> dict[int, "Bound"]:
     try:
         doc = BindingsDoc.model_validate(raw)
     except ValidationError as exc:
-        err = exc.errors(include_url=False)[0]
-        where = ".".join(str(p) for p in err["loc"]) or "(top level)"
-        msg = err["msg"].removeprefix("Value error, ")
-        raise InvalidConfig(f"tenancy bindings {source}: {where}: {msg}") from None
+        raise_validation(exc, f"tenancy bindings {source}", unsupported=InvalidConfig)
     for vni in doc.vnis:
         if not 1 <= vni <= 16777215:
             raise InvalidConfig(f"tenancy bindings {source}: vnis.{vni}: not a VNI "

@@ -10,6 +10,7 @@ that cleanup kills exactly those, by pid.
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import json
 import os
 import secrets
@@ -123,7 +124,9 @@ class Sandbox:
 
     With a `state_file`, what it creates is written down as it goes, so that
     another process (`vpcnictl lab down`) can remove everything later, also
-    after a failed or interrupted build.
+    after a failed or interrupted build. Several processes may hold the same
+    sandbox (a test and the `vpcnictl lab` fault verbs it runs): every write
+    merges with the file under a lock, so none drops what another started.
     """
 
     def __init__(self, prefix: Optional[str] = None, root_dir: Optional[Path] = None,
@@ -136,19 +139,34 @@ class Sandbox:
         # pid -> (start time, namespace name): processes we started, to kill by pid.
         self.processes: dict[int, tuple[str, str]] = {}
         self.ns_names: list[str] = []
+        self._gone: set[int] = set()  # pids this object killed: not merged back
         self._cleanups: list = []
         self._save()
 
     def _save(self) -> None:
+        """Write the state down, merged with what other holders wrote (under a lock):
+        their live processes and namespaces are kept, and learnt here too."""
         if self.state_file is None:
             return
-        data = {"prefix": self.prefix, "root_dir": str(self.root_dir),
-                "namespaces": self.ns_names,
-                "processes": [{"pid": pid, "start": st, "netns": ns}
-                              for pid, (st, ns) in self.processes.items()]}
-        tmp = self.state_file.with_suffix(".tmp")
-        tmp.write_text(json.dumps(data, indent=1))
-        os.replace(tmp, self.state_file)
+        with open(self.state_file.with_suffix(".lock"), "a") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            try:
+                disk = json.loads(self.state_file.read_text())
+            except (OSError, ValueError):
+                disk = {"namespaces": [], "processes": []}
+            for name in disk["namespaces"]:
+                if name not in self.ns_names:
+                    self.ns_names.append(name)
+            for p in disk["processes"]:
+                if p["pid"] not in self._gone and _start_time(p["pid"]) == p["start"]:
+                    self.processes.setdefault(p["pid"], (p["start"], p["netns"]))
+            data = {"prefix": self.prefix, "root_dir": str(self.root_dir),
+                    "namespaces": self.ns_names,
+                    "processes": [{"pid": pid, "start": st, "netns": ns}
+                                  for pid, (st, ns) in self.processes.items()]}
+            tmp = self.state_file.with_suffix(".tmp")
+            tmp.write_text(json.dumps(data, indent=1))
+            os.replace(tmp, self.state_file)
 
     @classmethod
     def restore(cls, state_file: Path) -> "Sandbox":
@@ -162,6 +180,7 @@ class Sandbox:
         box.namespaces = {n.removeprefix(box.prefix + "-"): Netns(n, box, create=False)
                           for n in box.ns_names if (NETNS_DIR / n).exists()}
         box.processes = {p["pid"]: (p["start"], p["netns"]) for p in data["processes"]}
+        box._gone = set()
         box._cleanups = []
         return box
 
@@ -182,6 +201,7 @@ class Sandbox:
 
     def pids(self, netns: str, exe: str) -> list[int]:
         """Our live processes in `netns` whose command (after `ip netns exec NS`) is `exe`."""
+        self._save()  # what other holders of the sandbox started since
         out = []
         for pid, (start, ns) in self.processes.items():
             if ns != netns or _start_time(pid) != start:
@@ -201,6 +221,7 @@ class Sandbox:
     def kill_processes(self, netns: Optional[str] = None,
                        pids: Optional[list[int]] = None) -> None:
         """SIGTERM (then SIGKILL) our processes, all or those of one namespace, by pid."""
+        self._save()  # what other holders of the sandbox started since
         victims = [pid for pid, (_, ns) in self.processes.items()
                    if netns in (None, ns) and (pids is None or pid in pids)]
         for pid in victims:
@@ -210,6 +231,7 @@ class Sandbox:
                     os.kill(pid, signal.SIGTERM)
         for pid in victims:
             start, _ = self.processes.pop(pid)
+            self._gone.add(pid)
             if not _wait_gone(pid, 10) and _start_time(pid) == start:
                 with contextlib.suppress(ProcessLookupError):
                     os.kill(pid, signal.SIGKILL)
@@ -246,6 +268,7 @@ class Sandbox:
         run(["rm", "-rf", str(self.root_dir)], check=False)
         if self.state_file is not None:
             self.state_file.unlink(missing_ok=True)
+            self.state_file.with_suffix(".lock").unlink(missing_ok=True)
         if errors:
             raise RuntimeError(f"cleanup errors: {errors}")
 

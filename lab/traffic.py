@@ -8,6 +8,7 @@ may use the same addresses).
 from __future__ import annotations
 
 import subprocess
+import threading
 import time
 
 from .netns import Netns, wait_for
@@ -63,3 +64,19 @@ def wait_ping(ns: Netns, dst: str, timeout: float = 10.0) -> float:
     wait_for(lambda: ns.ping(dst, count=1, timeout=0.5), timeout=timeout, interval=0.0,
              what=f"ping {dst} from {ns.name}")
     return time.monotonic() - start
+
+
+def continuous_ping(ns: Netns, dst: str, seconds: float, interval: float = 0.1):
+    """Start `ping -i interval` for `seconds` from `ns`; returns the thread running it,
+    whose `.result` is (sent, received) once joined."""
+    count = int(seconds / interval)
+
+    def go():
+        proc = ns.exec("ping", "-n", "-q", "-i", str(interval), "-W", "1", "-c", str(count), dst,
+                       check=False, timeout=seconds + 30)
+        stats = [l for l in proc.stdout.splitlines() if "packets transmitted" in l][0].split()
+        thread.result = (int(stats[0]), int(stats[3]))
+    thread = threading.Thread(target=go)
+    thread.result = None
+    thread.start()
+    return thread

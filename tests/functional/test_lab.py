@@ -10,7 +10,6 @@ from __future__ import annotations
 import json
 import os
 import subprocess
-import threading
 import time
 
 import pytest
@@ -19,7 +18,7 @@ from vpcni.lab.cluster import installed_executable
 from vpcni.lab.lab import Lab, LabError
 from vpcni.lab.netns import Netns, wait_for
 from vpcni.lab.topology import DEFAULT_TOPOLOGY
-from vpcni.lab.traffic import tcp_ident
+from vpcni.lab.traffic import continuous_ping, tcp_ident
 
 pytestmark = [pytest.mark.functional, pytest.mark.slow]
 
@@ -58,21 +57,6 @@ def links(lab: Lab, node: str) -> set[str]:
 
 def fdb(lab: Lab, node: str, dev: str) -> str:
     return lab.box.namespaces[node].exec("bridge", "fdb", "show", "dev", dev, check=False).stdout
-
-
-def continuous_ping(ns: Netns, dst: str, seconds: float, interval: float = 0.1):
-    """Start `ping -i interval` for `seconds`; returns a thread whose .result is (sent, received)."""
-    count = int(seconds / interval)
-
-    def go():
-        proc = ns.exec("ping", "-n", "-q", "-i", str(interval), "-W", "1", "-c", str(count), dst,
-                       check=False, timeout=seconds + 30)
-        stats = [l for l in proc.stdout.splitlines() if "packets transmitted" in l][0].split()
-        t.result = (int(stats[0]), int(stats[3]))
-    t = threading.Thread(target=go)
-    t.result = None
-    t.start()
-    return t
 
 
 def test_lab_check_shows_full_connectivity_inside_and_none_across(lab):

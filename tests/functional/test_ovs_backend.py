@@ -21,7 +21,8 @@ from vpcni.lab.lab import Lab
 from vpcni.lab.netns import Netns, wait_for
 from vpcni.lab.topology import Topology
 from vpcni.lab.traffic import tcp_ident
-from tests.functional.test_lab import continuous_ping, vpcnictl
+from tests.functional.test_lab import vpcnictl
+from vpcni.lab.traffic import continuous_ping
 
 pytestmark = [pytest.mark.functional, pytest.mark.slow]
 
@@ -37,7 +38,10 @@ def lab(tmp_path_factory):
     assert Topology.load(topo).node("node2").backend == "ovs"
     try:
         vpcnictl("lab", "up", str(topo))
-        yield Lab.load(name)
+        lab = Lab.load(name)
+        # VNIs the tests attach outside the topology, bound to the lab's namespace.
+        lab.write_bindings({302: ("green", ["lab"]), 303: ("chk", ["lab"])})
+        yield lab
     finally:
         vpcnictl("lab", "down", name, check=False)
 
@@ -63,8 +67,6 @@ def cni(lab: Lab, node: str, command: str, name: str, vni: int, addr: str, ns: N
         extra: dict | None = None):
     conf = {"cniVersion": "1.1.0", "name": name, "type": "vpcni", "vni": vni, "addr": addr,
             **(extra or {})}
-    # VNIs outside the topology: bound to the lab's namespace for these calls (tenancy).
-    lab.write_bindings({302: ("green", ["lab"]), 303: ("chk", ["lab"])})
     return lab.node(node).cni(command, conf, f"{lab.box.prefix}-{ns.name}", ns.path, "eth1",
                               args="K8S_POD_NAMESPACE=lab;K8S_POD_NAME=" + ns.name)
 
