@@ -32,7 +32,7 @@ from vpcni.core import backend as backends
 from vpcni.core.config import NodeConfig
 from vpcni.core.errors import VpcniError
 from vpcni.core.handler import Change, Handler
-from vpcni.core.models import Attachment, RemoteState
+from vpcni.core.models import Attachment, RemoteState, RoutedState, router_mac
 from vpcni.ipam import IPAM_TYPE
 
 from .metrics import Metrics, code_label, ipam_pool_usage, package_version
@@ -131,7 +131,11 @@ class Agent:
         # What a hold keeps: the remote state as it was when the control plane went
         # (routes learned and withdrawn during the hold are the control plane's word).
         self._held: dict[int, RemoteState] = {}
+        # The same for the routed state of each L3VNI (routed subnets' VPC routers).
+        self._last_routed: dict[int, RoutedState] = {}
+        self._held_routed: dict[int, RoutedState] = {}
         self._route_refs: Optional[Counter] = None  # route -> attachments wanting it
+        self._rmac_value: Optional[str] = None
         self._problems: list[str] = []  # what keeps the node from serving (readiness)
         # vpcni-ipam usage (metrics): the pools seen in requests, refreshed by a thread
         # of its own on the reconcile loop's signal (a slow store never stalls it).
@@ -147,7 +151,18 @@ class Agent:
             self.speaker = EvpnSpeaker(f"unix://{node.evpn.gobgpdSocket}", vtep=self._vtep(),
                                        asn=node.evpn.asn, on_change=self._remote_changed)
             self.handler.remote_source = self._remote_state
+            self.handler.routed_source = self._routed_state
         self.handler.listeners.append(self._local_changed)
+
+    @property
+    def _rmac(self) -> Optional[str]:
+        """This node's router MAC (routed subnets' type-2 and type-5 routes carry it)."""
+        if self._rmac_value is None:
+            try:
+                self._rmac_value = router_mac(self.speaker.vtep if self.speaker else self._vtep())
+            except (ValueError, TypeError):
+                return None
+        return self._rmac_value
 
     def _vtep(self):
         if self.node.vtepAddress is not None:
@@ -356,12 +371,12 @@ class Agent:
             return
         refs = self._route_refs
         gone, new = set(), set()
-        for route in (r for att in change.removed for r in local_routes([att])):
+        for route in (r for att in change.removed for r in local_routes([att], self._rmac)):
             refs[route] -= 1
             if refs[route] <= 0:
                 del refs[route]
                 gone.add(route)
-        for route in (r for att in change.added for r in local_routes([att])):
+        for route in (r for att in change.added for r in local_routes([att], self._rmac)):
             refs[route] += 1
             if refs[route] == 1:
                 new.add(route)
@@ -389,7 +404,7 @@ class Agent:
         """Announce exactly the routes of the records; the caller holds _sync_lock."""
         refs: Counter = Counter()
         for att in self.handler.store.all():
-            refs.update(local_routes([att]))
+            refs.update(local_routes([att], self._rmac))
         self._route_refs = refs
         try:
             self.speaker.set_local(set(refs))
@@ -397,6 +412,12 @@ class Agent:
             LOG.exception("could not sync local routes to gobgpd (retried by reconcile)")
 
     def _converge(self, vnis: set[int]) -> None:
+        routed = self.handler.local_l3vnis()
+        for l3vni in sorted(vnis & routed.keys()):
+            try:
+                self.handler.apply_routed(self.handler.backend_named(routed[l3vni]), l3vni)
+            except VpcniError as exc:
+                LOG.error("converge L3VNI %d: %s", l3vni, exc)
         local = self.handler.local_vnis()
         for vni in sorted(vnis & local):
             backend = self._backend_of_vni(vni)
@@ -443,6 +464,22 @@ class Agent:
         self._last_remote[vni] = learned
         return learned
 
+    def _routed_state(self, l3vni: int) -> RoutedState:
+        """What a VPC router is to hold: gobgpd's routes of the L3VNI, plus, while the
+        control plane is away or resynchronising, those it had when it went (fresh
+        ones win by address and by prefix and VTEP), as _remote_state does for a VNI."""
+        learned = self.speaker.routed_state(l3vni)
+        kept = self._held_routed.get(l3vni) if self._hold is not None else None
+        if kept is not None:
+            ips = {h.ip for h in learned.hosts}
+            prefixes = {(p.prefix, p.vtep) for p in learned.prefixes}
+            learned = RoutedState(
+                hosts=learned.hosts + [h for h in kept.hosts if h.ip not in ips],
+                prefixes=learned.prefixes + [p for p in kept.prefixes
+                                             if (p.prefix, p.vtep) not in prefixes])
+        self._last_routed[l3vni] = learned
+        return learned
+
     def _start_hold(self, why: str, now: float) -> None:
         """Hold remote entries (`why`): a hold that starts, or the control plane lost
         again while resynchronising, keeps what the dataplane has now."""
@@ -450,6 +487,7 @@ class Agent:
             self._hold_since = now
         if self._hold is None or self._sessions_since is not None:
             self._held = dict(self._last_remote)
+            self._held_routed = dict(self._last_routed)
         self._hold = why
 
     def _check_control_plane(self) -> bool:
@@ -487,10 +525,14 @@ class Agent:
                      "again (held %.1fs%s)", now - self._hold_since,
                      "" if settled else "; routes still changing, held no longer")
             self._hold, self._sessions_since, self._held = None, None, {}
+            self._held_routed = {}
             # What was kept for VNIs no longer on this node goes too.
             local = self.handler.local_vnis()
             for vni in [v for v in self._last_remote if v not in local]:
                 del self._last_remote[vni]
+            routed = self.handler.local_l3vnis()
+            for l3vni in [v for v in self._last_routed if v not in routed]:
+                del self._last_routed[l3vni]
             return True
         return False
 
@@ -541,7 +583,8 @@ class Agent:
             try:
                 if self.handler.reconcile(full=local_full):
                     with self._dirty_lock:
-                        self._dirty |= self.handler.local_vnis()
+                        self._dirty |= self.handler.local_vnis() | \
+                            self.handler.local_l3vnis().keys()
             except Exception:
                 LOG.exception("reconcile of the backends' local state failed")
                 self.metrics.reconciles.labels("error").inc()
@@ -555,7 +598,7 @@ class Agent:
                 self.handler.store.refresh()
                 self._sync_local()
                 self._replay_pending()
-                dirty = self.handler.local_vnis()
+                dirty = self.handler.local_vnis() | self.handler.local_l3vnis().keys()
                 marks["full"] = time.monotonic()
             self._converge(dirty)
             self._update_gauges(routes=True)
@@ -703,13 +746,13 @@ class Agent:
             self.metrics.attachments.labels(str(vni)).set(n)
         if routes and self.speaker is not None:
             self.metrics.speaker_up.set(1 if self.speaker.connected else 0)
-            announced = {"type2": 0, "type3": 0}
+            announced = {"type2": 0, "type3": 0, "type5": 0}
             for route in self.speaker.local_routes():
                 announced[f"type{route.route_type}"] += 1
             for kind, n in announced.items():
                 self.metrics.routes_announced.labels(kind).set(n)
             counts = self.speaker.counters()
-            for kind in ("type2", "type3"):
+            for kind in ("type2", "type3", "type5"):
                 self.metrics.routes_received.labels(kind).set(counts.get(f"remote_{kind}", 0))
 
     def _node_problems(self) -> list[str]:
@@ -838,9 +881,12 @@ def _read_trusted(path: Path) -> str:
         os.close(fd)
 
 
-def local_routes(attachments: Iterable[Attachment]) -> set:
+def local_routes(attachments: Iterable[Attachment], rmac: Optional[str] = None) -> set:
     """What this node announces: a MAC/IP route per address of each ready
-    attachment (MAC-only without one), and an inclusive-multicast route per VNI."""
+    attachment (MAC-only without one), and an inclusive-multicast route per VNI.
+    In a routed subnet (with this node's router MAC) the MAC/IP routes of its IPv4
+    addresses carry the VPC's L3VNI and the router MAC (symmetric IRB), and the
+    subnet's prefix is announced as a type-5 route."""
     from vpcni.evpn.routes import LocalRoute
 
     routes = set()
@@ -850,8 +896,15 @@ def local_routes(attachments: Iterable[Attachment]) -> set:
         routes.add(LocalRoute.inclusive_multicast(att.vni))
         if not att.ips:
             routes.add(LocalRoute.mac_ip(att.vni, att.mac))
+        routed = att.subnet if rmac is not None else None
         for ip in att.ips:
-            routes.add(LocalRoute.mac_ip(att.vni, att.mac, ip.address.ip))
+            if routed is not None and ip.address.ip in routed.prefix:
+                routes.add(LocalRoute.mac_ip(att.vni, att.mac, ip.address.ip,
+                                             l3vni=routed.router.l3vni, rmac=rmac))
+            else:
+                routes.add(LocalRoute.mac_ip(att.vni, att.mac, ip.address.ip))
+        if routed is not None:
+            routes.add(LocalRoute.ip_prefix(routed.router.l3vni, routed.prefix, rmac))
     return routes
 
 

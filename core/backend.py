@@ -29,7 +29,7 @@ from pydantic import BaseModel
 
 from .config import NodeConfig
 from .errors import BackendError, InvalidConfig, NotAvailable, VpcniError
-from .models import Attachment, Capabilities, Owned, Probe, RemoteState, VpcNetwork
+from .models import Attachment, Capabilities, Owned, Probe, RemoteState, RoutedState, VpcNetwork
 
 LOG = logging.getLogger(__name__)
 NAMESPACE = "vpcni.backends"
@@ -87,13 +87,15 @@ class Backend(_Configurable, abc.ABC):
 
     @abc.abstractmethod
     def ensure_network(self, net: VpcNetwork) -> Optional[bool]:
-        """Create the per-VNI plumbing on this node if missing. True when it built or
+        """Create the per-VNI plumbing on this node if missing; for a routed subnet
+        (`net.subnet`) also its VPC's router and the subnet's anycast gateway. True when it built or
         repaired something, False when all was in place (the core then skips
         re-applying a remote state it already applied), None when it cannot tell."""
 
     @abc.abstractmethod
     def release_network(self, vni: int) -> None:
-        """Remove the per-VNI plumbing; called when the VNI's last attachment leaves."""
+        """Remove the per-VNI plumbing; called when the VNI's last attachment leaves
+        (a routed subnet's gateway too, and its VPC's router with its last subnet)."""
 
     @abc.abstractmethod
     def add_port(self, net: VpcNetwork, att: Attachment) -> None:
@@ -112,6 +114,12 @@ class Backend(_Configurable, abc.ABC):
     @abc.abstractmethod
     def apply_remote(self, vni: int, remote: RemoteState) -> None:
         """Converge the VNI's remote entries (per-MAC and flood) to exactly `remote`."""
+
+    def apply_routed(self, l3vni: int, state: RoutedState) -> None:
+        """Converge the router of the VPC with this L3VNI (built by ensure_network of
+        one of its routed subnets, `net.subnet`) to exactly `state`: the VPC's hosts
+        behind other nodes and the prefixes other nodes serve. A switch that cannot
+        route (describe().routing false) refuses routed subnets in ensure_network."""
 
     def reconcile(self, records: Callable[[], list[Attachment]], full: bool = True,
                   locked: Optional[Callable[[tuple[str, str, str]],

@@ -16,8 +16,10 @@ from typing import Any, Literal, Optional
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from .errors import InvalidConfig, UnsupportedField, VpcniError
+import ipaddress
+
 from .models import (DNS, MAC_PATTERN, NAME_PATTERN, PCI_PATTERN, VNI_MAX, IPAddress, IPInterface,
-                     Result, VpcNetwork)
+                     IPNetwork, Result, Router, StaticRoute, Subnet, VpcNetwork)
 
 DEFAULT_NODE_CONFIG = "/etc/vpcni/node.json"
 NODE_CONFIG_ENV = "VPCNI_NODE_CONFIG"
@@ -134,6 +136,74 @@ class Args(BaseModel):
     cni: Optional[CniArgs] = None
 
 
+def network_text(v: Any) -> Any:
+    """A network as the config gives it: no host bits (10.1.0.0/24, not 10.1.0.1/24)."""
+    if isinstance(v, str):
+        try:
+            return ipaddress.ip_network(v, strict=True)
+        except ValueError as exc:
+            raise ValueError(f"not a network (host bits set?): {exc}") from None
+    return v
+
+
+class StaticRouteConfig(BaseModel):
+    """A VPC route to an appliance inside the VPC (`routing.routes`)."""
+
+    model_config = ConfigDict(extra="forbid")
+    dst: IPNetwork
+    via: IPAddress
+
+    _dst = field_validator("dst", mode="before")(network_text)
+
+    @model_validator(mode="after")
+    def _v4(self) -> "StaticRouteConfig":
+        if self.dst.version != 4 or self.via.version != 4:
+            raise ValueError("IPv4 routes only (the VPC router is IPv4 here)")
+        if not self.via.is_private and not self.via.is_global or self.via.is_multicast:
+            raise ValueError(f"next hop {self.via} is not a unicast address")
+        return self
+
+
+class RoutingConfig(BaseModel):
+    """`routing`: this network is a routed subnet of a VPC (docs/routing.md): every node
+    with a pod in it answers for `gateway` (anycast), and the VPC's subnets reach
+    each other over its L3VNI (symmetric IRB over EVPN)."""
+
+    model_config = ConfigDict(extra="forbid")
+    vpc: str = Field(pattern=NAME_PATTERN, max_length=63)
+    l3vni: int = Field(ge=1, le=VNI_MAX, strict=True)
+    subnet: IPNetwork
+    # Default: the subnet's first address.
+    gateway: Optional[IPAddress] = None
+    # Pods reach addresses outside the VPC through SNAT on their own node.
+    egress: bool = Field(default=True, strict=True)
+    # The pod's default route points at the gateway (unless IPAM gave one).
+    defaultRoute: bool = Field(default=True, strict=True)
+    routes: list[StaticRouteConfig] = Field(default=[], max_length=256)
+
+    _subnet = field_validator("subnet", mode="before")(network_text)
+
+    @model_validator(mode="after")
+    def _gateway_inside(self) -> "RoutingConfig":
+        net = self.subnet
+        if net.version != 4:
+            raise ValueError("subnet: IPv4 subnets only (the VPC router is IPv4 here)")
+        if not 8 <= net.prefixlen <= 30:
+            raise ValueError(f"subnet {net}: the prefix length must be 8 to 30")
+        if self.gateway is None:
+            self.gateway = net.network_address + 1
+        if self.gateway not in net or self.gateway in (net.network_address,
+                                                       net.broadcast_address):
+            raise ValueError(f"gateway {self.gateway} is not a host address of subnet {net}")
+        return self
+
+    def subnet_model(self) -> Subnet:
+        return Subnet(prefix=self.subnet, gateway=self.gateway, default_route=self.defaultRoute,
+                      router=Router(
+            vpc=self.vpc, l3vni=self.l3vni, egress=self.egress,
+            routes=tuple(StaticRoute(dst=r.dst, via=r.via) for r in self.routes)))
+
+
 class ValidAttachment(BaseModel):
     model_config = ConfigDict(extra="allow")
     containerID: str
@@ -168,6 +238,8 @@ class NetworkConfig(BaseModel):
     pciBusID: Optional[str] = Field(default=None, pattern=PCI_PATTERN)
     vteps: list[IPAddress] = []
     ipam: Optional[IpamConfig] = None
+    # A routed subnet of a VPC (docs/routing.md); absent: the VPC is this one L2 segment.
+    routing: Optional[RoutingConfig] = None
     # Conventions and runtime-injected keys (CNI SPEC.md and CONVENTIONS.md).
     dns: Optional[DNS] = None
     args: Optional[Args] = None
@@ -211,6 +283,13 @@ class NetworkConfig(BaseModel):
                              "side of a host's VF attachment)")
         return self
 
+    @model_validator(mode="after")
+    def _l3vni_apart(self) -> "NetworkConfig":
+        if self.routing is not None and self.routing.l3vni == self.vni:
+            raise ValueError(f"routing.l3vni {self.vni} is the subnet's own VNI: a VPC's "
+                             "L3VNI must differ from every subnet's VNI")
+        return self
+
     def device_id(self) -> Optional[str]:
         """The VF this attachment must use, if the runtime or Multus named one."""
         value = self.runtimeConfig.deviceID or self.deviceID or self.pciBusID
@@ -218,7 +297,8 @@ class NetworkConfig(BaseModel):
 
     def network(self) -> VpcNetwork:
         return VpcNetwork(name=self.name, vni=self.vni, port=self.port, mtu=self.mtu,
-                          vteps=list(dict.fromkeys(self.vteps)))
+                          vteps=list(dict.fromkeys(self.vteps)),
+                          subnet=self.routing.subnet_model() if self.routing else None)
 
     def gc_valid(self) -> Optional[list[ValidAttachment]]:
         if self.valid_attachments is not None:
@@ -290,6 +370,8 @@ class NodeConfig(BaseModel):
     tenancy: TenancyConfig = TenancyConfig()
     healthAddress: str = Field(default="127.0.0.1:9471", pattern=r"^(.*:\d+)?$")
     reconcileInterval: float = Field(default=30.0, gt=0, allow_inf_nan=False)
+    # Routed subnets: each VPC's router is a network namespace named this + its L3VNI.
+    routerNamespacePrefix: str = Field(default="vpcr-", pattern=r"^[a-zA-Z0-9][a-zA-Z0-9_.\-]{0,40}$")
     # Where the config came from, for messages; not read from the file.
     source: str = Field(default="(defaults)", exclude=True)
 

@@ -12,6 +12,7 @@ that the next ADD, DEL or GC of that attachment cleans.
 from __future__ import annotations
 
 import contextlib
+import ipaddress
 import logging
 import threading
 import re
@@ -25,7 +26,7 @@ from .faults import fault
 from .errors import CheckFailed, InvalidConfig, NotAvailable, UnknownContainer, VpcniError
 from .ipam import DelegatedIpam, Ipam, in_process, routes_via_gateways, static_ips
 from .models import (MAC_PATTERN, Attachment, DNS, Interface, IPConfig, RemoteState, Result,
-                     VpcNetwork)
+                     Route, RoutedState, VpcNetwork)
 from .store import AttachmentStore
 from .tenancy import Tenancy
 
@@ -77,6 +78,8 @@ class Handler:
         # Set by the agent: the control plane's remote state of a VNI, merged
         # with the static flood lists; and who to tell when attachments change.
         self.remote_source: Optional[Callable[[int], RemoteState]] = None
+        # ... and the routed state (remote hosts and prefixes) of an L3VNI.
+        self.routed_source: Optional[Callable[[int], RoutedState]] = None
         self.listeners: list[Callable[[Change], None]] = []
         self._remote_locks: dict[int, threading.Lock] = {}
         self._remote_locks_guard = threading.Lock()
@@ -176,6 +179,9 @@ class Handler:
         pod_namespace, pod_name = req.args.get("K8S_POD_NAMESPACE"), req.args.get("K8S_POD_NAME")
         vpc = self.tenancy.check(cfg.vni, pod_namespace, pod_name, cfg.name) or None
         caps = backend.describe()
+        if net.subnet is not None and not caps.routing:
+            raise NotAvailable(f"network {cfg.name!r} is a routed subnet ('routing') and backend "
+                               f"{backend.name!r} cannot route: use kernel or ovs")
         provider.preflight(Attachment(network=cfg.name, vni=cfg.vni,
                                       container_id=req.container_id, ifname=req.ifname,
                                       backend=backend.name, provider=provider.name,
@@ -199,7 +205,8 @@ class Handler:
                              mac=mac, vteps=net.vteps, port=net.port,
                              mtu_pinned=cfg.mtu is not None,
                              pod_namespace=pod_namespace, pod_name=pod_name, vpc=vpc,
-                             ipam_type=cfg.ipam.type if cfg.ipam else None, created=time.time())
+                             ipam_type=cfg.ipam.type if cfg.ipam else None,
+                             subnet=net.subnet, created=time.time())
             att.host_ifname = backend.port_name(att)
             # The intent is recorded before anything is built, so a crash at any
             # later step leaves a record that DEL, GC or the next ADD cleans up.
@@ -222,9 +229,13 @@ class Handler:
                 else:
                     att.ips = static
                 att.dns = dns
+                if net.subnet is not None:
+                    self._route_via_gateway(att, net)
                 with self.store.vni_lock(net.vni, exclusive=False):
                     built = backend.ensure_network(net)
                     self.apply_remote(backend, net.vni, att, unchanged_plumbing=built is False)
+                    if net.subnet is not None and built is not False:
+                        self.apply_routed(backend, net.subnet.router.l3vni)
                     fault("add.network")
                     att, leftovers = provider.plug(net, att, backend.pod_mtu(net), caps)
                     fault("veth.plugged")
@@ -245,6 +256,26 @@ class Handler:
                  f", pod {pod_namespace}/{pod_name}" if pod_namespace else "")
         self._changed(Change(added=(att,)))
         return self._result(att, cfg)
+
+    @staticmethod
+    def _route_via_gateway(att: Attachment, net) -> None:
+        """A routed subnet's pod: its IPv4 addresses must be in the subnet (they get
+        the anycast gateway) and, unless IPAM gave one, its default route points at
+        the gateway."""
+        subnet = net.subnet
+        for ip in att.ips:
+            if ip.address.version == 4 and ip.address.ip not in subnet.prefix:
+                raise InvalidConfig(f"address {ip.address} is outside routing.subnet "
+                                    f"{subnet.prefix} of network {net.name!r}: the IPAM "
+                                    "range or the static address must be inside it")
+            if ip.address.ip == subnet.gateway:
+                raise InvalidConfig(f"address {ip.address} is routing.gateway of network "
+                                    f"{net.name!r}: exclude it from the IPAM range")
+        att.ips = [ip.model_copy(update={"gateway": subnet.gateway})
+                   if ip.address.version == 4 and ip.gateway is None else ip for ip in att.ips]
+        default = ipaddress.ip_network("0.0.0.0/0")
+        if subnet.default_route and att.ips and not any(r.dst == default for r in att.routes):
+            att.routes = [*att.routes, Route(dst=default, gw=subnet.gateway)]
 
     @staticmethod
     def _requested_mac(req: Request) -> Optional[str]:
@@ -313,6 +344,20 @@ class Handler:
             self._applied.pop(vni, None)
             backend.apply_remote(vni, desired)
             self._applied[vni] = (backend.name, desired)
+
+    def local_l3vnis(self) -> dict[int, str]:
+        """The L3VNIs of the routed subnets on this node, and the backend of each."""
+        return {att.subnet.router.l3vni: att.backend for att in self.store.all()
+                if att.subnet is not None}
+
+    def apply_routed(self, backend: backends.Guarded, l3vni: int) -> None:
+        """Converge the VPC router's remote hosts and prefixes (from the control plane;
+        none without one: a routed subnet then routes on this node only)."""
+        with self._remote_locks_guard:
+            lock = self._remote_locks.setdefault(-l3vni, threading.Lock())
+        with lock:
+            state = self.routed_source(l3vni) if self.routed_source else RoutedState()
+            backend.apply_routed(l3vni, state)
 
     def forget_applied(self, vni: Optional[int] = None) -> None:
         """Make the next apply_remote of `vni` (of every VNI: None) apply in any case."""

@@ -38,6 +38,19 @@ VXLAN_OVERHEAD_V6 = 70
 
 Mac = Annotated[str, Field(pattern=MAC_PATTERN)]
 
+# The anycast gateway's MAC: the same on every node and in every routed subnet
+# (a pod or VM that moves keeps a valid gateway entry).
+GATEWAY_MAC = "02:76:70:63:67:77"
+
+
+def router_mac(vtep: Any) -> str:
+    """A node's router MAC (symmetric IRB's RMAC): locally administered, from its
+    IPv4 VTEP address, so that every node derives every other node's without asking."""
+    addr = ipaddress.ip_address(vtep)
+    if addr.version != 4:
+        raise ValueError(f"router MAC of VTEP {addr}: IPv4 VTEPs only")
+    return "02:76:" + ":".join(f"{b:02x}" for b in addr.packed)
+
 
 def vxlan_overhead(vtep: IPAddress) -> int:
     """Bytes VXLAN adds to each frame: outer IP + UDP + VXLAN + inner Ethernet."""
@@ -111,14 +124,51 @@ class Result(_Model):
 # ---------------------------------------------------------------- dataplane
 
 
+class StaticRoute(_Model):
+    """A VPC route to an appliance: `dst` through `via`, an address inside the VPC."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+    dst: IPNetwork
+    via: IPAddress
+
+    @field_validator("dst", mode="before")
+    @classmethod
+    def _strict_false(cls, v: Any) -> Any:
+        return ipaddress.ip_network(v, strict=False) if isinstance(v, str) else v
+
+
+class Router(_Model):
+    """A VPC's router on a node: its L3VNI (symmetric IRB) and its way out."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+    vpc: str
+    l3vni: int = Field(ge=1, le=VNI_MAX)
+    # SNAT on the node for destinations outside the VPC (and the cluster's services).
+    egress: bool = True
+    routes: tuple[StaticRoute, ...] = ()
+
+
+class Subnet(_Model):
+    """A routed subnet: the L2 VNI's prefix and its anycast gateway on every node."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+    prefix: IPNetwork
+    gateway: IPAddress
+    router: Router
+    # The pod's default route points at the gateway (unless IPAM gave one).
+    default_route: bool = True
+
+
 class VpcNetwork(_Model):
-    """One VPC as the backends see it: a VNI and how to reach it."""
+    """One VPC as the backends see it: a VNI and how to reach it; `subnet` when the
+    VNI is a routed subnet of its VPC (it has an anycast gateway and an L3VNI)."""
 
     name: str
     vni: int = Field(ge=1, le=VNI_MAX)
     port: int = Field(default=4789, ge=1, le=65535)
     mtu: Optional[int] = None
     vteps: list[IPAddress] = []
+    subnet: Optional[Subnet] = None
 
 
 InterfaceKind = Literal["veth", "vf", "vfio", "host-vf"]
@@ -169,6 +219,8 @@ class Attachment(_Model):
     vpc: Optional[str] = None
     vteps: list[IPAddress] = []
     port: int = 4789
+    # The routed subnet the attachment is in (its VNI's gateway and its VPC's L3VNI).
+    subnet: Optional[Subnet] = None
     created: float = 0.0
 
     @property
@@ -190,6 +242,31 @@ class RemoteState(_Model):
 
     endpoints: list[RemoteEndpoint] = []
     flood: list[IPAddress] = []
+
+
+class RoutedHost(_Model):
+    """A remote address of a VPC, reached over its L3VNI (a type-2 route's second label)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+    ip: IPAddress
+    vtep: IPAddress
+    rmac: Mac
+
+
+class RoutedPrefix(_Model):
+    """A prefix of a VPC another node announces (type-5): a subnet it serves."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+    prefix: IPNetwork
+    vtep: IPAddress
+    rmac: Mac
+
+
+class RoutedState(_Model):
+    """The whole desired remote routing state of one L3VNI."""
+
+    hosts: list[RoutedHost] = []
+    prefixes: list[RoutedPrefix] = []
 
 
 class Probe(_Model):
@@ -215,6 +292,8 @@ class Capabilities(_Model):
     pod_tx_checksum_off: bool = False
     # Prefix of its port names (the guard's rules match it).
     port_prefix: str = "vp"
+    # It can serve routed subnets (a VPC router with an anycast gateway and an L3VNI).
+    routing: bool = False
 
 
 class Owned(_Model):

@@ -14,8 +14,13 @@ table first) into a RemoteTable: the first message of every stream is
 gobgpd's whole table and replaces ours, later ones are changes; paths gobgpd
 originated and paths whose next hop is our own VTEP (a reflector sending
 ours back) are ignored. `on_change(vnis)` is called from a notifier thread,
-coalesced over `debounce` seconds, with the VNIs whose remote state changed.
+coalesced over `debounce` seconds, with the VNIs whose remote state changed:
+L2 VNIs (`remote_state`) and L3VNIs (`routed_state`, symmetric IRB).
 While gobgpd is unreachable the table is kept as it was.
+
+Routes that differ only in attributes (a type-2 route with and without its
+L3VNI and router MAC) are the same NLRI: the desired set holds at most one of
+them, and replacing one by the other is one AddPath, without a withdraw.
 """
 
 from __future__ import annotations
@@ -28,7 +33,7 @@ from typing import Callable, Iterable, Optional, Union
 
 import grpc
 
-from vpcni.core.models import RemoteState
+from vpcni.core.models import RemoteState, RoutedState
 
 from . import routes
 from .gobgpapi import gobgp_pb2 as api
@@ -142,7 +147,7 @@ class EvpnSpeaker:
 
     def counters(self) -> dict[str, int]:
         """For metrics: announced, withdrawn, disconnects, and the table's
-        received_type2/3, received_withdrawals, rejected, ignored_own, remote_type2/3."""
+        received_type2/3/5, received_withdrawals, rejected, ignored_own, remote_type2/3/5."""
         with self._counters_lock:
             out = {name: self._counters[name] for name in ("announced", "withdrawn", "disconnects")}
         out.update(self._table.counts())
@@ -159,10 +164,13 @@ class EvpnSpeaker:
 
         True when gobgpd holds it now; False when gobgpd is unreachable (the
         set is kept and sent on reconnection). SpeakerError when gobgpd
-        rejects a route.
+        rejects a route; ValueError when two routes are the same NLRI (see
+        `update_local`).
         """
+        desired = set(desired)
+        _check_distinct(desired)
         with self._local_lock:
-            self._desired = set(desired)
+            self._desired = desired
             return self._reconcile_now()
 
     def update_local(self, add: Iterable[LocalRoute] = (),
@@ -172,6 +180,9 @@ class EvpnSpeaker:
         Safe for concurrent callers, unlike computing whole sets apart.
         Return value as for `set_local`, which must have stated the whole set
         first (else what an earlier agent announced would count as stale).
+        Changing a route's attributes (e.g. giving a type-2 route its L3VNI) is
+        add=[new], remove=[old]: both are the same NLRI, and adding `new` while
+        `old` stays is a ValueError, the desired set unchanged.
         """
         with self._local_lock:
             if self._desired is None:
@@ -180,6 +191,7 @@ class EvpnSpeaker:
             desired = set(self._desired)
             desired.difference_update(remove)
             desired.update(add)
+            _check_distinct(desired)
             self._desired = desired
             return self._reconcile_now()
 
@@ -229,7 +241,10 @@ class EvpnSpeaker:
             if got is not None and self._is_ours(got) and got.local_route() in desired:
                 present.add(got.local_route())
             else:
-                stale.append((routes.nlri_key(path), path))
+                try:
+                    stale.append((routes.nlri_key(path), path))
+                except RouteError:  # unreadable: nothing we add replaces it
+                    stale.append((None, path))
         replaced = {routes.nlri_key(routes.encode(r, self.vtep, self.asn)) for r in desired}
         gone = [path for key, path in stale if key not in replaced]
         log.info("evpn: reconciling with gobgpd: %d kept, %d to add, %d stale to delete",
@@ -249,14 +264,21 @@ class EvpnSpeaker:
               stale: Iterable[api.Path] = ()) -> None:
         """AddPath `add`, then DeletePath `remove` and the `stale` paths gobgpd listed.
 
-        One rejected route does not stop the others; SpeakerError names them all.
+        A route of `remove` that an added route of the same NLRI replaced is
+        not deleted (that would withdraw its replacement). One rejected route
+        does not stop the others; SpeakerError names them all.
         """
+        replaced = set()
         steps = ([(r, True, routes.encode(r, self.vtep, self.asn)) for r in sorted(add, key=_order)]
                  + [(r, False, routes.encode(r, self.vtep, self.asn))
                     for r in sorted(remove, key=_order)]
                  + [(None, False, path) for path in stale])
         failed = []
         for route, adding, path in steps:
+            if not adding and route is not None and route.nlri_identity in replaced:
+                self._pushed.discard(route)
+                log.debug("evpn: %s replaced in place", route)
+                continue
             try:
                 if adding:
                     self._rpc("AddPath", api.AddPathRequest(table_type=api.GLOBAL, path=path))
@@ -268,6 +290,7 @@ class EvpnSpeaker:
                 continue
             if adding:
                 self._pushed.add(route)
+                replaced.add(route.nlri_identity)
             else:
                 self._pushed.discard(route)
             self._count("announced" if adding else "withdrawn")
@@ -322,7 +345,12 @@ class EvpnSpeaker:
         """Endpoints and flood VTEPs of `vni` behind other VTEPs (see RemoteTable.state)."""
         return self._table.state(vni)
 
+    def routed_state(self, l3vni: int) -> RoutedState:
+        """Hosts and prefixes of `l3vni` behind other VTEPs (see RemoteTable.routed)."""
+        return self._table.routed(l3vni)
+
     def remote_vnis(self) -> set[int]:
+        """The VNIs and L3VNIs with remote routes."""
         return self._table.vnis()
 
     def _apply(self, paths: Iterable[api.Path], snapshot: bool) -> None:
@@ -427,4 +455,16 @@ class EvpnSpeaker:
 
 def _order(route: LocalRoute) -> tuple:
     # Type-3 first on add (the flood entry before the MACs), stable otherwise.
-    return (route.vni, route.route_type != 3, route.mac or "", str(route.ip or ""))
+    return (route.vni, route.route_type != 3, route.route_type, route.mac or "",
+            str(route.ip or ""), str(route.prefix or ""), route.l3vni or 0, route.rmac or "")
+
+
+def _check_distinct(desired: set[LocalRoute]) -> None:
+    """ValueError when two routes of `desired` are the same NLRI (gobgpd would
+    hold only one of them, and the speaker would flip between them)."""
+    seen: dict[tuple, LocalRoute] = {}
+    for route in desired:
+        other = seen.setdefault(route.nlri_identity, route)
+        if other is not route:
+            raise ValueError(f"{other} and {route} are the same EVPN route (NLRI): "
+                             "announce one of them")

@@ -1,5 +1,9 @@
 """The remote EVPN routes a node follows: gobgpd's best paths, per VNI. No I/O.
 
+Two views: per L2 VNI the endpoints and flood VTEPs (type-2/3, `state`), and
+per L3VNI the routed hosts and prefixes (symmetric IRB: type-2 routes that
+carry that L3VNI and type-5 routes, `routed`).
+
 Fed with WatchEvent batches by the speaker: the first batch of a stream is
 gobgpd's whole table and replaces ours, later ones are changes. Keyed by the
 NLRI, as BGP is: a withdraw removes exactly the route it names, and a new
@@ -14,7 +18,7 @@ import threading
 from collections import Counter
 from typing import Iterable, Optional, Union
 
-from vpcni.core.models import RemoteEndpoint, RemoteState
+from vpcni.core.models import RemoteEndpoint, RemoteState, RoutedHost, RoutedState
 
 from . import routes
 from .gobgpapi import gobgp_pb2 as api
@@ -23,8 +27,14 @@ from .routes import Received, RouteError
 log = logging.getLogger(__name__)
 
 
+def _indexes(got: Received) -> set[int]:
+    """The VNIs whose state a route is part of: its VNI (type-5: its L3VNI),
+    and a type-2 route's L3VNI."""
+    return {got.vni} if got.l3vni is None else {got.vni, got.l3vni}
+
+
 class RemoteTable:
-    """Thread-safe table of accepted remote routes, indexed by VNI."""
+    """Thread-safe table of accepted remote routes, indexed by VNI and L3VNI."""
 
     def __init__(self, vtep: Union[str, ipaddress.IPv4Address], asn: int):
         self.vtep = ipaddress.ip_address(vtep)
@@ -37,7 +47,7 @@ class RemoteTable:
 
     def accept(self, path: api.Path, counts: Counter) -> Optional[Received]:
         """The remote route a best path stands for; None when it is not one for us:
-        not EVPN type-2/3, originated by this gobgpd, next hop our own VTEP (a
+        not EVPN type-2/3/5, originated by this gobgpd, next hop our own VTEP (a
         reflector sending ours back), or malformed (counted as rejected)."""
         if routes.is_local(path):
             return None
@@ -55,7 +65,8 @@ class RemoteTable:
         return got
 
     def apply(self, paths: Iterable[api.Path], snapshot: bool = False) -> set[int]:
-        """Apply best-path changes (a snapshot replaces everything); the VNIs that changed."""
+        """Apply best-path changes (a snapshot replaces everything); the VNIs
+        that changed: L2 VNIs, and L3VNIs whose routed state changed."""
         new: dict[tuple, Optional[Received]] = {}
         counts: Counter = Counter()
         for path in paths:
@@ -92,6 +103,9 @@ class RemoteTable:
         """
         with self._lock:
             entries = [self._routes[key] for key in self._by_vni.get(vni, ())]
+        # A type-2 route indexed here for its L3VNI is not part of this VNI's L2 state.
+        entries = [(arrival, entry) for arrival, entry in entries
+                   if entry.route_type in (2, 3) and entry.vni == vni]
         newest: dict[str, tuple[int, routes.AnyIP]] = {}
         flood = set()
         for arrival, entry in entries:
@@ -106,20 +120,48 @@ class RemoteTable:
             endpoints=sorted(endpoints, key=lambda e: (e.mac, str(e.ip or ""), str(e.vtep))),
             flood=sorted(flood, key=lambda a: (a.version, int(a))))
 
+    def routed(self, l3vni: int) -> RoutedState:
+        """Routed hosts and prefixes of `l3vni` (symmetric IRB).
+
+        Hosts: type-2 routes carrying `l3vni`, one per IP; when one IP is
+        announced from several VTEPs (a pod that moved), the most recently
+        received wins. Prefixes: type-5 routes of `l3vni`, every VTEP that
+        announces a prefix (ECMP).
+        """
+        with self._lock:
+            entries = [self._routes[key] for key in self._by_vni.get(l3vni, ())]
+        newest: dict[routes.AnyIP, tuple[int, RoutedHost]] = {}
+        prefixes = set()
+        for arrival, entry in entries:
+            if entry.route_type == 2 and entry.l3vni == l3vni:
+                host = entry.routed_host()
+                if entry.ip not in newest or arrival > newest[entry.ip][0]:
+                    newest[entry.ip] = (arrival, host)
+            elif entry.route_type == 5 and entry.vni == l3vni:
+                prefixes.add(entry.routed_prefix())
+        hosts = [host for _, host in newest.values()]
+        return RoutedState(
+            hosts=sorted(hosts, key=lambda h: (h.ip.version, int(h.ip))),
+            prefixes=sorted(prefixes, key=lambda p: (
+                p.prefix.version, int(p.prefix.network_address), p.prefix.prefixlen,
+                p.vtep.version, int(p.vtep), p.rmac)))
+
     def vnis(self) -> set[int]:
+        """The VNIs and L3VNIs with routes."""
         with self._lock:
             return set(self._by_vni)
 
     def counts(self) -> dict[str, int]:
-        """received_type2/3, received_withdrawals, rejected, ignored_own; and
-        remote_type2/3, the routes held now."""
+        """received_type2/3/5, received_withdrawals, rejected, ignored_own; and
+        remote_type2/3/5, the routes held now."""
         with self._lock:
             out = dict(self._counts)
             held = Counter(entry.route_type for _, entry in self._routes.values())
-        for name in ("received_type2", "received_type3", "received_withdrawals", "rejected",
-                     "ignored_own"):
+        for name in ("received_type2", "received_type3", "received_type5",
+                     "received_withdrawals", "rejected", "ignored_own"):
             out.setdefault(name, 0)
-        out["remote_type2"], out["remote_type3"] = held[2], held[3]
+        for route_type in (2, 3, 5):
+            out[f"remote_type{route_type}"] = held[route_type]
         return out
 
     def _store(self, key: tuple, got: Received) -> set[int]:
@@ -129,16 +171,19 @@ class RemoteTable:
         changed = self._remove(key)
         self._arrivals += 1
         self._routes[key] = (self._arrivals, got)
-        self._by_vni.setdefault(got.vni, set()).add(key)
-        return changed | {got.vni}
+        vnis = _indexes(got)
+        for vni in vnis:
+            self._by_vni.setdefault(vni, set()).add(key)
+        return changed | vnis
 
     def _remove(self, key: tuple) -> set[int]:
         old = self._routes.pop(key, None)
         if old is None:
             return set()
-        vni = old[1].vni
-        keys = self._by_vni[vni]
-        keys.discard(key)
-        if not keys:
-            del self._by_vni[vni]
-        return {vni}
+        vnis = _indexes(old[1])
+        for vni in vnis:
+            keys = self._by_vni[vni]
+            keys.discard(key)
+            if not keys:
+                del self._by_vni[vni]
+        return vnis

@@ -96,7 +96,9 @@ class Node:
                "mode": "standalone",
                # Tests of other things attach without pod namespaces; the lab and the
                # tenancy tests turn it on with a bindings file.
-               "tenancy": {"enforce": False}}
+               "tenancy": {"enforce": False},
+               # Routed subnets' router namespaces carry the sandbox's prefix too.
+               "routerNamespacePrefix": f"{self.ns.name}-r"}
         cfg.update(overrides)
         self.node_config = cfg
         self.config_path.write_text(json.dumps(cfg, indent=1))
@@ -111,9 +113,12 @@ class Node:
         """Start `vpcnictl agent` in this node's namespace (killed by pid at cleanup);
         `env`: variables added to its environment (VPCNI_FAULT for crash tests)."""
         with open(self.dir / "agent.log", "ab") as log:
+            # In the node's network namespace but the host's mount namespace (not `ip
+            # netns exec`'s private one): VPC routers it names under /run/netns must
+            # be the host's, as a DaemonSet's Bidirectional /run/netns makes them.
             self.ns.spawn(installed_executable("vpcnictl"), "agent", "--node-config",
                           str(self.config_path), stdout=log, stderr=log,
-                          env=dict(os.environ, **env) if env else None)
+                          env=dict(os.environ, **env) if env else None, same_mounts=True)
 
     def http_get(self, path: str) -> tuple[int, str]:
         """GET `path` from the agent's health server, inside the node's namespace."""

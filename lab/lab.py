@@ -298,11 +298,27 @@ class Lab:
         (Frr(ns, d) if rr.daemon == "frr" else Gobgpd(ns, d)).start()
         self.stopped_reflectors.discard(name)
 
+    def add_underlay_host(self, short: str, address: str) -> Netns:
+        """A host on the underlay that is neither node nor reflector (the world outside
+        every VPC, an intruder): a namespace of the lab's, wired to the fabric."""
+        ns = self.box.netns(short)
+        fabric = self.box.namespaces["fab"]
+        port = f"p{short}"[:15]
+        self.box.veth(fabric, port, ns, "eth0")
+        fabric.ip("link", "set", port, "master", "br0", "up")
+        ns.ip("link", "set", "eth0", "up")
+        ns.ip("addr", "add", f"{address}/{self.topo.underlay.prefixlen}", "dev", "eth0")
+        return ns
+
     # ------------------------------------------------------------ pods
 
     def network_config(self, vpc: str, version: str = "1.1.0") -> dict:
         v = self.topo.vpc(vpc)
-        return {"cniVersion": version, "name": f"vpc-{v.name}", "type": "vpcni", "vni": v.vni}
+        conf = {"cniVersion": version, "name": f"vpc-{v.name}", "type": "vpcni", "vni": v.vni}
+        if v.router is not None:
+            conf["routing"] = {"vpc": v.router, "l3vni": v.l3vni, "subnet": str(v.cidr),
+                               "egress": v.egress}
+        return conf
 
     def ipam_config(self, vpc: str) -> dict:
         """The VPC's vpcni-ipam section: its own keys over the lab's defaults."""
@@ -471,12 +487,16 @@ class Lab:
         from the caller's own VPC, which is not dst.
         """
         pairs = [(a, b) for a in self.pods.values() for b in self.pods.values() if a is not b]
+        routers = {v.vni: v.router for v in self.topo.vpcs}
 
         def probe(pair):
             src, dst = pair
             ns = Netns(src.netns, self.box, create=False)
             who = tcp_ident(ns, dst.ip, timeout=1.5)
-            return (src.name, dst.name, src.vni == dst.vni, who == dst.name, who)
+            # One VNI, or two routed subnets of one VPC.
+            expected = src.vni == dst.vni or (routers.get(src.vni) is not None
+                                              and routers.get(src.vni) == routers.get(dst.vni))
+            return (src.name, dst.name, expected, who == dst.name, who)
         with concurrent.futures.ThreadPoolExecutor(workers) as pool:
             return list(pool.map(probe, pairs))
 

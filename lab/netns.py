@@ -68,9 +68,14 @@ class Netns:
                    timeout=timeout)
 
     def spawn(self, *cmd: str, env: Optional[dict] = None, stdout=subprocess.DEVNULL,
-              stderr=subprocess.DEVNULL, **kw) -> subprocess.Popen:
-        """Start a process in this namespace; cleanup kills it by pid."""
-        proc = subprocess.Popen(["ip", "netns", "exec", self.name, *cmd], env=env,
+              stderr=subprocess.DEVNULL, same_mounts: bool = False,
+              **kw) -> subprocess.Popen:
+        """Start a process in this namespace; cleanup kills it by pid. `same_mounts`:
+        keep our mount namespace (nsenter) instead of `ip netns exec`'s private one
+        (which also shows the namespace's own /sys)."""
+        enter = (["nsenter", f"--net={self.path}", "--"] if same_mounts
+                 else ["ip", "netns", "exec", self.name])
+        proc = subprocess.Popen([*enter, *cmd], env=env,
                                 stdout=stdout, stderr=stderr, start_new_session=True, **kw)
         self.sandbox.adopt(proc.pid, self.name)
         return proc
@@ -263,6 +268,10 @@ class Sandbox:
         self.kill_processes()
         for name in reversed(self.ns_names):
             run(["ip", "netns", "del", name], check=False)
+        # Namespaces made by what ran in ours (VPC routers: <node namespace>-r<L3VNI>).
+        for name in sorted(os.listdir(NETNS_DIR)) if NETNS_DIR.is_dir() else ():
+            if name.startswith(self.prefix + "-"):
+                run(["ip", "netns", "del", name], check=False)
         self.namespaces.clear()
         self.ns_names.clear()
         run(["rm", "-rf", str(self.root_dir)], check=False)

@@ -52,9 +52,15 @@ class Node(_Strict):
 
 
 class Vpc(_Strict):
+    """One L2 segment (a VNI): a VPC of its own, or, with `router`, a routed subnet of
+    the VPC named so (all its subnets share `l3vni`; docs/routing.md)."""
+
     name: str = Field(pattern=_SHORT)
     vni: int = Field(ge=1, le=VNI_MAX)
     cidr: IPvAnyNetwork
+    router: Optional[str] = Field(default=None, pattern=_SHORT)
+    l3vni: Optional[int] = Field(default=None, ge=1, le=VNI_MAX)
+    egress: bool = True
     # vpcni-ipam keys for the pods that give no address (docs/ipam.md); by
     # default the cidr, its first host as gateway, the lab's shared SQLite file.
     ipam: dict[str, Any] = {}
@@ -101,6 +107,19 @@ class Topology(_Strict):
         vnis = [v.vni for v in self.vpcs]
         if len(set(vnis)) != len(vnis):
             raise ValueError("two VPCs share a VNI")
+        l3vnis: dict[str, int] = {}
+        for v in self.vpcs:
+            if (v.router is None) != (v.l3vni is None):
+                raise ValueError(f"vpc {v.name}: 'router' and 'l3vni' go together")
+            if v.router is None:
+                continue
+            if l3vnis.setdefault(v.router, v.l3vni) != v.l3vni:
+                raise ValueError(f"vpc {v.name}: router {v.router} has l3vni "
+                                 f"{l3vnis[v.router]} elsewhere")
+            if v.l3vni in vnis:
+                raise ValueError(f"vpc {v.name}: l3vni {v.l3vni} is a subnet's VNI")
+        if len(set(l3vnis.values())) != len(l3vnis):
+            raise ValueError("two routers share an l3vni")
         nodes = {n.name: n for n in self.nodes}
         vpcs = {v.name: v for v in self.vpcs}
         seen = set()

@@ -27,12 +27,13 @@ from pyroute2.netlink.exceptions import NetlinkError
 from vpcni.backends.common.modules import SYS_MODULE, kernel_support
 from vpcni.backends.common.nft import load_binding
 from vpcni.backends.common import podif
+from vpcni.backends.common.router import Routers
 from vpcni.backends.common.rtnl import Rtnl, ThreadRtnl
 from vpcni.core.backend import Backend
 from vpcni.core.config import NodeConfig
 from vpcni.core.errors import BackendError
 from vpcni.core.models import (Attachment, Capabilities, IPAddress, Owned, Probe, RemoteEndpoint,
-                               RemoteState, VpcNetwork)
+                               RemoteState, RoutedState, VpcNetwork)
 from vpcni.backends.common.podif import delete_if_exists, describe, get_link
 from vpcni.backends.common.underlay import (Underlay, UnderlayCache, find_underlay, netlink_errors,
                                             pod_mtu, underlay_problems)
@@ -59,8 +60,11 @@ class KernelBackend(Backend):
         self.guard = Guard()
         self._underlays = UnderlayCache()
         self._bridges: dict[int, int] = {}  # VNI -> index of its bridge, as last verified
+        # Routed subnets: each VPC's router, reaching its L3VNI through a VXLAN device.
+        self.routers = Routers(node, self.ipr, l3="vxlan")
 
     def close(self) -> None:
+        self.routers.close()
         self.ipr.close()
         self._packets.close()
 
@@ -192,7 +196,29 @@ class KernelBackend(Backend):
         pod_mtu(net, underlay)
         self.guard.set_underlay(underlay.ifname, net.port)
         bridge, fresh = self._ensure_bridge(net.vni)
-        return self._ensure_vxlan(net, underlay, bridge) or fresh
+        fresh = self._ensure_vxlan(net, underlay, bridge) or fresh
+        if net.subnet is not None:
+            fresh = self._ensure_gateway(net, underlay, bridge) or fresh
+        return fresh
+
+    def _ensure_gateway(self, net: VpcNetwork, underlay: Underlay, bridge) -> bool:
+        """The subnet's VPC router and its gateway, a port of the VNI's bridge."""
+        port, built = self.routers.ensure(net, underlay, pod_mtu(net, underlay))
+        link = get_link(self.ipr, port)
+        if link is None:
+            raise BackendError(f"gateway port {port} of VNI {net.vni} disappeared")
+        if link.get("IFLA_MASTER") != bridge["index"]:
+            with netlink_errors(f"could not add {port} to {bridge_name(net.vni)}"):
+                netlink.set_link(self.ipr, link["index"], master=bridge["index"], state="up")
+            built = True
+        return built
+
+    def apply_routed(self, l3vni: int, state: RoutedState) -> None:
+        local = self._underlay().address
+        # The L3VNI's VXLAN is accepted from the VTEPs that route into the VPC.
+        peers = {h.vtep for h in state.hosts} | {p.vtep for p in state.prefixes}
+        self.guard.set_peers(l3vni, peers - {local})
+        self.routers.apply(l3vni, state, local)
 
     def release_network(self, vni: int) -> None:
         alias = netlink.vni_alias(vni)
@@ -208,12 +234,16 @@ class KernelBackend(Backend):
             with netlink_errors(f"could not delete {name}"):
                 delete_if_exists(self.ipr, name)
         self.guard.set_peers(vni, ())
+        l3vni = self.routers.release(vni)
+        if l3vni is not None:
+            self.guard.set_peers(l3vni, ())
 
     # ------------------------------------------------------------ ports
 
     def describe(self) -> Capabilities:
         # A representor in a Linux bridge is offloaded by the NIC's switchdev driver.
-        return Capabilities(ports=["veth", "representor"], offload=True, port_prefix="vp")
+        return Capabilities(ports=["veth", "representor"], offload=True, port_prefix="vp",
+                            routing=True)
 
     def port_name(self, att: Attachment) -> str:
         return host_ifname(att.network, att.container_id, att.ifname)
@@ -276,7 +306,10 @@ class KernelBackend(Backend):
                                        f"{describe(exc)}") from exc
 
     def check_port(self, net: VpcNetwork, att: Attachment) -> list[str]:
-        return self._check_node(net, att)
+        problems = self._check_node(net, att)
+        if net.subnet is not None:
+            problems += self.routers.problems(net)
+        return problems
 
     def _check_node(self, net: VpcNetwork, att: Attachment) -> list[str]:
         problems = []

@@ -57,6 +57,7 @@ TABLE = "vpcni"
 POD_PORTS = "vp*"          # host veths "vp<hex>" and the VXLAN devices "vpvx<VNI>"
 VXLAN_PORTS = "vpvx*"
 BRIDGES = "vpbr*"
+GATEWAY_PORTS = "vgw*"     # a routed subnet's anycast gateway (backends/common/router.py)
 PORT_SETS = ("port_mac", "port_ip4", "port_ip6", "port_v6", "port_l2")
 
 BRIDGE_RULES = f"""
@@ -69,6 +70,8 @@ add set bridge {TABLE} port_l2 {{ type ifname; }}
 add chain bridge {TABLE} prerouting {{ type filter hook prerouting priority filter; policy accept; }}
 add chain bridge {TABLE} input {{ type filter hook input priority filter; policy accept; }}
 add chain bridge {TABLE} from_pod
+add chain bridge {TABLE} forward {{ type filter hook forward priority filter; policy accept; }}
+flush chain bridge {TABLE} forward
 flush chain bridge {TABLE} prerouting
 flush chain bridge {TABLE} input
 flush chain bridge {TABLE} from_pod
@@ -81,6 +84,8 @@ add rule bridge {TABLE} from_pod ether type ip6 iifname . ip6 saddr @port_ip6 ac
 add rule bridge {TABLE} from_pod ether type ip6 iifname @port_v6 ip6 saddr {{ ::, fe80::/10 }} accept
 add rule bridge {TABLE} from_pod iifname @port_l2 accept
 add rule bridge {TABLE} from_pod counter drop comment "spoofed-ip"
+add rule bridge {TABLE} forward iifname "{GATEWAY_PORTS}" oifname "{VXLAN_PORTS}" counter drop comment "gateway-stays-local"
+add rule bridge {TABLE} forward iifname "{VXLAN_PORTS}" oifname "{GATEWAY_PORTS}" counter drop comment "gateway-stays-local"
 """
 
 # th,96,24: the VNI, 4 bytes into the VXLAN header that follows the 8-byte UDP header.

@@ -4,6 +4,8 @@
     eth1 ── veth ──  vo<hash> ─┐
                                br-int (fail_mode secure, our flows) ── vpcni-vx<port>
     eth1 ── veth ──  vo<hash> ─┘        flow-based VXLAN: key=flow, remote_ip=flow, local_ip=VTEP
+                      br-int ──┬── vgw<VNI>   ═══ veth ═══ gw<VNI>     (GATEWAY_MAC)  in the VPC's router,
+                               └── vl3<L3VNI> ═══ veth ═══ vl3<L3VNI>  (router MAC)   netns <prefix><L3VNI>
 
 Per pod a veth whose host end is a port of the integration bridge, with
 external_ids naming its attachment (network, container ID, ifname, VNI, MAC,
@@ -12,6 +14,12 @@ port one flow-based VXLAN port. Forwarding is entirely OpenFlow (flows.py),
 derived from the ports of a VNI (local flows) and from its EVPN remote state
 (remote flows), converged per VNI and kind in one atomic bundle each. Speaks
 the same VXLAN as the kernel backend, so both serve one VNI through EVPN.
+
+A routed subnet (net.subnet) also gets its VPC's router (backends/common/router.py,
+a namespace per VPC) with two veths into br-int: the subnet's gateway port
+vgw<VNI> (a local port of the VNI, flooding locally only) and the router's L3
+port vl3<L3VNI>, whose traffic br-int carries over the tunnel with the L3VNI to
+the remote router MACs of the EVPN routed state (flows of kinds router and routed).
 """
 
 from __future__ import annotations
@@ -29,11 +37,13 @@ from typing import Iterator, Optional
 from vpcni.backends.common.modules import switchdev_ports
 from vpcni.backends.common.nft import load_binding
 from vpcni.backends.common import podif
+from vpcni.backends.common.router import Routers, gateway_names, l3_name, netns_path
 from vpcni.backends.common.rtnl import Rtnl, ThreadRtnl
 from vpcni.core.backend import Backend
 from vpcni.core.config import NodeConfig
 from vpcni.core.errors import BackendError
-from vpcni.core.models import Attachment, Capabilities, Owned, Probe, RemoteState, VpcNetwork
+from vpcni.core.models import (Attachment, Capabilities, Owned, Probe, RemoteState, RoutedState,
+                               VpcNetwork, router_mac)
 from vpcni.backends.common.podif import describe, get_link
 from vpcni.backends.common.underlay import (Underlay, UnderlayCache, find_underlay, netlink_errors,
                                             pod_mtu, underlay_problems)
@@ -80,6 +90,8 @@ class OvsBackend(Backend):
         self._locks: dict[str, threading.Lock] = {}
         self.host_ports = HostPortGuard()
         self._offload_checked = False
+        # Routed subnets: each VPC's router, reaching its L3VNI through a veth into br-int.
+        self.routers = Routers(node, self.ipr, l3="veth")
 
     @property
     def switch(self) -> sw.Switch:
@@ -93,6 +105,7 @@ class OvsBackend(Backend):
         if self._switch is not None:
             self._switch.close()
             self._switch = None
+        self.routers.close()
         self.ipr.close()
 
     @contextmanager
@@ -181,14 +194,63 @@ class OvsBackend(Backend):
         with netlink_errors("cannot read the underlay"):
             return self._underlays.get(self.ipr, self.node)
 
-    def ensure_network(self, net: VpcNetwork) -> None:
+    def ensure_network(self, net: VpcNetwork) -> Optional[bool]:
         underlay = self._underlay()
-        pod_mtu(net, underlay)
+        mtu = pod_mtu(net, underlay)
         self.host_ports.ensure(check=False)
         self._ensure_hw_offload()
         self.switch.ensure_network(net.vni, str(underlay.address), net.port)
         with self._lock("base"):
             self.switch.converge(fl.cookie(fl.BASE), fl.base_flows(self.switch.tunnels().values()))
+        if net.subnet is None:
+            return None
+        return self._ensure_router(net, underlay, mtu) or None
+
+    def _ensure_router(self, net: VpcNetwork, underlay: Underlay, mtu: int) -> bool:
+        """The subnet's VPC router and gateway (Routers), their veths' node ends as ports
+        of br-int and their flows; whether something had to be built."""
+        l3vni = net.subnet.router.l3vni
+        # Subnets of one VPC share the router and its L3 port: their ADDs (and the
+        # release of the VPC's last subnet) take turns here.
+        with self._lock(f"router-{l3vni}"):
+            gateway, built = self.routers.ensure(net, underlay, mtu)
+            self.switch.mark_l3vni(l3vni, net.port)
+            for name, key, value in ((gateway, sw.EXT_GATEWAY, net.vni),
+                                     (l3_name(l3vni), sw.EXT_ROUTER, l3vni)):
+                link = get_link(self.ipr, name)
+                if link is None:
+                    raise BackendError(f"router port {name} of VNI {net.vni} disappeared")
+                # The netdev's ifindex too: ovs-vswitchd keeps a port whose netdev was
+                # re-created (same ofport) but goes on reading the old one's packet
+                # socket, so a new netdev must be a new port.
+                _, added = self.switch.ensure_router_port(
+                    name, {key: str(value), sw.EXT_IFINDEX: str(link["index"])})
+                built = built or added
+            if built:
+                self._prepare_router_links(net.vni, l3vni)
+                self._converge_local(net.vni)
+            self._converge_router(l3vni)
+        return built
+
+    def _prepare_router_links(self, vni: int, l3vni: int) -> None:
+        """No IPv6 on the L3 port's node end (the node has no business in the VPC); on
+        the userspace datapath, tx checksum offload off on the router's ends, as on a
+        pod's: ovs-vswitchd reads what they send raw from a packet socket."""
+        node_end = Path(f"/proc/sys/net/ipv6/conf/{l3_name(l3vni)}/disable_ipv6")
+        try:
+            if node_end.exists():
+                node_end.write_text("1")
+        except OSError as exc:
+            LOG.warning("could not disable IPv6 on %s: %s", l3_name(l3vni), describe(exc))
+        if self.settings.datapathType != "netdev":
+            return
+        path = str(netns_path(self.routers.netns_name(l3vni)))
+        for ifname in (gateway_names(vni)[1], l3_name(l3vni)):
+            try:
+                podif.disable_tx_checksum(path, ifname)
+            except (OSError, BackendError) as exc:
+                LOG.warning("could not turn tx checksum offload off on %s in %s: %s",
+                            ifname, path, describe(exc))
 
     def _ensure_hw_offload(self) -> None:
         """other_config:hw-offload as the config says, or on when a switchdev NIC is here:
@@ -208,12 +270,30 @@ class OvsBackend(Backend):
         self._offload_checked = True
 
     def release_network(self, vni: int) -> None:
-        if not self.switch.bridge_exists():
-            return
-        with self._lock(f"vni-{vni}"):
-            # Local and remote flows of the VNI: its cookies, whatever the kind.
-            self.switch.delete_flows(fl.cookie(0, vni), 0xFFFFFF00FFFFFFFF)
-            self.switch.release_vni(vni)
+        bridge = self.switch.bridge_exists()
+        if bridge:
+            with self._lock(f"vni-{vni}"):
+                # Its flows (local, gateway among them, and remote), in one bundle; the
+                # flows of an L3VNI of that number (another scope) stay.
+                self.switch.delete_scopes([fl.cookie(fl.LOCAL, vni), fl.cookie(fl.REMOTE, vni)])
+                for row in self.switch.router_rows():
+                    if row["external_ids"].get(sw.EXT_GATEWAY) == str(vni):
+                        self.switch.del_port(row["name"])
+                self.switch.release_vni(vni)
+        # The gateway, and the router with the VPC's last subnet on this node.
+        l3vni = self.routers.release(vni)
+        if l3vni is not None and bridge:
+            self._release_router(l3vni)
+
+    def _release_router(self, l3vni: int) -> None:
+        with self._lock(f"router-{l3vni}"), self._lock(f"l3vni-{l3vni}"):
+            if l3vni in self.routers.l3vnis():
+                return  # built again meanwhile, for another subnet of the VPC
+            self.switch.delete_scopes([fl.cookie(fl.ROUTER, l3vni), fl.cookie(fl.ROUTED, l3vni)])
+            for row in self.switch.router_rows():
+                if row["external_ids"].get(sw.EXT_ROUTER) == str(l3vni):
+                    self.switch.del_port(row["name"])
+            self.switch.release_l3vni(l3vni)
 
     # ------------------------------------------------------------ flows of a VNI
 
@@ -232,13 +312,30 @@ class OvsBackend(Backend):
         udp_port = self.switch.vnis().get(vni)
         return None if udp_port is None else self.switch.tunnels().get(udp_port)
 
+    def _router_port(self, key: str, value: int) -> Optional[int]:
+        """The ofport of the router port whose external_ids have key=value (a working one)."""
+        for row in self.switch.router_rows():
+            if row["external_ids"].get(key) == str(value):
+                return sw.ofport_of(row)
+        return None
+
     def _converge_local(self, vni: int) -> None:
         if not self.switch.bridge_exists():
             return  # nothing was ever built here (e.g. a DEL before any ADD)
         with self._lock(f"vni-{vni}"):
             tunnel = self._tunnel_ofport(vni)
             ports = self._local_ports(vni) if tunnel else []
-            self.switch.converge(fl.cookie(fl.LOCAL, vni), fl.local_flows(vni, ports, tunnel))
+            gateway = self._router_port(sw.EXT_GATEWAY, vni) if tunnel else None
+            self.switch.converge(fl.cookie(fl.LOCAL, vni),
+                                 fl.local_flows(vni, ports, tunnel, gateway))
+
+    def _converge_router(self, l3vni: int) -> None:
+        """The flows of the router's L3 port (none while it has no working port)."""
+        with self._lock(f"l3vni-{l3vni}"):
+            port = self._router_port(sw.EXT_ROUTER, l3vni)
+            desired = fl.router_flows(l3vni, port, router_mac(self._underlay().address)) \
+                if port else set()
+            self.switch.converge(fl.cookie(fl.ROUTER, l3vni), desired)
 
     def reconcile(self, records, full: bool = True, locked=None) -> list[str]:
         """Re-install the host-port rules when they are not intact; on a full pass also
@@ -248,6 +345,8 @@ class OvsBackend(Backend):
         if full and self.switch.bridge_exists():
             for vni in sorted(self.switch.vnis()):
                 self._converge_local(vni)
+            for l3vni in sorted(self.switch.l3vnis()):
+                self._converge_router(l3vni)
         return corrected
 
     def apply_remote(self, vni: int, remote: RemoteState) -> None:
@@ -261,6 +360,20 @@ class OvsBackend(Backend):
         with self._lock(f"vni-{vni}"):
             self.switch.converge(fl.cookie(fl.REMOTE, vni),
                                  fl.remote_flows(vni, endpoints, flood, tunnel))
+
+    def apply_routed(self, l3vni: int, state: RoutedState) -> None:
+        local = self._underlay().address
+        # The router's routes and neighbours (remote hosts and prefixes via VTEP, the
+        # VTEP at its router MAC); br-int carries frames to those MACs to the VTEPs.
+        nexthops = self.routers.apply(l3vni, state, local)
+        udp_port = self.switch.l3vnis().get(l3vni) if self.switch.bridge_exists() else None
+        tunnel = None if udp_port is None else self.switch.tunnels().get(udp_port)
+        if tunnel is None:
+            return  # the router is not on this node (no ensure_network, or released)
+        nexthops = {mac: vtep for mac, vtep in nexthops.items() if vtep != local}
+        with self._lock(f"l3vni-{l3vni}"):
+            self.switch.converge(fl.cookie(fl.ROUTED, l3vni),
+                                 fl.routed_flows(l3vni, nexthops, tunnel))
 
     # ------------------------------------------------------------ per pod
 
@@ -280,7 +393,7 @@ class OvsBackend(Backend):
     def describe(self) -> Capabilities:
         netdev = self.settings.datapathType == "netdev"
         return Capabilities(ports=["veth", "representor"], offload=not netdev,
-                            pod_tx_checksum_off=netdev, port_prefix="vo")
+                            pod_tx_checksum_off=netdev, port_prefix="vo", routing=True)
 
     def port_name(self, att: Attachment) -> str:
         return host_ifname(att.network, att.container_id, att.ifname)
@@ -330,7 +443,45 @@ class OvsBackend(Backend):
         self._converge_local(att.vni)
 
     def check_port(self, net: VpcNetwork, att: Attachment) -> list[str]:
-        return self._check_node(net, att)
+        problems = self._check_node(net, att)
+        if net.subnet is not None:
+            problems += self.routers.problems(net) + self._check_router(net)
+        return problems
+
+    def _check_router(self, net: VpcNetwork) -> list[str]:
+        """The routed subnet's ports in br-int and their flows."""
+        if not self.switch.bridge_exists():
+            return []  # said by _check_node
+        l3vni = net.subnet.router.l3vni
+        problems = []
+        rows = {row["name"]: row for row in self.switch.router_rows()}
+        for name, key, value in ((gateway_names(net.vni)[0], sw.EXT_GATEWAY, net.vni),
+                                 (l3_name(l3vni), sw.EXT_ROUTER, l3vni)):
+            row = rows.get(name)
+            if row is None or row["external_ids"].get(key) != str(value):
+                problems.append(f"router port {name} missing on {self.settings.bridge}")
+            elif not sw.ofport_of(row):
+                problems.append(f"router port {name} is not working "
+                                f"({sw.first_value(row.get('error')) or 'no ofport'})")
+        gateway = self._router_port(sw.EXT_GATEWAY, net.vni)
+        tunnel = self._tunnel_ofport(net.vni)
+        if gateway and tunnel:
+            installed = self.switch.dump(fl.cookie(fl.LOCAL, net.vni))
+            missing = [f for f in fl.gateway_flows(net.vni, gateway, tunnel)
+                       if f not in installed]
+            if missing:
+                problems.append(f"gateway port {gateway_names(net.vni)[0]} lacks flow(s): "
+                                + "; ".join(sorted(str(f) for f in missing)))
+        port = self._router_port(sw.EXT_ROUTER, l3vni)
+        if port:
+            installed = self.switch.dump(fl.cookie(fl.ROUTER, l3vni))
+            missing = [f for f in fl.router_flows(l3vni, port,
+                                                  router_mac(self._underlay().address))
+                       if f not in installed]
+            if missing:
+                problems.append(f"router port {l3_name(l3vni)} lacks flow(s): "
+                                + "; ".join(sorted(str(f) for f in missing)))
+        return problems
 
     def _check_node(self, net: VpcNetwork, att: Attachment) -> list[str]:
         bridge = self.settings.bridge

@@ -8,8 +8,11 @@ is a diff. Every flow carries a cookie that says whose it is:
     cookie = 0x767063 ("vpc") << 40 | kind << 32 | VNI
 
 kind 1 = base (the pipeline's skeleton, VNI 0), 2 = local (derived from the
-attachment ports of the VNI), 3 = remote (derived from the VNI's EVPN remote
-state). A flow whose cookie does not carry the tag is never touched.
+attachment ports of the VNI and, in a routed subnet, its gateway port), 3 =
+remote (derived from the VNI's EVPN remote state); for a VPC router, keyed by
+its L3VNI: 4 = routed (the remote router MACs of its EVPN routed state), 5 =
+router (its L3 port). A flow whose cookie does not carry the tag is never
+touched.
 See docs/backends/ovs.md for the pipeline table by table.
 """
 
@@ -19,11 +22,11 @@ import ipaddress
 from dataclasses import dataclass
 from typing import Iterable, Optional
 
-from vpcni.core.models import IPAddress, RemoteEndpoint
+from vpcni.core.models import GATEWAY_MAC, IPAddress, RemoteEndpoint
 
 TAG = 0x767063
-BASE, LOCAL, REMOTE = 1, 2, 3
-KINDS = {BASE: "base", LOCAL: "local", REMOTE: "remote"}
+BASE, LOCAL, REMOTE, ROUTED, ROUTER = 1, 2, 3, 4, 5
+KINDS = {BASE: "base", LOCAL: "local", REMOTE: "remote", ROUTED: "routed", ROUTER: "router"}
 OURS = (TAG << 40, 0xFFFFFF0000000000)  # (cookie, mask) of every vpcni flow
 
 # Tables, in the order a packet crosses them.
@@ -34,6 +37,7 @@ ARP_RESPONDER = 20  # ARP requests for known remote IPs answered on the node
 L2 = 30             # per VNI: known MAC -> local port or remote VTEP
 FLOOD_LOCAL = 40    # broadcast/unknown/multicast -> the VNI's local ports
 FLOOD_REMOTE = 50   # ... and, from pods only, every VTEP of the VNI's flood list
+L3 = 60             # per L3VNI (routed subnets): router MAC -> the local router or a remote VTEP
 
 
 def cookie(kind: int, vni: int = 0) -> int:
@@ -131,6 +135,7 @@ def base_flows(tunnel_ofports: Iterable[int]) -> set[Flow]:
         flow(BASE, 0, L2, 0, (), f"goto_table:{FLOOD_LOCAL}"),
         flow(BASE, 0, FLOOD_LOCAL, 0, (), "drop"),
         flow(BASE, 0, FLOOD_REMOTE, 0, (), "drop"),
+        flow(BASE, 0, L3, 0, (), "drop"),
     }
     for ofport in tunnel_ofports:
         flows.add(flow(BASE, 0, CLASSIFY, 100, (f"in_port={ofport}",), f"goto_table:{TUNNEL_IN}"))
@@ -170,18 +175,46 @@ def port_flows(vni: int, port: LocalPort) -> set[Flow]:
     return flows
 
 
-def local_flows(vni: int, ports: list[LocalPort], tunnel_ofport: int) -> set[Flow]:
-    """Everything the VNI's local ports need: theirs plus the local flooding."""
+def gateway_flows(vni: int, gateway_ofport: int, tunnel_ofport: int) -> set[Flow]:
+    """The flows of a routed subnet's gateway port (its router end has GATEWAY_MAC): the
+    router is vpcni's own (no anti-spoofing), and it serves this node only."""
+    return {
+        # Its ARP requests may be answered here for remote IPs (a host the routed state
+        # has no route for: reached through the VNI, asymmetrically).
+        flow(LOCAL, vni, CLASSIFY, 100, (f"in_port={gateway_ofport}",),
+             f"set_field:{vni:#x}->tun_id,goto_table:{ARP_RESPONDER}"),
+        # Above every MAC a pod or a remote route could claim.
+        flow(LOCAL, vni, L2, 120, (tun_id(vni), f"dl_dst={GATEWAY_MAC}"),
+             f"output:{gateway_ofport}"),
+        # Every node has a gateway of its own (the same MAC): one that comes through
+        # the tunnel is not for this node's.
+        flow(LOCAL, vni, L2, 130, (tun_id(vni), f"in_port={tunnel_ofport}",
+                                   f"dl_dst={GATEWAY_MAC}"), "drop"),
+    }
+
+
+def local_flows(vni: int, ports: list[LocalPort], tunnel_ofport: int,
+                gateway_ofport: Optional[int] = None) -> set[Flow]:
+    """Everything the VNI's local ports need: theirs plus the local flooding; with
+    `gateway_ofport` (a routed subnet) also the gateway's, which floods locally only
+    and is never flooded to from the tunnel."""
     flows: set[Flow] = set()
     for port in ports:
         flows |= port_flows(vni, port)
+    pods = ",".join(f"output:{p.ofport}" for p in sorted(ports, key=lambda p: p.ofport))
     if ports:
-        out = ",".join(f"output:{p.ofport}" for p in sorted(ports, key=lambda p: p.ofport))
         # From the tunnel: local ports only (split horizon, VTEPs flood themselves).
         flows.add(flow(LOCAL, vni, FLOOD_LOCAL, 110, (tun_id(vni), f"in_port={tunnel_ofport}"),
-                       out))
+                       pods))
+        out = ",".join(f"output:{o}" for o in sorted(
+            [p.ofport for p in ports] + ([gateway_ofport] if gateway_ofport else [])))
         flows.add(flow(LOCAL, vni, FLOOD_LOCAL, 100, (tun_id(vni),),
                        f"{out},goto_table:{FLOOD_REMOTE}"))
+    if gateway_ofport:
+        flows |= gateway_flows(vni, gateway_ofport, tunnel_ofport)
+        # From the gateway: this node's pods only, never the remote VTEPs.
+        flows.add(flow(LOCAL, vni, FLOOD_LOCAL, 110, (tun_id(vni), f"in_port={gateway_ofport}"),
+                       pods or "drop"))
     return flows
 
 
@@ -220,4 +253,35 @@ def remote_flows(vni: int, endpoints: list[RemoteEndpoint], flood: Iterable[IPAd
         out = ",".join(f"set_field:{vtep}->{'tun_dst' if vtep.version == 4 else 'tun_ipv6_dst'},"
                        f"output:{tunnel_ofport}" for vtep in flood)
         flows.add(flow(REMOTE, vni, FLOOD_REMOTE, 100, (tun_id(vni),), out))
+    return flows
+
+
+# ---------------------------------------------------------------- routed subnets
+
+
+def router_flows(l3vni: int, l3_ofport: int, rmac: str) -> set[Flow]:
+    """The VPC router's L3 port (the node end of its veth; the router's end has this
+    node's router MAC): what it sends carries the L3VNI, what comes through the
+    tunnel with the L3VNI and this node's router MAC goes to it."""
+    return {
+        flow(ROUTER, l3vni, CLASSIFY, 100, (f"in_port={l3_ofport}",),
+             f"set_field:{l3vni:#x}->tun_id,goto_table:{L3}"),
+        flow(ROUTER, l3vni, L3, 110, (tun_id(l3vni), f"dl_dst={rmac.lower()}"),
+             f"output:{l3_ofport}"),
+    }
+
+
+def routed_flows(l3vni: int, nexthops: dict[str, IPAddress], tunnel_ofport: int) -> set[Flow]:
+    """The L3VNI's remote routers (router MAC -> VTEP, from the EVPN routed state):
+    frames to a remote router MAC go to its VTEP; the L3VNI is accepted from these
+    VTEPs only."""
+    flows: set[Flow] = set()
+    for rmac, vtep in nexthops.items():
+        dst = "tun_dst" if vtep.version == 4 else "tun_ipv6_dst"
+        flows.add(flow(ROUTED, l3vni, L3, 100, (tun_id(l3vni), f"dl_dst={rmac.lower()}"),
+                       f"set_field:{vtep}->{dst},output:{tunnel_ofport}"))
+    for vtep in set(nexthops.values()):
+        src = "tun_src" if vtep.version == 4 else "tun_ipv6_src"
+        flows.add(flow(ROUTED, l3vni, TUNNEL_IN, 100, (tun_id(l3vni), f"{src}={vtep}"),
+                       f"goto_table:{L3}"))
     return flows

@@ -12,6 +12,11 @@ node's own addresses (and ARP for them) through it. Two rules close that:
 OVS's packet socket sees the frame before these hooks run, so the pipeline
 is unaffected; with the kernel datapath OVS consumes the frame before the IP
 stack and the rules are simply never hit.
+
+The node ends of a VPC router's veths in br-int (vgw<VNI>: a routed subnet's
+gateway, vl3<L3VNI>: its L3 port) are such kernel interfaces too: what the
+router sends (its ARP requests for VPC addresses, which may be the node's own)
+must not reach the node's stack either.
 """
 
 from __future__ import annotations
@@ -21,17 +26,18 @@ from vpcni.core.errors import BackendError
 
 TABLE = "vpcni_ovs"
 POD_PORTS = "vo*"
+ROUTER_PORTS = ("vgw*", "vl3*")
 
 _RULES = f"""
 add table inet {TABLE}
 add chain inet {TABLE} prerouting {{ type filter hook prerouting priority raw - 1; policy accept; }}
 flush chain inet {TABLE} prerouting
-add rule inet {TABLE} prerouting iifname "{POD_PORTS}" counter drop comment "vpc-to-node"
 add table arp {TABLE}
 add chain arp {TABLE} input {{ type filter hook input priority filter; policy accept; }}
 flush chain arp {TABLE} input
-add rule arp {TABLE} input iifname "{POD_PORTS}" counter drop comment "vpc-to-node"
-"""
+""" + "".join(f'add rule inet {TABLE} prerouting iifname "{ports}" counter drop comment "vpc-to-node"\n'
+              f'add rule arp {TABLE} input iifname "{ports}" counter drop comment "vpc-to-node"\n'
+              for ports in (POD_PORTS, *ROUTER_PORTS))
 
 
 class HostPortGuard:

@@ -32,6 +32,11 @@ EXT_IPS = "vpcni-ips"
 EXT_MAC = "attached-mac"  # the OVS convention (ovn-controller, os-vif)
 EXT_TUNNEL = "vpcni-tunnel"
 EXT_VNI_PREFIX = "vpcni-vni-"  # on the bridge: vpcni-vni-<VNI>=<UDP port> while the VNI is here
+# A VPC router's ports (routed subnets): the node ends of its veths, never an attachment's.
+EXT_GATEWAY = "vpcni-gateway"  # =<VNI>: the subnet's gateway port vgw<VNI>
+EXT_ROUTER = "vpcni-router"    # =<L3VNI>: the router's L3 port vl3<L3VNI>
+EXT_IFINDEX = "vpcni-ifindex"  # the ifindex of the netdev the router port was added with
+EXT_L3VNI_PREFIX = "vpcni-l3vni-"  # on the bridge: vpcni-l3vni-<L3VNI>=<UDP port> while its router is here
 
 
 def tunnel_name(udp_port: int) -> str:
@@ -155,6 +160,33 @@ class Switch:
                 out[int(vni)] = int(value)
         return out
 
+    def l3vnis(self) -> dict[int, int]:
+        """L3VNI -> UDP port of the VPC routers marked on the bridge."""
+        bridge = self.row("Bridge", self.bridge)
+        out = {}
+        for key, value in (bridge["external_ids"] if bridge else {}).items():
+            l3vni = key.removeprefix(EXT_L3VNI_PREFIX)
+            if key.startswith(EXT_L3VNI_PREFIX) and l3vni.isdigit() and value.isdigit():
+                out[int(l3vni)] = int(value)
+        return out
+
+    def mark_l3vni(self, l3vni: int, udp_port: int) -> None:
+        bridge = self.row("Bridge", self.bridge)
+        key = f"{EXT_L3VNI_PREFIX}{l3vni}"
+        have = bridge["external_ids"].get(key) if bridge else None
+        if have is not None and have != str(udp_port):
+            raise BackendError(f"the router of L3VNI {l3vni} is on this node with UDP port "
+                               f"{have}, not {udp_port}: a VPC's subnets share one UDP port")
+        if have is None:
+            self.transact(f"mark L3VNI {l3vni}", self.api.db_set(
+                "Bridge", self.bridge, ("external_ids", {key: str(udp_port)})))
+
+    def release_l3vni(self, l3vni: int) -> None:
+        if self.bridge_exists():
+            self.transact(f"release L3VNI {l3vni}",
+                          self.api.db_remove("Bridge", self.bridge, "external_ids",
+                                             f"{EXT_L3VNI_PREFIX}{l3vni}", if_exists=True))
+
     def release_vni(self, vni: int) -> None:
         if self.bridge_exists():
             self.transact(f"release VNI {vni}",
@@ -177,6 +209,30 @@ class Switch:
         return [row for row in self.api.db_list(
                     "Interface", columns=["name", "ofport", "external_ids", "error"]
                 ).execute(check_error=True) if EXT_VNI in row["external_ids"]]
+
+    def router_rows(self) -> list[dict]:
+        """Every Interface row of a VPC router's port (gateway or L3)."""
+        return [row for row in self.api.db_list(
+                    "Interface", columns=["name", "ofport", "external_ids", "error"]
+                ).execute(check_error=True)
+                if EXT_GATEWAY in row["external_ids"] or EXT_ROUTER in row["external_ids"]]
+
+    def ensure_router_port(self, name: str, external_ids: dict[str, str]) -> tuple[int, bool]:
+        """`name` (a router veth's node end) as a working port with `external_ids`: added
+        when missing, re-added when it has no ofport (its netdev was re-created);
+        (its ofport, whether it changed anything). A port of that name that is not a
+        router's is an error."""
+        row = self.row("Interface", name)
+        if row is not None:
+            ext = row["external_ids"]
+            if EXT_GATEWAY not in ext and EXT_ROUTER not in ext:
+                raise BackendError(f"OVS port {name} exists and is not a vpcni router's "
+                                   f"(external_ids {ext})")
+            ofport = ofport_of(row)
+            if ofport and all(ext.get(k) == v for k, v in external_ids.items()):
+                return ofport, False
+            self.del_port(name)
+        return self.add_port(name, external_ids), True
 
     def add_port(self, name: str, external_ids: dict[str, str]) -> int:
         """Add `name` as a port with `external_ids` (one transaction); its ofport."""
@@ -221,6 +277,12 @@ class Switch:
         if lines:
             self._ofctl("add-flows", "-", options=("--bundle",), stdin="\n".join(lines) + "\n")
         return len(lines)
+
+    def delete_scopes(self, cookies: list[int]) -> None:
+        """Delete every flow of each of these exact cookies, in one bundle."""
+        if cookies:
+            lines = "".join(f"delete cookie={c:#x}/-1\n" for c in cookies)
+            self._ofctl("add-flows", "-", options=("--bundle",), stdin=lines)
 
     def delete_flows(self, cookie: int, mask: int = -1) -> None:
         spec = f"cookie={cookie:#x}/{'-1' if mask == -1 else f'{mask:#x}'}"

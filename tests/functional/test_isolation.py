@@ -294,13 +294,7 @@ def vteps_of(lab: Lab, node: str) -> set[tuple[str, int]]:
 @pytest.fixture(scope="module")
 def intruder(lab):
     """A host on the underlay that is no VTEP."""
-    ns = lab.box.netns("intruder")
-    fab = lab.box.namespaces["fab"]
-    lab.box.veth(fab, "pintr", ns, "eth0")
-    fab.ip("link", "set", "pintr", "master", "br0", "up")
-    ns.ip("link", "set", "eth0", "up")
-    ns.ip("addr", "add", f"{INTRUDER}/24", "dev", "eth0")
-    return ns
+    return lab.add_underlay_host("intruder", INTRUDER)
 
 
 def vxlan_payload(vni: int, marker: bytes) -> bytes:

@@ -20,6 +20,8 @@ from vpcni.evpn.table import RemoteTable
 ASN = 65000
 ME, PEER, OTHER = "198.51.100.1", "198.51.100.2", "198.51.100.3"
 MAC = "02:00:00:00:02:01"
+L3VNI = 5000
+RMAC, RMAC2 = "02:00:00:00:0a:01", "02:00:00:00:0a:02"
 
 
 def pack(msg) -> AnyMsg:
@@ -180,8 +182,8 @@ def test_type3_needs_ingress_replication():
 
 
 def test_other_route_types_are_not_ours():
-    path = api.Path(family=routes.EVPN_FAMILY, nlri=pack(attr.EVPNIPPrefixRoute(
-        rd=routes.route_distinguisher(PEER, 300, ASN), ip_prefix="172.16.0.0", ip_prefix_len=24)))
+    path = api.Path(family=routes.EVPN_FAMILY, nlri=pack(attr.EVPNEthernetSegmentRoute(
+        rd=routes.route_distinguisher(PEER, 300, ASN), esi=routes.ESI_ZERO, ip_address=PEER)))
     assert routes.decode(path, ASN) is None and routes.nlri_key(path) is None
 
 
@@ -399,3 +401,334 @@ def test_genstubs_generates_relative_imports_once(tmp_path):
     stale = out / "attribute_pb2.py"
     stale.write_text(stale.read_text().replace("sha256", "sha1", 1))
     assert genstubs.generate(out_dir=out) is True
+
+
+# ---------------------------------------------------------------- symmetric IRB
+
+
+def set_labels(path: api.Path, labels: list[int]) -> api.Path:
+    nlri = attr.EVPNMACIPAdvertisementRoute()
+    path.nlri.Unpack(nlri)
+    del nlri.labels[:]
+    nlri.labels.extend(labels)
+    path.nlri.Pack(nlri)
+    return path
+
+
+def drop_communities(path: api.Path, keep) -> api.Path:
+    """`path` without the extended communities `keep(community)` is false for."""
+    for packed in path.pattrs:
+        if packed.Is(attr.ExtendedCommunitiesAttribute.DESCRIPTOR):
+            msg = attr.ExtendedCommunitiesAttribute()
+            packed.Unpack(msg)
+            kept = [c for c in msg.communities if keep(c)]
+            del msg.communities[:]
+            msg.communities.extend(kept)
+            packed.Pack(msg)
+    return path
+
+
+def is_rt(vni: int):
+    def match(community) -> bool:
+        rt = attr.TwoOctetAsSpecificExtended()
+        return community.Unpack(rt) and rt.local_admin == vni
+    return match
+
+
+def is_rmac(community) -> bool:
+    return community.Is(attr.RouterMacExtended.DESCRIPTOR)
+
+
+def host(ip: str, mac: str = MAC, vni: int = 300, l3vni: int = L3VNI,
+         rmac: str = RMAC) -> LocalRoute:
+    return LocalRoute.mac_ip(vni, mac, ip, l3vni=l3vni, rmac=rmac)
+
+
+def routed(table: RemoteTable, l3vni: int = L3VNI) -> tuple[list, list]:
+    state = table.routed(l3vni)
+    return ([(str(h.ip), str(h.vtep), h.rmac) for h in state.hosts],
+            [(str(p.prefix), str(p.vtep), p.rmac) for p in state.prefixes])
+
+
+def test_irb_local_routes_normalise_and_print():
+    t2 = LocalRoute.mac_ip(100, "AA:BB:CC:00:00:01", "10.1.0.5", l3vni=5000,
+                           rmac="02:AA:00:00:0A:01")
+    assert (t2.route_type, t2.rmac, t2.l3vni) == (2, "02:aa:00:00:0a:01", 5000)
+    assert str(t2) == "type-2 vni 100 aa:bb:cc:00:00:01 10.1.0.5 l3vni 5000 rmac 02:aa:00:00:0a:01"
+    t5 = LocalRoute.ip_prefix(5000, "10.1.0.77/24", "02:AA:00:00:0A:01")
+    assert (t5.route_type, t5.vni, t5.prefix, t5.l3vni) == \
+        (5, 5000, ipaddress.ip_network("10.1.0.0/24"), None)
+    assert str(t5) == "type-5 l3vni 5000 10.1.0.0/24 rmac 02:aa:00:00:0a:01"
+    assert t5 == LocalRoute(vni=5000, prefix=ipaddress.ip_network("10.1.0.0/24"),
+                            rmac="02:aa:00:00:0a:01")
+    assert LocalRoute.ip_prefix(5000, "fd00:1::1/64", RMAC).prefix == \
+        ipaddress.ip_network("fd00:1::/64")
+    # Attributes are not the NLRI: the same route with and without its L3VNI.
+    plain = LocalRoute.mac_ip(100, "aa:bb:cc:00:00:01", "10.1.0.5")
+    assert plain != t2 and plain.nlri_identity == t2.nlri_identity
+    assert t5.nlri_identity != LocalRoute.ip_prefix(5000, "10.1.0.0/25", RMAC).nlri_identity
+
+
+@pytest.mark.parametrize("kw, match", [
+    ({"vni": 300, "mac": MAC, "l3vni": L3VNI, "rmac": RMAC}, "with an IP"),
+    ({"vni": 300, "mac": MAC, "ip": "10.1.0.5", "l3vni": L3VNI}, "router MAC"),
+    ({"vni": 300, "mac": MAC, "ip": "10.1.0.5", "rmac": RMAC}, "goes with an 'l3vni'"),
+    ({"vni": 300, "rmac": RMAC}, "goes with an 'l3vni'"),
+    ({"vni": 300, "mac": MAC, "ip": "10.1.0.5", "l3vni": 0, "rmac": RMAC}, "l3vni"),
+    ({"vni": 300, "mac": MAC, "ip": "10.1.0.5", "l3vni": 2 ** 24, "rmac": RMAC}, "l3vni"),
+    ({"vni": L3VNI, "prefix": "10.1.0.0/24"}, "router MAC"),
+    ({"vni": L3VNI, "prefix": "10.1.0.0/24", "rmac": RMAC, "mac": MAC}, "no 'mac' or 'ip'"),
+    ({"vni": L3VNI, "prefix": "10.1.0.0/24", "rmac": RMAC, "l3vni": L3VNI}, "leave 'l3vni'"),
+    ({"vni": L3VNI, "prefix": "10.1.0.0/33", "rmac": RMAC}, "prefix"),
+    ({"vni": L3VNI, "prefix": "10.1.0.0/24", "rmac": "02:00:00:00:0a"}, "rmac"),
+])
+def test_irb_local_route_rejects(kw, match):
+    with pytest.raises(ValidationError, match=match):
+        LocalRoute(**kw)
+
+
+def test_type2_with_l3vni_encodes_two_labels_two_rts_and_the_router_mac():
+    path = routes.encode(host("10.1.0.5", vni=100), ME, ASN)
+    nlri = unpacked(path, attr.EVPNMACIPAdvertisementRoute)
+    rd = attr.RouteDistinguisherIPAddress()
+    assert nlri.rd.Unpack(rd) and (rd.admin, rd.assigned) == (ME, 100)  # the L2 VNI's RD
+    assert (nlri.mac_address, nlri.ip_address, list(nlri.labels)) == (MAC, "10.1.0.5",
+                                                                      [100, L3VNI])
+    communities = unpacked(path, attr.ExtendedCommunitiesAttribute).communities
+    rts = []
+    for community in communities[:2]:
+        rt = attr.TwoOctetAsSpecificExtended()
+        assert community.Unpack(rt)
+        rts.append((rt.is_transitive, rt.sub_type, rt.asn, rt.local_admin))
+    assert rts == [(True, 2, ASN, 100), (True, 2, ASN, L3VNI)]
+    encap, rmac = attr.EncapExtended(), attr.RouterMacExtended()
+    assert communities[2].Unpack(encap) and encap.tunnel_type == 8
+    assert communities[3].Unpack(rmac) and rmac.mac == RMAC
+    assert len(communities) == 4
+    assert unpacked(path, attr.NextHopAttribute).next_hop == ME
+    assert unpacked(path, attr.PmsiTunnelAttribute) is None
+
+
+@pytest.mark.parametrize("prefix, address, gateway", [("10.1.0.0/24", "10.1.0.0", "0.0.0.0"),
+                                                      ("fd00:1::/64", "fd00:1::", "::")])
+def test_type5_encodes_the_documented_shape(prefix, address, gateway):
+    path = routes.encode(LocalRoute.ip_prefix(L3VNI, prefix, RMAC), ME, ASN)
+    assert path.family == routes.EVPN_FAMILY
+    nlri = unpacked(path, attr.EVPNIPPrefixRoute)
+    rd = attr.RouteDistinguisherIPAddress()
+    assert nlri.rd.Unpack(rd) and (rd.admin, rd.assigned) == (ME, L3VNI)
+    assert nlri.esi == routes.ESI_ZERO
+    assert (nlri.ethernet_tag, nlri.ip_prefix, nlri.ip_prefix_len, nlri.gw_address,
+            nlri.label) == (0, address, int(prefix.split("/")[1]), gateway, L3VNI)
+    assert unpacked(path, attr.NextHopAttribute).next_hop == ME
+    assert unpacked(path, attr.OriginAttribute).origin == 2
+    communities = unpacked(path, attr.ExtendedCommunitiesAttribute).communities
+    rt, encap, rmac = attr.TwoOctetAsSpecificExtended(), attr.EncapExtended(), \
+        attr.RouterMacExtended()
+    assert communities[0].Unpack(rt) and (rt.asn, rt.local_admin) == (ASN, L3VNI)
+    assert communities[1].Unpack(encap) and encap.tunnel_type == 8
+    assert communities[2].Unpack(rmac) and rmac.mac == RMAC
+    assert len(communities) == 3
+    assert unpacked(path, attr.PmsiTunnelAttribute) is None
+
+
+@pytest.mark.parametrize("route", [
+    host("10.1.0.5"),
+    host("fd00:1::5"),
+    host("10.1.0.5", vni=16777215, l3vni=16777214),
+    LocalRoute.ip_prefix(L3VNI, "10.1.0.0/24", RMAC),
+    LocalRoute.ip_prefix(L3VNI, "0.0.0.0/0", RMAC),
+    LocalRoute.ip_prefix(L3VNI, "fd00:1::/64", RMAC),
+    LocalRoute.ip_prefix(70000, "10.1.0.0/24", RMAC),
+])
+def test_irb_round_trip(route):
+    for path in (routes.encode(route, PEER, ASN), received(route)):
+        got = routes.decode(path, ASN)
+        assert got.local_route() == route
+        assert (got.route_type, got.vni, got.l3vni, got.rmac, got.prefix) == \
+            (route.route_type, route.vni, route.l3vni, route.rmac, route.prefix)
+        assert got.vtep == got.nexthop == ipaddress.ip_address(PEER)
+    got = routes.decode(received(route), ASN)
+    if route.route_type == 2:
+        assert got.routed_host().model_dump() == {"ip": route.ip, "vtep": got.vtep,
+                                                  "rmac": RMAC}
+        assert got.routed_prefix() is None and got.endpoint().ip == route.ip
+    else:
+        assert got.routed_prefix().model_dump() == {"prefix": route.prefix, "vtep": got.vtep,
+                                                    "rmac": RMAC}
+        assert got.routed_host() is None and got.endpoint() is None
+
+
+def test_plain_type2_has_no_routed_host():
+    got = routes.decode(received(LocalRoute.mac_ip(300, MAC, "10.1.0.5")), ASN)
+    assert (got.l3vni, got.rmac, got.routed_host(), got.routed_prefix()) == (None,) * 4
+
+
+@pytest.mark.parametrize("spoil", [
+    lambda p: drop_communities(p, lambda c: not is_rt(L3VNI)(c)),  # no RT for the 2nd label
+    lambda p: drop_communities(p, lambda c: not is_rmac(c)),        # no router MAC
+    lambda p: set_labels(p, [300, 0]),                               # not a VNI
+    lambda p: set_labels(p, [300, 4242]),                            # no RT for it
+])
+def test_a_second_label_without_its_rt_and_router_mac_is_a_plain_l2_route(spoil):
+    route = host("10.1.0.5")
+    got = routes.decode(spoil(received(route)), ASN)
+    assert (got.vni, got.mac, got.ip, got.l3vni, got.rmac) == \
+        (300, MAC, ipaddress.ip_address("10.1.0.5"), None, None)
+    assert got.local_route() == LocalRoute.mac_ip(300, MAC, "10.1.0.5")
+    assert got.routed_host() is None and got.endpoint() is not None
+
+
+def test_a_mac_only_route_with_two_labels_is_a_plain_l2_route():
+    path = received(LocalRoute.mac_ip(300, MAC))
+    set_labels(path, [300, L3VNI])
+    for packed in path.pattrs:
+        if packed.Is(attr.ExtendedCommunitiesAttribute.DESCRIPTOR):
+            msg = attr.ExtendedCommunitiesAttribute()
+            packed.Unpack(msg)
+            msg.communities.extend([routes._route_target(ASN, L3VNI),
+                                    pack(attr.RouterMacExtended(mac=RMAC))])
+            packed.Pack(msg)
+    got = routes.decode(path, ASN)
+    assert (got.l3vni, got.rmac) == (None, None)
+    assert got.local_route() == LocalRoute.mac_ip(300, MAC)
+
+
+def test_type5_needs_router_mac_rt_and_next_hop():
+    route = LocalRoute.ip_prefix(L3VNI, "10.1.0.0/24", RMAC)
+    with pytest.raises(RouteError, match="no router MAC"):
+        routes.decode(drop_communities(received(route), lambda c: not is_rmac(c)), ASN)
+    with pytest.raises(RouteError, match="without route target 65000:5000"):
+        routes.decode(drop_communities(received(route), lambda c: not is_rt(L3VNI)(c)), ASN)
+    path = received(route)
+    kept = [p for p in path.pattrs if not p.Is(attr.MpReachNLRIAttribute.DESCRIPTOR)]
+    del path.pattrs[:]
+    path.pattrs.extend(kept)
+    with pytest.raises(RouteError, match="no next hop"):
+        routes.decode(path, ASN)
+
+
+def test_type5_gateway_address_is_ignored_and_host_bits_are_refused():
+    route = LocalRoute.ip_prefix(L3VNI, "10.1.0.0/24", RMAC)
+    path = received(route)
+    nlri = unpacked(path, attr.EVPNIPPrefixRoute)
+    nlri.gw_address = "10.1.0.1"
+    path.nlri.Pack(nlri)
+    got = routes.decode(path, ASN)
+    assert got.local_route() == route and got.key == routes.decode(received(route), ASN).key
+    nlri.ip_prefix = "10.1.0.7"
+    path.nlri.Pack(nlri)
+    with pytest.raises(RouteError, match="host bits"):
+        routes.nlri_key(path)
+    table = RemoteTable(ME, ASN)
+    assert table.apply([path], snapshot=True) == set()
+
+
+def test_type5_withdraw_names_the_same_nlri():
+    route = LocalRoute.ip_prefix(L3VNI, "10.1.0.0/24", RMAC)
+    key = routes.decode(received(route), ASN).key
+    assert key == (5, f"{PEER}:{L3VNI}", 0, ipaddress.ip_network("10.1.0.0/24"), 0)
+    assert routes.nlri_key(received(route, withdraw=True)) == key
+    # The router MAC and the label are attributes: another rmac is the same NLRI.
+    assert routes.nlri_key(received(LocalRoute.ip_prefix(L3VNI, "10.1.0.0/24", RMAC2))) == key
+    # Labels are attributes too: a type-2 with and without its L3VNI is one NLRI.
+    assert routes.nlri_key(received(host("10.1.0.5"))) == \
+        routes.nlri_key(received(LocalRoute.mac_ip(300, MAC, "10.1.0.5")))
+
+
+def test_table_routes_hosts_and_prefixes_per_l3vni():
+    table = RemoteTable(ME, ASN)
+    changed = table.apply([
+        received(host("10.1.0.5")),
+        received(host("10.1.0.6", mac="02:00:00:00:02:02", rmac=RMAC2), vtep=OTHER),
+        received(host("10.2.0.5", vni=301, mac="02:00:00:00:02:03")),
+        received(LocalRoute.mac_ip(300, "02:00:00:00:02:04", "10.1.0.7")),  # L2 only
+        received(LocalRoute.inclusive_multicast(300)),
+        received(LocalRoute.ip_prefix(L3VNI, "10.1.0.0/24", RMAC2), vtep=OTHER),
+        received(LocalRoute.ip_prefix(L3VNI, "10.1.0.0/24", RMAC)),
+        received(LocalRoute.ip_prefix(L3VNI, "10.0.0.0/16", RMAC)),
+        received(LocalRoute.ip_prefix(L3VNI, "fd00:1::/64", RMAC)),
+        received(LocalRoute.ip_prefix(6000, "10.9.0.0/24", RMAC)),
+    ], snapshot=True)
+    assert changed == {300, 301, L3VNI, 6000} and table.vnis() == changed
+    hosts, prefixes = routed(table)
+    assert hosts == [("10.1.0.5", PEER, RMAC), ("10.1.0.6", OTHER, RMAC2),
+                     ("10.2.0.5", PEER, RMAC)]
+    # Every VTEP announcing a prefix (ECMP), in a stable order.
+    assert prefixes == [("10.0.0.0/16", PEER, RMAC), ("10.1.0.0/24", PEER, RMAC),
+                        ("10.1.0.0/24", OTHER, RMAC2), ("fd00:1::/64", PEER, RMAC)]
+    assert routed(table, 6000) == ([], [("10.9.0.0/24", PEER, RMAC)])
+    assert routed(table, 300) == ([], [])
+    # The L2 view is as before: type-2 routes with an L3VNI are endpoints of their
+    # VNI, and nothing of the L3VNI shows up as an L2 VNI's state.
+    assert [(e.mac, str(e.ip)) for e in table.state(300).endpoints] == [
+        (MAC, "10.1.0.5"), ("02:00:00:00:02:02", "10.1.0.6"), ("02:00:00:00:02:04", "10.1.0.7")]
+    assert table.state(L3VNI) == table.state(6000) == table.state(12345)
+    assert table.state(L3VNI).endpoints == [] and table.state(L3VNI).flood == []
+    counts = table.counts()
+    assert (counts["received_type2"], counts["received_type3"], counts["received_type5"]) == \
+        (4, 1, 5)
+    assert (counts["remote_type2"], counts["remote_type3"], counts["remote_type5"]) == (4, 1, 5)
+
+
+def test_table_routed_withdrawals_and_changes():
+    table = RemoteTable(ME, ASN)
+    a = LocalRoute.ip_prefix(L3VNI, "10.1.0.0/24", RMAC)
+    h = host("10.1.0.5")
+    table.apply([received(a), received(a, vtep=OTHER), received(h)], snapshot=True)
+    # One VTEP withdraws the prefix: the other still serves it.
+    assert table.apply([received(a, withdraw=True)]) == {L3VNI}
+    assert routed(table)[1] == [("10.1.0.0/24", OTHER, RMAC)]
+    assert table.apply([received(a)]) == {L3VNI}
+    assert table.apply([received(a)]) == set()  # the same best path again
+    # A new router MAC is a change of the same NLRI.
+    assert table.apply([received(LocalRoute.ip_prefix(L3VNI, "10.1.0.0/24", RMAC2))]) == {L3VNI}
+    assert routed(table)[1] == [("10.1.0.0/24", PEER, RMAC2), ("10.1.0.0/24", OTHER, RMAC)]
+    # The host's route loses its L3VNI: both its VNI and the L3VNI changed.
+    assert table.apply([received(LocalRoute.mac_ip(300, MAC, "10.1.0.5"))]) == {300, L3VNI}
+    assert routed(table)[0] == [] and len(table.state(300).endpoints) == 1
+    assert table.apply([received(h)]) == {300, L3VNI}
+    assert table.apply([received(h, withdraw=True)]) == {300, L3VNI}
+    assert routed(table)[0] == [] and table.vnis() == {L3VNI}
+    table.apply([received(a, withdraw=True), received(a, vtep=OTHER, withdraw=True)])
+    assert routed(table) == ([], []) and table.vnis() == set()
+    assert table.apply([received(h)], snapshot=True) == {300, L3VNI}
+    assert table.apply([], snapshot=True) == {300, L3VNI}
+
+
+def test_a_moved_host_follows_the_newest_vtep():
+    table = RemoteTable(ME, ASN)
+    table.apply([received(host("10.1.0.9"), vtep=PEER)], snapshot=True)
+    # The pod moved: a new MAC behind another VTEP, while the old route lingers.
+    assert table.apply([received(host("10.1.0.9", mac="02:00:00:00:02:09", rmac=RMAC2),
+                                 vtep=OTHER)]) == {300, L3VNI}
+    assert routed(table)[0] == [("10.1.0.9", OTHER, RMAC2)]
+    table.apply([received(host("10.1.0.9", mac="02:00:00:00:02:09", rmac=RMAC2), vtep=OTHER,
+                          withdraw=True)])
+    assert routed(table)[0] == [("10.1.0.9", PEER, RMAC)]
+
+
+def test_table_ignores_own_irb_routes():
+    table = RemoteTable(ME, ASN)
+    own = [received(host("10.1.0.5"), vtep=ME),
+           received(LocalRoute.ip_prefix(L3VNI, "10.1.0.0/24", RMAC), vtep=ME),
+           routes.encode(LocalRoute.ip_prefix(L3VNI, "10.2.0.0/24", RMAC), ME, ASN)]
+    assert table.apply(own, snapshot=True) == set() and table.counts()["ignored_own"] == 2
+
+
+def test_speaker_refuses_two_routes_of_one_nlri(tmp_path):
+    speaker = EvpnSpeaker(f"unix://{tmp_path}/absent.sock", ME, ASN)
+    plain, irb = LocalRoute.mac_ip(300, MAC, "10.1.0.5"), host("10.1.0.5")
+    try:
+        with pytest.raises(ValueError, match="same EVPN route"):
+            speaker.set_local({plain, irb})
+        assert speaker.set_local({plain, LocalRoute.ip_prefix(L3VNI, "10.1.0.0/24", RMAC)}) \
+            is False
+        with pytest.raises(ValueError, match="same EVPN route"):
+            speaker.update_local(add=[irb])
+        assert plain in speaker.local_routes()  # unchanged
+        assert speaker.update_local(add=[irb], remove=[plain]) is False
+        assert irb in speaker.local_routes() and plain not in speaker.local_routes()
+        assert speaker.routed_state(L3VNI).hosts == []
+    finally:
+        speaker.close()

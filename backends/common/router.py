@@ -1,0 +1,537 @@
+"""A VPC's router on a node: a network namespace per VPC (the OpenStack DVR pattern),
+shared by the kernel and ovs backends. See docs/routing.md.
+
+    node netns                                   router netns <prefix><L3VNI>
+    VNI switch ── vgw<VNI>  ═══ veth ═══  gw<VNI>   gateway address, GATEWAY_MAC (anycast)
+    (kernel) vl3<L3VNI>: VXLAN device, created here, moved ──▶ vl3<L3VNI>  MAC = router MAC
+    (ovs)    vl3<L3VNI>  ═══ veth ═══  vl3<L3VNI>          (br-int carries the L3VNI)
+    vrt<L3VNI> ═══ veth ═══ up0    default route, SNAT: the VPC's way out through the node
+
+This kernel has no VRF: a namespace is the routing table of one VPC. The L3VNI's
+VXLAN device keeps its UDP socket in the node's namespace (a device keeps the
+namespace it was created in for its socket), so routed traffic between nodes is
+VXLAN on the underlay with the L3VNI and the receiving node's router MAC
+(symmetric IRB). Remote hosts (type-2 with the L3VNI) and prefixes (type-5)
+become routes `via <VTEP> dev vl3<L3VNI> onlink`, a permanent neighbour
+VTEP -> router MAC and, for the VXLAN device, an FDB entry router MAC -> VTEP.
+
+Egress: the router masquerades to its transit address (169.254.64.0/18: one per
+VPC on the node), the node masquerades that to its own address. Each router
+namespace has its own connection tracking, so VPCs with the same CIDRs never
+mix connections. The node's nftables table `inet vpcni_route` keeps VPCs
+apart on the node: nothing from one transit link to another, no VXLAN from a
+VPC, nothing into a VPC that it did not open, nothing to the node itself but
+replies and (DNATed) services.
+
+Router namespaces are named (`ip netns add`) so that they outlive the agent and
+the node's tools see them; the agent refuses to create one where /run/netns
+does not propagate to the node (a slave mount: a process started by `ip netns
+exec`), where it would vanish with the process.
+"""
+
+from __future__ import annotations
+
+import errno
+import fcntl
+import ipaddress
+import logging
+import os
+import socket
+import subprocess
+import threading
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Iterator, Optional
+
+from pyroute2.netlink.exceptions import NetlinkError
+
+from vpcni.core.config import NodeConfig
+from vpcni.core.errors import BackendError
+from vpcni.core.models import (GATEWAY_MAC, RoutedState, Router, VpcNetwork, router_mac)
+
+from . import podif
+from .rtnl import Rtnl, socket_in
+from .underlay import Underlay
+
+LOG = logging.getLogger(__name__)
+
+NETNS_DIR = Path("/run/netns")
+ROUTER_ALIAS = "vpcni:router:"
+PROTO = 196                  # rtm_protocol of the routes we install in a router
+PREFIX_METRIC = 1000         # type-5 routes lose to a connected subnet of the same prefix
+TRANSIT = ipaddress.ip_network("169.254.64.0/18")
+TRANSIT_NODE = TRANSIT.network_address + 1
+UPLINK = "up0"
+RTNH_F_ONLINK = 4
+NUD_PERMANENT = 0x80
+NTF_SELF = 0x02
+
+NODE_RULES = """
+add table inet vpcni_route
+add set inet vpcni_route vxlan_ports {{ type inet_service; elements = {{ {ports} }}; }}
+add chain inet vpcni_route input {{ type filter hook input priority filter - 2; policy accept; }}
+add chain inet vpcni_route forward {{ type filter hook forward priority filter - 2; policy accept; }}
+add chain inet vpcni_route postrouting {{ type nat hook postrouting priority srcnat; policy accept; }}
+flush chain inet vpcni_route input
+flush chain inet vpcni_route forward
+flush chain inet vpcni_route postrouting
+add rule inet vpcni_route input iifname "vrt*" ct state established,related accept
+add rule inet vpcni_route input iifname "vrt*" ct status dnat accept
+add rule inet vpcni_route input iifname "vrt*" counter drop comment "vpc-to-node"
+add rule inet vpcni_route forward iifname "vrt*" oifname "vrt*" counter drop comment "vpc-to-vpc"
+add rule inet vpcni_route forward iifname "vrt*" udp dport @vxlan_ports counter drop comment "vxlan-from-vpc"
+add rule inet vpcni_route forward oifname "vrt*" ct state established,related accept
+add rule inet vpcni_route forward oifname "vrt*" counter drop comment "into-vpc"
+add rule inet vpcni_route postrouting iifname "vrt*" oifname != "vrt*" masquerade
+"""
+
+ROUTER_RULES = f"""
+add table inet vpcni_router
+add chain inet vpcni_router forward {{ type filter hook forward priority filter; policy accept; }}
+add chain inet vpcni_router postrouting {{ type nat hook postrouting priority srcnat; policy accept; }}
+flush chain inet vpcni_router forward
+flush chain inet vpcni_router postrouting
+add rule inet vpcni_router forward iifname "{UPLINK}" ct state established,related accept
+add rule inet vpcni_router forward iifname "{UPLINK}" counter drop comment "outside-to-vpc"
+add rule inet vpcni_router postrouting oifname "{UPLINK}" masquerade
+"""
+
+
+def gateway_names(vni: int) -> tuple[str, str]:
+    """(node end, router end) of a subnet's gateway veth."""
+    return f"vgw{vni}", f"gw{vni}"
+
+
+def l3_name(l3vni: int) -> str:
+    return f"vl3{l3vni}"
+
+
+def transit_name(l3vni: int) -> str:
+    return f"vrt{l3vni}"
+
+
+def _run(cmd: list[str], what: str, stdin: Optional[str] = None) -> str:
+    try:
+        proc = subprocess.run(cmd, input=stdin, capture_output=True, text=True, timeout=30)
+    except (OSError, subprocess.SubprocessError) as exc:
+        raise BackendError(f"could not {what}: {exc}") from exc
+    if proc.returncode != 0:
+        raise BackendError(f"could not {what}: {proc.stderr.strip() or proc.stdout.strip()}")
+    return proc.stdout
+
+
+def netns_path(name: str) -> Path:
+    return NETNS_DIR / name
+
+
+def _netns_dir_shared() -> Optional[str]:
+    """Why a namespace created here would not be the node's (None: it would be): a
+    router namespace is a bind mount under /run/netns, which must propagate to the
+    node's mount namespace (a process started by `ip netns exec` has a private copy
+    of it; a DaemonSet mounts /run/netns with mountPropagation Bidirectional)."""
+    try:
+        lines = Path("/proc/self/mountinfo").read_text().splitlines()
+    except OSError:
+        return None
+    for line in lines:
+        fields = line.split()
+        if len(fields) > 6 and fields[4] == str(NETNS_DIR):
+            tags = fields[6:fields.index("-")] if "-" in fields else []
+            if any(t.startswith("master:") for t in tags) and \
+                    not any(t.startswith("shared:") for t in tags):
+                return (f"{NETNS_DIR} is a slave mount in this process's mount namespace "
+                        "(started by `ip netns exec`?): a router namespace made here would "
+                        "vanish with it; run the agent in the node's mount namespace "
+                        "(the DaemonSet mounts /run/netns Bidirectional)")
+    return None
+
+
+class RouterNs:
+    """One router namespace: a netlink socket in it (calls serialised)."""
+
+    def __init__(self, name: str):
+        self.name = name
+        self.path = netns_path(name)
+        fd = os.open(self.path, os.O_RDONLY | os.O_CLOEXEC)
+        try:
+            sock = socket_in(fd, socket.AF_NETLINK, socket.SOCK_RAW | socket.SOCK_CLOEXEC, 0)
+        finally:
+            os.close(fd)
+        self.ipr = Rtnl(sock=sock, strict_check=True)
+        self.lock = threading.RLock()
+
+    def run(self, *cmd: str, what: str, stdin: Optional[str] = None) -> str:
+        return _run(["nsenter", f"--net={self.path}", "--", *cmd], what, stdin)
+
+    def link(self, name: str):
+        return podif.get_link(self.ipr, name)
+
+    def close(self) -> None:
+        self.ipr.close()
+
+
+class Routers:
+    """The VPC routers of this node. `l3` is how a router reaches its L3VNI: "vxlan"
+    (a kernel VXLAN device of its own) or "veth" (a veth whose node end the ovs
+    backend puts into br-int, which does the VXLAN)."""
+
+    def __init__(self, node: NodeConfig, ipr, l3: str):
+        self.node = node
+        self.ipr = ipr  # the node namespace's (a ThreadRtnl)
+        self.l3 = l3
+        self.prefix = node.routerNamespacePrefix
+        self._open: dict[int, RouterNs] = {}
+        self._guard = threading.Lock()
+        self._locks: dict[int, threading.Lock] = {}
+        self._node_rules: Optional[frozenset] = None
+        self._lock_dir = Path(node.stateDir) / "locks"
+
+    # ------------------------------------------------------------ names and locks
+
+    def netns_name(self, l3vni: int) -> str:
+        return f"{self.prefix}{l3vni}"
+
+    @contextmanager
+    def _locked(self, l3vni: int) -> Iterator[None]:
+        """This router's lock in this process and, for other processes (standalone
+        plugins), a file lock."""
+        with self._guard:
+            lock = self._locks.setdefault(l3vni, threading.Lock())
+        with lock:
+            self._lock_dir.mkdir(parents=True, exist_ok=True)
+            fd = os.open(self._lock_dir / f"router.{l3vni}", os.O_RDWR | os.O_CREAT | os.O_CLOEXEC,
+                         0o600)
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX)
+                yield
+            finally:
+                os.close(fd)
+
+    def _ns(self, l3vni: int) -> Optional[RouterNs]:
+        """The router's namespace, opened (None: there is none)."""
+        ns = self._open.get(l3vni)
+        if ns is not None:
+            if ns.path.exists():
+                return ns
+            ns.close()
+            del self._open[l3vni]
+        name = self.netns_name(l3vni)
+        if not netns_path(name).exists():
+            return None
+        try:
+            ns = RouterNs(name)
+        except OSError:
+            return None  # a file left by a namespace that is gone
+        self._open[l3vni] = ns
+        return ns
+
+    def l3vnis(self) -> set[int]:
+        """The L3VNIs of the routers on this node."""
+        out = set()
+        try:
+            names = os.listdir(netns_path(""))
+        except OSError:
+            return out
+        for name in names:
+            rest = name[len(self.prefix):] if name.startswith(self.prefix) else ""
+            if rest.isdigit():
+                out.add(int(rest))
+        return out
+
+    # ------------------------------------------------------------ build
+
+    def ensure(self, net: VpcNetwork, underlay: Underlay, mtu: int) -> tuple[str, bool]:
+        """The router of the subnet's VPC and the subnet's gateway; (the node-side
+        gateway port, whether something had to be built)."""
+        subnet = net.subnet
+        assert subnet is not None
+        router = subnet.router
+        node_end, router_end = gateway_names(net.vni)
+        ns = self._ns(router.l3vni)
+        if ns is not None and self._complete(ns, router, net, mtu):
+            return node_end, False
+        with self._locked(router.l3vni):
+            ns = self._ns(router.l3vni)
+            if ns is None:
+                ns = self._create(router.l3vni)
+            with ns.lock:
+                self._ensure_router(ns, router, net.port, underlay, mtu)
+                self._ensure_gateway(ns, net, mtu)
+        return node_end, True
+
+    def _complete(self, ns: RouterNs, router: Router, net: VpcNetwork, mtu: int) -> bool:
+        """Whether the router and the subnet's gateway are in place (a quick look)."""
+        with ns.lock:
+            gw = ns.link(gateway_names(net.vni)[1])
+            l3 = ns.link(l3_name(router.l3vni))
+        node_gw = podif.get_link(self.ipr, gateway_names(net.vni)[0])
+        return (gw is not None and l3 is not None and node_gw is not None
+                and gw.get("IFLA_MTU") == mtu and podif.IFF_UP & gw["flags"]
+                and podif.IFF_UP & node_gw["flags"]
+                and (not router.egress or podif.get_link(self.ipr, transit_name(router.l3vni))
+                     is not None))
+
+    def _create(self, l3vni: int) -> RouterNs:
+        name = self.netns_name(l3vni)
+        why = _netns_dir_shared()
+        if why:
+            raise BackendError(f"cannot create router namespace {name}: {why}")
+        _run(["ip", "netns", "add", name], f"create router namespace {name}")
+        try:
+            ns = RouterNs(name)
+        except OSError as exc:
+            raise BackendError(f"router namespace {name} cannot be opened: {exc}") from exc
+        self._open[l3vni] = ns
+        ns.run("sh", "-c", "sysctl -qw net.ipv4.ip_forward=1 net.ipv4.conf.all.rp_filter=0 "
+               "net.ipv4.conf.default.rp_filter=0 net.ipv6.conf.all.forwarding=1 "
+               "&& ip link set lo up", what=f"configure router namespace {name}")
+        ns.run("nft", "-f", "-", what=f"load the router's rules in {name}", stdin=ROUTER_RULES)
+        LOG.info("router of L3VNI %d: namespace %s created", l3vni, name)
+        return ns
+
+    def _ensure_router(self, ns: RouterNs, router: Router, port: int, underlay: Underlay,
+                       mtu: int) -> None:
+        name = l3_name(router.l3vni)
+        rmac = router_mac(underlay.address)
+        alias = f"{ROUTER_ALIAS}{router.l3vni}"
+        if ns.link(name) is None:
+            if podif.get_link(self.ipr, name) is None:
+                if self.l3 == "vxlan":
+                    _run(["ip", "link", "add", name, "type", "vxlan", "id", str(router.l3vni),
+                          "local", str(underlay.address), "dstport", str(port), "nolearning"],
+                         f"create the L3VNI device {name}")
+                else:
+                    _run(["ip", "link", "add", name, "type", "veth", "peer", "name", name,
+                          "netns", str(ns.path)], f"create the L3VNI link {name}")
+            if self.l3 == "vxlan":
+                _run(["ip", "link", "set", name, "alias", alias, "address", rmac, "mtu",
+                      str(mtu), "netns", str(ns.path)], f"move {name} into {ns.name}")
+        if self.l3 == "veth":
+            _run(["ip", "link", "set", name, "alias", alias, "mtu", str(mtu), "up"],
+                 f"configure {name}")
+        ns.run("ip", "link", "set", name, "address", rmac, "mtu", str(mtu), "up",
+               what=f"configure {name} in {ns.name}")
+        if router.egress:
+            self._ensure_transit(ns, router.l3vni)
+        self._ensure_node_rules(port)
+
+    def _ensure_transit(self, ns: RouterNs, l3vni: int) -> None:
+        node_end = transit_name(l3vni)
+        if podif.get_link(self.ipr, node_end) is not None and ns.link(UPLINK) is not None:
+            return
+        address = self._transit_address(l3vni)
+        if podif.get_link(self.ipr, node_end) is None:
+            _run(["ip", "link", "add", node_end, "type", "veth", "peer", "name", UPLINK,
+                  "netns", str(ns.path)], f"create the transit link {node_end}")
+        _run(["sh", "-c", f"ip link set {node_end} alias {ROUTER_ALIAS}{l3vni} up && "
+              f"ip addr replace {TRANSIT_NODE}/32 dev {node_end} && "
+              f"ip route replace {address}/32 dev {node_end} && "
+              "sysctl -qw net.ipv4.ip_forward=1"], f"configure {node_end}")
+        ns.run("sh", "-c", f"ip addr replace {address}/32 dev {UPLINK} && "
+               f"ip link set {UPLINK} up && "
+               f"ip route replace {TRANSIT_NODE}/32 dev {UPLINK} && "
+               f"ip route replace default via {TRANSIT_NODE} dev {UPLINK}",
+               what=f"configure {UPLINK} in {ns.name}")
+
+    def _transit_address(self, l3vni: int) -> ipaddress.IPv4Address:
+        """The router side's transit address: one per VPC on this node, from the
+        L3VNI, the next free one when another VPC's router has it."""
+        taken = {}
+        for msg in self.ipr.route("dump", family=2):
+            dst, oif = msg.get("RTA_DST"), msg.get("RTA_OIF")
+            if dst and msg["dst_len"] == 32 and ipaddress.ip_address(dst) in TRANSIT:
+                taken[ipaddress.ip_address(dst)] = oif
+        size = TRANSIT.num_addresses - 3
+        mine = podif.get_link(self.ipr, transit_name(l3vni))
+        for step in range(size):
+            address = TRANSIT.network_address + 2 + (l3vni + step) % size
+            owner = taken.get(address)
+            if owner is None or (mine is not None and owner == mine["index"]):
+                return address
+        raise BackendError(f"no free transit address in {TRANSIT} for L3VNI {l3vni}")
+
+    def _ensure_node_rules(self, port: int) -> None:
+        ports = frozenset({4789, port})
+        if self._node_rules is not None and ports <= self._node_rules:
+            return
+        ports |= self._node_rules or frozenset()
+        _run(["nft", "-f", "-"], "load the node's routing rules (table inet vpcni_route)",
+             NODE_RULES.format(ports=", ".join(str(p) for p in sorted(ports))))
+        self._node_rules = ports
+
+    def _ensure_gateway(self, ns: RouterNs, net: VpcNetwork, mtu: int) -> None:
+        subnet = net.subnet
+        node_end, router_end = gateway_names(net.vni)
+        alias = f"{ROUTER_ALIAS}{subnet.router.l3vni}:gw:{net.vni}"
+        if ns.link(router_end) is None:
+            if podif.get_link(self.ipr, node_end) is not None:
+                _run(["ip", "link", "del", node_end], f"remove a stale {node_end}")
+            _run(["ip", "link", "add", node_end, "type", "veth", "peer", "name", router_end,
+                  "netns", str(ns.path)], f"create the gateway link {node_end}")
+        # No IPv6 link-local on the node end: the node has no business in the VPC.
+        _run(["sh", "-c", f"sysctl -qw net.ipv6.conf.{node_end}.disable_ipv6=1; "
+              f"ip link set {node_end} alias {alias} mtu {mtu} up"], f"configure {node_end}")
+        ns.run("sh", "-c", f"ip link set {router_end} address {GATEWAY_MAC} mtu {mtu} && "
+               f"ip addr replace {subnet.gateway}/{subnet.prefix.prefixlen} dev {router_end} && "
+               f"ip link set {router_end} up", what=f"configure the gateway {router_end}")
+
+    # ------------------------------------------------------------ release
+
+    def release(self, vni: int) -> Optional[int]:
+        """Remove VNI `vni`'s gateway from whichever router has it, and the router when
+        it was its last subnet; the router's L3VNI when it went too."""
+        for l3vni in sorted(self.l3vnis()):
+            ns = self._ns(l3vni)
+            if ns is None or ns.link(gateway_names(vni)[1]) is None:
+                continue
+            with self._locked(l3vni):
+                with ns.lock:
+                    ns.run("ip", "link", "del", gateway_names(vni)[1],
+                           what=f"remove the gateway of VNI {vni}")
+                    left = [link.get("IFLA_IFNAME") for link in ns.ipr.link("dump")
+                            if (link.get("IFLA_IFNAME") or "").startswith("gw")]
+                if not left:
+                    self._remove(l3vni)
+                    return l3vni
+            return None
+        node_end = gateway_names(vni)[0]
+        if podif.get_link(self.ipr, node_end) is not None:
+            _run(["ip", "link", "del", node_end], f"remove {node_end}")
+        return None
+
+    def _remove(self, l3vni: int) -> None:
+        ns = self._open.pop(l3vni, None)
+        if ns is not None:
+            ns.close()
+        for name in (transit_name(l3vni), l3_name(l3vni)):
+            if podif.get_link(self.ipr, name) is not None:
+                _run(["ip", "link", "del", name], f"remove {name}")
+        _run(["ip", "netns", "del", self.netns_name(l3vni)],
+             f"remove router namespace {self.netns_name(l3vni)}")
+        LOG.info("router of L3VNI %d removed (no subnet of its VPC left here)", l3vni)
+
+    # ------------------------------------------------------------ routes
+
+    def apply(self, l3vni: int, state: RoutedState, local_vtep) -> dict[str, object]:
+        """Converge the router's remote hosts and prefixes to `state`; the remote
+        router MACs and their VTEPs it uses (rmac -> vtep), for a switch that carries
+        the L3VNI itself."""
+        ns = self._ns(l3vni)
+        if ns is None:
+            return {}
+        hosts = {h.ip: h for h in state.hosts if h.vtep != local_vtep}
+        prefixes: dict = {}
+        for p in state.prefixes:
+            if p.vtep != local_vtep:
+                prefixes.setdefault(p.prefix, []).append(p)
+        nexthops = {h.vtep: h.rmac.lower() for h in hosts.values()}
+        for plist in prefixes.values():
+            for p in plist:
+                nexthops.setdefault(p.vtep, p.rmac.lower())
+        with ns.lock:
+            dev = ns.link(l3_name(l3vni))
+            if dev is None:
+                return {}
+            index = dev["index"]
+            try:
+                self._converge_neighbours(ns, index, nexthops)
+                if self.l3 == "vxlan":
+                    self._converge_fdb(ns, index, nexthops)
+                self._converge_routes(ns, index, hosts, prefixes)
+            except NetlinkError as exc:
+                raise BackendError(f"router of L3VNI {l3vni}: could not converge its routes: "
+                                   f"{podif.describe(exc)}") from exc
+        return {mac: vtep for vtep, mac in nexthops.items()}
+
+    @staticmethod
+    def _converge_neighbours(ns: RouterNs, index: int, want: dict) -> None:
+        have = {}
+        for msg in ns.ipr.neigh("dump", NDA_IFINDEX=index, dump_filter=None):
+            if msg["ifindex"] == index and msg["state"] & NUD_PERMANENT and msg.get("NDA_DST"):
+                have[ipaddress.ip_address(msg.get("NDA_DST"))] = (msg.get("NDA_LLADDR") or "").lower()
+        for vtep, mac in want.items():
+            if have.get(vtep) != mac:
+                ns.ipr.neigh("replace", ifindex=index, dst=str(vtep), lladdr=mac,
+                             state=NUD_PERMANENT)
+        for vtep in have.keys() - want.keys():
+            with _gone_ok():
+                ns.ipr.neigh("del", ifindex=index, dst=str(vtep))
+
+    @staticmethod
+    def _converge_fdb(ns: RouterNs, index: int, want: dict) -> None:
+        have = set()
+        for msg in ns.ipr.fdb("dump", ifindex=index, dump_filter=None):
+            if msg["ifindex"] == index and msg.get("NDA_DST"):
+                have.add(((msg.get("NDA_LLADDR") or "").lower(),
+                          ipaddress.ip_address(msg.get("NDA_DST"))))
+        desired = {(mac, vtep) for vtep, mac in want.items()}
+        for mac, vtep in desired - have:
+            ns.ipr.fdb("append", ifindex=index, lladdr=mac, dst=str(vtep))
+        for mac, vtep in have - desired:
+            with _gone_ok():
+                ns.ipr.fdb("del", ifindex=index, lladdr=mac, dst=str(vtep))
+
+    @staticmethod
+    def _converge_routes(ns: RouterNs, index: int, hosts: dict, prefixes: dict) -> None:
+        desired: dict = {}
+        for ip, host in hosts.items():
+            desired[ipaddress.ip_network(ip)] = (0, (host.vtep,))
+        for prefix, plist in prefixes.items():
+            desired.setdefault(prefix, (PREFIX_METRIC, tuple(sorted({p.vtep for p in plist}))))
+        have: dict = {}
+        for msg in ns.ipr.route("dump", family=2):
+            if msg["proto"] != PROTO:
+                continue
+            dst = ipaddress.ip_network(f"{msg.get('RTA_DST')}/{msg['dst_len']}")
+            metric = msg.get("RTA_PRIORITY") or 0
+            gws = []
+            if msg.get("RTA_GATEWAY"):
+                gws.append(ipaddress.ip_address(msg.get("RTA_GATEWAY")))
+            for hop in msg.get("RTA_MULTIPATH") or ():
+                if hop.get("RTA_GATEWAY"):
+                    gws.append(ipaddress.ip_address(hop.get("RTA_GATEWAY")))
+            have[(dst, metric)] = tuple(sorted(gws))
+        for dst, (metric, vteps) in desired.items():
+            if have.get((dst, metric)) == vteps:
+                continue
+            spec = {"dst": str(dst), "proto": PROTO, "priority": metric}
+            if len(vteps) == 1:
+                spec.update(gateway=str(vteps[0]), oif=index, flags=RTNH_F_ONLINK)
+            else:
+                spec["multipath"] = [{"gateway": str(v), "oif": index, "flags": RTNH_F_ONLINK}
+                                     for v in vteps]
+            ns.ipr.route("replace", **spec)
+        for (dst, metric) in have.keys() - {(d, m) for d, (m, _) in desired.items()}:
+            with _gone_ok():
+                ns.ipr.route("del", dst=str(dst), priority=metric, proto=PROTO)
+
+    # ------------------------------------------------------------ inventory
+
+    def problems(self, net: VpcNetwork) -> list[str]:
+        """What differs between the subnet's router and what it should be (CHECK)."""
+        subnet = net.subnet
+        ns = self._ns(subnet.router.l3vni)
+        if ns is None:
+            return [f"router namespace {self.netns_name(subnet.router.l3vni)} missing"]
+        out = []
+        with ns.lock:
+            for name in (gateway_names(net.vni)[1], l3_name(subnet.router.l3vni)):
+                if ns.link(name) is None:
+                    out.append(f"{name} missing in router namespace {ns.name}")
+        if podif.get_link(self.ipr, gateway_names(net.vni)[0]) is None:
+            out.append(f"gateway port {gateway_names(net.vni)[0]} missing")
+        return out
+
+    def close(self) -> None:
+        for ns in self._open.values():
+            ns.close()
+        self._open.clear()
+
+
+@contextmanager
+def _gone_ok() -> Iterator[None]:
+    try:
+        yield
+    except NetlinkError as exc:
+        if exc.code not in (errno.ENOENT, errno.ESRCH, errno.ENODEV):
+            raise

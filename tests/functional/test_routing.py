@@ -1,0 +1,252 @@
+"""Routed subnets (docs/routing.md) in the routed lab: two VPCs with the same two
+subnets over two kernel nodes and an OVS node, symmetric IRB over EVPN through a
+gobgpd and an FRR route reflector, egress through SNAT on each pod's node.
+
+One lab (lab/topologies/routed.toml) brought up with `vpcnictl lab up` under a
+unique name is shared by the module; tests that move pods put them back.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import re
+import subprocess
+import time
+
+import pytest
+
+from vpcni.lab.lab import Lab
+from vpcni.lab.netns import Netns, wait_for
+from vpcni.lab.topology import DEFAULT_TOPOLOGY
+from vpcni.lab.traffic import continuous_ping, tcp_ident
+from vpcni.core.models import GATEWAY_MAC, router_mac
+from tests.functional.labs import lab_up
+
+pytestmark = [pytest.mark.functional, pytest.mark.slow]
+
+TOPOLOGY = DEFAULT_TOPOLOGY.with_name("routed.toml")
+WORLD = "198.51.100.250"
+
+# A TCP server that answers each connection with what the client sent and the
+# address it came from: "<token> <peer address>".
+_ECHO = """
+import socket, sys, threading
+s = socket.socket(); s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+s.bind(("0.0.0.0", 7007)); s.listen(64)
+print("ready", flush=True)
+def serve(c, peer):
+    with c:
+        data = c.recv(100)
+        c.sendall(data + b" " + peer[0].encode())
+def udp():
+    # Answers a datagram with 1472 bytes, never fragmented (DF).
+    u = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    u.setsockopt(socket.IPPROTO_IP, 10, 2)  # IP_MTU_DISCOVER = IP_PMTUDISC_DO
+    u.bind(("0.0.0.0", 7008))
+    while True:
+        data, peer = u.recvfrom(100)
+        try:
+            u.sendto(b"x" * 1472, peer)
+        except OSError:
+            pass
+threading.Thread(target=udp, daemon=True).start()
+while True:
+    c, peer = s.accept()
+    threading.Thread(target=serve, args=(c, peer), daemon=True).start()
+"""
+_CLIENT = """
+import socket, sys
+c = socket.create_connection((sys.argv[1], 7007), timeout=3)
+c.sendall(sys.argv[2].encode()); print(c.recv(200).decode())
+"""
+
+
+@pytest.fixture(scope="module")
+def lab(tmp_path_factory):
+    with lab_up(tmp_path_factory.mktemp("routed"), TOPOLOGY.read_text(), "routed") as (up, _):
+        wait_for(lambda: ttl(up, "green-2", "green-1") is not None, timeout=30,
+                 what="routes between green's subnets")
+        yield up
+
+
+@pytest.fixture(scope="module")
+def world(lab):
+    """A host on the underlay outside every VPC, serving _ECHO."""
+    ns = lab.add_underlay_host("world", WORLD)
+    proc = ns.spawn("/usr/bin/python3", "-S", "-c", _ECHO, stdout=subprocess.PIPE)
+    assert proc.stdout.readline().decode().strip() == "ready"
+    return ns
+
+
+def pod_ns(lab: Lab, pod: str) -> Netns:
+    return Netns(lab.pods[pod].netns, lab.box, create=False)
+
+
+def ttl(lab: Lab, src: str, dst: str):
+    out = pod_ns(lab, src).exec("ping", "-n", "-c", "1", "-W", "1", lab.pods[dst].ip,
+                                check=False).stdout
+    found = re.search(r"ttl=(\d+)", out)
+    return int(found.group(1)) if found else None
+
+
+def evpn_rib(lab: Lab, reflector: str = "rr1") -> str:
+    return lab.gobgpd(reflector).gobgp("global", "rib", "-a", "evpn")
+
+
+def test_subnets_of_a_vpc_reach_each_other_and_vpcs_stay_apart(lab):
+    rows = lab.matrix()
+    wrong = [(s, d, e, r, who) for s, d, e, r, who in rows if e != r]
+    assert not wrong, wrong
+    # green-b's pods reach green-a's pod across nodes (kernel and OVS) through the
+    # anycast gateway; orange, with the same addresses, reaches its own pod.
+    for src in ("green-2", "green-3", "green-4"):
+        assert tcp_ident(pod_ns(lab, src), "10.20.0.11") == "green-1"
+    assert tcp_ident(pod_ns(lab, "orange-2"), "10.20.0.11") == "orange-1"
+    assert tcp_ident(pod_ns(lab, "orange-1"), "10.20.1.12") == "orange-2"
+
+
+def test_routed_hops_show_in_the_ttl(lab):
+    # Same node: one routed hop (the node's router). Across nodes: the source node's
+    # router and the destination node's router (symmetric IRB): two.
+    assert ttl(lab, "green-4", "green-1") == 63
+    assert ttl(lab, "green-2", "green-1") == 62
+    assert ttl(lab, "green-3", "green-1") == 62   # from the OVS node
+    assert ttl(lab, "green-1", "green-3") == 62   # to the OVS node
+    # Same subnet across nodes stays bridged: no hop.
+    assert ttl(lab, "green-2", "green-3") == 64
+
+
+def test_gateway_is_anycast(lab):
+    for pod in ("green-1", "green-2", "green-3"):
+        ns = pod_ns(lab, pod)
+        gw = "10.20.0.1" if pod == "green-1" else "10.20.1.1"
+        assert ns.ping(gw)
+        neigh = ns.exec("ip", "neigh", "show", gw).stdout
+        assert GATEWAY_MAC in neigh, (pod, neigh)
+
+
+def test_second_vpc_with_the_same_cidrs_sees_nothing_of_the_first(lab):
+    """green-2 pings 10.20.0.11 (green-1) while a capture runs on orange-1, which has
+    the same address in orange: nothing of green's reaches it."""
+    orange = pod_ns(lab, "orange-1")
+    cap = orange.spawn("tcpdump", "-n", "-l", "-i", "eth1", "icmp", stdout=subprocess.PIPE,
+                       stderr=subprocess.DEVNULL)
+    try:
+        time.sleep(1.0)
+        sent = pod_ns(lab, "green-2").exec("ping", "-n", "-c", "20", "-i", "0.05", "-W", "1",
+                                           "10.20.0.11", check=False).stdout
+        assert " 0% packet loss" in sent, sent
+        time.sleep(0.5)
+    finally:
+        lab.box.kill_pid(cap.pid)
+    captured = cap.stdout.read().decode()
+    assert "ICMP" not in captured, captured
+
+
+def test_egress_through_snat_on_the_pods_own_node(lab, world):
+    """green-1 and orange-1 (same address, same node) talk to the world at once: each
+    gets its own answers back, and the world sees the node's address."""
+    def connect(pod: str, token: str) -> str:
+        return pod_ns(lab, pod).exec("/usr/bin/python3", "-S", "-c", _CLIENT, WORLD, token,
+                                     check=False).stdout.strip()
+    jobs = [(pod, f"{pod}-{i}") for i in range(10) for pod in ("green-1", "orange-1", "green-3")]
+    with concurrent.futures.ThreadPoolExecutor(12) as pool:
+        answers = list(pool.map(lambda job: connect(*job), jobs))
+    node_address = {"green-1": "198.51.100.11", "orange-1": "198.51.100.11",
+                    "green-3": "198.51.100.13"}
+    for (pod, token), answer in zip(jobs, answers):
+        assert answer == f"{token} {node_address[pod]}", (pod, token, answer)
+
+
+def test_the_world_cannot_open_a_connection_into_a_vpc(lab, world):
+    node1 = lab.box.namespaces["node1"]
+    world.ip("route", "replace", "10.20.0.0/16", "via", "198.51.100.11")
+    try:
+        assert tcp_ident(world, "10.20.0.11", timeout=1.0) is None
+        # Nor to another VPC's pod through a VPC's way out: node1 forwards nothing
+        # between routers.
+        assert tcp_ident(pod_ns(lab, "green-4"), "169.254.64.1", timeout=1.0) is None
+    finally:
+        world.ip("route", "del", "10.20.0.0/16", check=False)
+    counters = node1.exec("nft", "list", "table", "inet", "vpcni_route").stdout
+    assert "into-vpc" in counters
+
+
+def test_gateway_reports_the_overlay_mtu(lab, world):
+    """The world answers a pod with a datagram bigger than the VPC's MTU, DF set: the
+    pod's router sends "fragmentation needed" with the pod MTU, which reaches the
+    world (through the node's SNAT) and lowers its path MTU to the node."""
+    pod = pod_ns(lab, "green-1")
+    pod_mtu = int(pod.exec("cat", "/sys/class/net/eth1/mtu").stdout)
+    assert pod_mtu < 1500
+    world.exec("ip", "route", "flush", "cache", check=False)
+    pod.exec("/usr/bin/python3", "-S", "-c",
+             "import socket; s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM); "
+             f"s.sendto(b'hi', ('{WORLD}', 7008))")
+
+    def world_path_mtu():
+        out = world.exec("ip", "route", "get", "198.51.100.11").stdout
+        found = re.search(r"mtu (\d+)", out)
+        return int(found.group(1)) if found else None
+    wait_for(lambda: world_path_mtu() == pod_mtu, timeout=5,
+             what=f"the world's path MTU to node1 lowered to {pod_mtu}")
+
+
+def test_evpn_routes_carry_the_l3vni_and_router_mac_and_type5_subnets(lab):
+    rib = evpn_rib(lab)
+    rmac1 = router_mac("198.51.100.11")
+    # green-1 (10.20.0.11, VNI 400) from node1: labels 400 and 4000, node1's router MAC.
+    line = next((l for l in rib.splitlines() if "10.20.0.11" in l and "198.51.100.11" in l
+                 and "[400,4000]" in l.replace(" ", "")), None)
+    assert line is not None, rib
+    assert rmac1 in rib.lower()
+    # type-5: each node announces the subnets it serves.
+    assert re.search(r"\[type:Prefix\].*10\.20\.0\.0/24", rib), rib
+    assert re.search(r"\[type:Prefix\].*10\.20\.1\.0/24", rib), rib
+
+
+def test_a_node_that_leaves_withdraws_its_routes(lab):
+    """green-3 is node3's only green pod: removing it withdraws its type-2 and node3's
+    type-5 for green-b; putting it back announces them again."""
+    def node3_green_routes() -> list[str]:
+        return [l for l in evpn_rib(lab).splitlines()
+                if "198.51.100.13" in l and ("10.20.1.13" in l or "10.20.1.0/24" in l)]
+    assert node3_green_routes()
+    info = lab.pods["green-3"]
+    lab.remove_pod("green-3")
+    try:
+        wait_for(lambda: not node3_green_routes(), timeout=10, what="node3's routes withdrawn")
+        assert tcp_ident(pod_ns(lab, "green-1"), "10.20.1.13", timeout=1.0) is None
+    finally:
+        lab.add_pod("green-3", info.node, info.vpc, address=info.address)
+    wait_for(lambda: tcp_ident(pod_ns(lab, "green-1"), "10.20.1.13") == "green-3",
+             timeout=15, what="green-3 back")
+
+
+def test_a_pod_that_moves_keeps_its_gateway(lab):
+    """green-2 moves from node2 to node3 (DEL there, ADD here with its MAC and address)
+    while green-1 (another subnet, node1) pings it: under 1 s of loss."""
+    info = lab.pods["green-2"]
+    ns = pod_ns(lab, "green-2")
+    conf = lab.pod_config(info)
+    args = "K8S_POD_NAMESPACE=lab;K8S_POD_NAME=green-2"
+    ping = continuous_ping(pod_ns(lab, "green-1"), info.ip, seconds=8, interval=0.05)
+    try:
+        time.sleep(2)
+        res = lab.cni_node("node2").cni("DEL", conf, info.container_id, ns.path, "eth1")
+        assert res.ok, res.stdout
+        res = lab.cni_node("node3").cni("ADD", conf, info.container_id, ns.path, "eth1",
+                                         args=f"{args};MAC={info.mac}")
+        assert res.ok, res.stdout
+    finally:
+        ping.join()
+    sent, received = ping.result
+    lost_ms = (sent - received) * 50
+    assert lost_ms < 1000, f"{sent - received} of {sent} lost (~{lost_ms} ms)"
+    assert tcp_ident(pod_ns(lab, "green-1"), info.ip) == "green-2"
+    # Back to node2, as the other tests expect.
+    assert lab.cni_node("node3").cni("DEL", conf, info.container_id, ns.path, "eth1").ok
+    assert lab.cni_node("node2").cni("ADD", conf, info.container_id, ns.path, "eth1",
+                                     args=f"{args};MAC={info.mac}").ok
+    wait_for(lambda: tcp_ident(pod_ns(lab, "green-1"), info.ip) == "green-2", timeout=10,
+             what="green-2 back on node2")
