@@ -886,7 +886,8 @@ def local_routes(attachments: Iterable[Attachment], rmac: Optional[str] = None) 
     attachment (MAC-only without one), and an inclusive-multicast route per VNI.
     In a routed subnet (with this node's router MAC) the MAC/IP routes of its IPv4
     addresses carry the VPC's L3VNI and the router MAC (symmetric IRB), and the
-    subnet's prefix is announced as a type-5 route."""
+    subnet's prefix is announced as a type-5 route, and so is each of the VPC's static
+    routes whose next hop is one of the attachment's addresses."""
     from vpcni.evpn.routes import LocalRoute
 
     routes = set()
@@ -905,6 +906,11 @@ def local_routes(attachments: Iterable[Attachment], rmac: Optional[str] = None) 
                 routes.add(LocalRoute.mac_ip(att.vni, att.mac, ip.address.ip))
         if routed is not None:
             routes.add(LocalRoute.ip_prefix(routed.router.l3vni, routed.prefix, rmac))
+            # The VPC's static routes whose next hop this attachment is (an appliance).
+            mine = {ip.address.ip for ip in att.ips}
+            for static in routed.router.routes:
+                if static.via in mine:
+                    routes.add(LocalRoute.ip_prefix(routed.router.l3vni, static.dst, rmac))
     return routes
 
 

@@ -283,13 +283,6 @@ class NetworkConfig(BaseModel):
                              "side of a host's VF attachment)")
         return self
 
-    @model_validator(mode="after")
-    def _l3vni_apart(self) -> "NetworkConfig":
-        if self.routing is not None and self.routing.l3vni == self.vni:
-            raise ValueError(f"routing.l3vni {self.vni} is the subnet's own VNI: a VPC's "
-                             "L3VNI must differ from every subnet's VNI")
-        return self
-
     def device_id(self) -> Optional[str]:
         """The VF this attachment must use, if the runtime or Multus named one."""
         value = self.runtimeConfig.deviceID or self.deviceID or self.pciBusID
@@ -308,10 +301,15 @@ class NetworkConfig(BaseModel):
     @classmethod
     def parse(cls, raw: dict[str, Any]) -> "NetworkConfig":
         try:
-            return cls.model_validate(raw)
+            cfg = cls.model_validate(raw)
         except ValidationError as exc:
             raise_validation(exc, "network config")
             raise  # unreachable
+        if cfg.routing is not None and cfg.routing.l3vni == cfg.vni:
+            raise InvalidConfig(f"network config: invalid 'routing.l3vni' = {cfg.vni}: it is "
+                                "the subnet's own 'vni'; a VPC's L3VNI differs from every "
+                                "subnet's VNI")
+        return cfg
 
 
 class TenancyConfig(BaseModel):

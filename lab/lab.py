@@ -318,6 +318,8 @@ class Lab:
         if v.router is not None:
             conf["routing"] = {"vpc": v.router, "l3vni": v.l3vni, "subnet": str(v.cidr),
                                "egress": v.egress}
+            if v.routes:
+                conf["routing"]["routes"] = v.routes
         return conf
 
     def ipam_config(self, vpc: str) -> dict:

@@ -61,6 +61,8 @@ class Vpc(_Strict):
     router: Optional[str] = Field(default=None, pattern=_SHORT)
     l3vni: Optional[int] = Field(default=None, ge=1, le=VNI_MAX)
     egress: bool = True
+    # The router's static routes (the network config's routing.routes): {dst, via}.
+    routes: list[dict[str, str]] = []
     # vpcni-ipam keys for the pods that give no address (docs/ipam.md); by
     # default the cidr, its first host as gateway, the lab's shared SQLite file.
     ipam: dict[str, Any] = {}

@@ -46,7 +46,7 @@ from typing import Iterator, Optional
 from pyroute2.netlink.exceptions import NetlinkError
 
 from vpcni.core.config import NodeConfig
-from vpcni.core.errors import BackendError
+from vpcni.core.errors import BackendError, NotAvailable
 from vpcni.core.models import (GATEWAY_MAC, RoutedState, Router, VpcNetwork, router_mac)
 
 from . import podif
@@ -57,7 +57,8 @@ LOG = logging.getLogger(__name__)
 
 NETNS_DIR = Path("/run/netns")
 ROUTER_ALIAS = "vpcni:router:"
-PROTO = 196                  # rtm_protocol of the routes we install in a router
+PROTO = 196                  # rtm_protocol of the routes we install in a router from EVPN
+STATIC_PROTO = 197           # ... of the VPC's static routes, and of the node's probe routes
 PREFIX_METRIC = 1000         # type-5 routes lose to a connected subnet of the same prefix
 TRANSIT = ipaddress.ip_network("169.254.64.0/18")
 TRANSIT_NODE = TRANSIT.network_address + 1
@@ -92,6 +93,7 @@ add chain inet vpcni_router postrouting {{ type nat hook postrouting priority sr
 flush chain inet vpcni_router forward
 flush chain inet vpcni_router postrouting
 add rule inet vpcni_router forward iifname "{UPLINK}" ct state established,related accept
+add rule inet vpcni_router forward iifname "{UPLINK}" ip saddr {TRANSIT_NODE} accept comment "node-probes"
 add rule inet vpcni_router forward iifname "{UPLINK}" counter drop comment "outside-to-vpc"
 add rule inet vpcni_router postrouting oifname "{UPLINK}" masquerade
 """
@@ -118,6 +120,19 @@ def _run(cmd: list[str], what: str, stdin: Optional[str] = None) -> str:
     if proc.returncode != 0:
         raise BackendError(f"could not {what}: {proc.stderr.strip() or proc.stdout.strip()}")
     return proc.stdout
+
+
+def _sysctl(name: str, value: str) -> None:
+    """A network sysctl of this process's namespace (the node's)."""
+    path = Path("/proc/sys/net") / name
+    try:
+        if path.read_text().strip() != value:
+            path.write_text(value)
+    except FileNotFoundError:
+        pass  # IPv6 off on the node: nothing to turn off
+    except OSError as exc:
+        raise BackendError(f"could not set net.{name.replace('/', '.')} = {value}: "
+                           f"{podif.describe(exc)}") from exc
 
 
 def netns_path(name: str) -> Path:
@@ -194,7 +209,7 @@ class Routers:
     @contextmanager
     def _locked(self, l3vni: int) -> Iterator[None]:
         """This router's lock in this process and, for other processes (standalone
-        plugins), a file lock."""
+        plugins), a file lock; L3VNI 0 (no VNI is 0): the node's transit addresses."""
         with self._guard:
             lock = self._locks.setdefault(l3vni, threading.Lock())
         with lock:
@@ -209,21 +224,23 @@ class Routers:
 
     def _ns(self, l3vni: int) -> Optional[RouterNs]:
         """The router's namespace, opened (None: there is none)."""
-        ns = self._open.get(l3vni)
-        if ns is not None:
-            if ns.path.exists():
-                return ns
-            ns.close()
-            del self._open[l3vni]
-        name = self.netns_name(l3vni)
-        if not netns_path(name).exists():
-            return None
-        try:
-            ns = RouterNs(name)
-        except OSError:
-            return None  # a file left by a namespace that is gone
-        self._open[l3vni] = ns
-        return ns
+        with self._guard:
+            ns = self._open.get(l3vni)
+            if ns is not None:
+                if ns.path.exists():
+                    return ns
+                with ns.lock:
+                    ns.close()
+                del self._open[l3vni]
+            name = self.netns_name(l3vni)
+            if not netns_path(name).exists():
+                return None
+            try:
+                ns = RouterNs(name)
+            except OSError:
+                return None  # a file left by a namespace that is gone
+            self._open[l3vni] = ns
+            return ns
 
     def l3vnis(self) -> set[int]:
         """The L3VNIs of the routers on this node."""
@@ -264,6 +281,8 @@ class Routers:
         with ns.lock:
             gw = ns.link(gateway_names(net.vni)[1])
             l3 = ns.link(l3_name(router.l3vni))
+            if gw is not None and self._static_missing(ns, net):
+                return False
         node_gw = podif.get_link(self.ipr, gateway_names(net.vni)[0])
         return (gw is not None and l3 is not None and node_gw is not None
                 and gw.get("IFLA_MTU") == mtu and podif.IFF_UP & gw["flags"]
@@ -275,16 +294,19 @@ class Routers:
         name = self.netns_name(l3vni)
         why = _netns_dir_shared()
         if why:
-            raise BackendError(f"cannot create router namespace {name}: {why}")
+            raise NotAvailable(f"cannot create router namespace {name}: {why}")
         _run(["ip", "netns", "add", name], f"create router namespace {name}")
         try:
             ns = RouterNs(name)
         except OSError as exc:
             raise BackendError(f"router namespace {name} cannot be opened: {exc}") from exc
-        self._open[l3vni] = ns
-        ns.run("sh", "-c", "sysctl -qw net.ipv4.ip_forward=1 net.ipv4.conf.all.rp_filter=0 "
-               "net.ipv4.conf.default.rp_filter=0 net.ipv6.conf.all.forwarding=1 "
-               "&& ip link set lo up", what=f"configure router namespace {name}")
+        with self._guard:
+            self._open[l3vni] = ns
+        # /proc/sys/net is the namespace of whoever opens it: the router's, here.
+        ns.run("sh", "-c", "echo 1 > /proc/sys/net/ipv4/ip_forward && "
+               "echo 0 > /proc/sys/net/ipv4/conf/all/rp_filter && "
+               "echo 0 > /proc/sys/net/ipv4/conf/default/rp_filter && "
+               "ip link set lo up", what=f"configure router namespace {name}")
         ns.run("nft", "-f", "-", what=f"load the router's rules in {name}", stdin=ROUTER_RULES)
         LOG.info("router of L3VNI %d: namespace %s created", l3vni, name)
         return ns
@@ -307,6 +329,8 @@ class Routers:
                 _run(["ip", "link", "set", name, "alias", alias, "address", rmac, "mtu",
                       str(mtu), "netns", str(ns.path)], f"move {name} into {ns.name}")
         if self.l3 == "veth":
+            # No IPv6 link-local on the node end: the node has no business in the VPC.
+            _sysctl(f"ipv6/conf/{name}/disable_ipv6", "1")
             _run(["ip", "link", "set", name, "alias", alias, "mtu", str(mtu), "up"],
                  f"configure {name}")
         ns.run("ip", "link", "set", name, "address", rmac, "mtu", str(mtu), "up",
@@ -319,14 +343,17 @@ class Routers:
         node_end = transit_name(l3vni)
         if podif.get_link(self.ipr, node_end) is not None and ns.link(UPLINK) is not None:
             return
-        address = self._transit_address(l3vni)
-        if podif.get_link(self.ipr, node_end) is None:
-            _run(["ip", "link", "add", node_end, "type", "veth", "peer", "name", UPLINK,
-                  "netns", str(ns.path)], f"create the transit link {node_end}")
-        _run(["sh", "-c", f"ip link set {node_end} alias {ROUTER_ALIAS}{l3vni} up && "
-              f"ip addr replace {TRANSIT_NODE}/32 dev {node_end} && "
-              f"ip route replace {address}/32 dev {node_end} && "
-              "sysctl -qw net.ipv4.ip_forward=1"], f"configure {node_end}")
+        # One address per router: chosen and taken (its route) under the node's lock.
+        with self._locked(0):
+            address = self._transit_address(l3vni)
+            if podif.get_link(self.ipr, node_end) is None:
+                _run(["ip", "link", "add", node_end, "type", "veth", "peer", "name", UPLINK,
+                      "netns", str(ns.path)], f"create the transit link {node_end}")
+            _run(["sh", "-c", f"ip link set {node_end} alias {ROUTER_ALIAS}{l3vni} up && "
+                  f"ip addr replace {TRANSIT_NODE}/32 dev {node_end} && "
+                  f"ip route replace {address}/32 dev {node_end}"], f"configure {node_end}")
+        # The node forwards between the VPC and the underlay (as every Kubernetes node).
+        _sysctl("ipv4/ip_forward", "1")
         ns.run("sh", "-c", f"ip addr replace {address}/32 dev {UPLINK} && "
                f"ip link set {UPLINK} up && "
                f"ip route replace {TRANSIT_NODE}/32 dev {UPLINK} && "
@@ -350,9 +377,23 @@ class Routers:
                 return address
         raise BackendError(f"no free transit address in {TRANSIT} for L3VNI {l3vni}")
 
-    def _ensure_node_rules(self, port: int) -> None:
-        ports = frozenset({4789, port})
-        if self._node_rules is not None and ports <= self._node_rules:
+    def reconcile(self) -> bool:
+        """The node's routing rules back when someone flushed them (a firewall reload),
+        while routers exist; True when they had to be re-installed."""
+        if not self.l3vnis():
+            return False
+        probe = subprocess.run(["nft", "list", "chain", "inet", "vpcni_route", "forward"],
+                               capture_output=True, text=True)
+        if probe.returncode == 0 and "into-vpc" in probe.stdout:
+            return False
+        LOG.warning("the node's routing rules (table inet vpcni_route) were gone: re-installed")
+        known, self._node_rules = self._node_rules or frozenset({4789}), frozenset()
+        self._ensure_node_rules(*known)
+        return True
+
+    def _ensure_node_rules(self, *port: int) -> None:
+        ports = frozenset({4789, *port})
+        if self._node_rules and ports <= self._node_rules:
             return
         ports |= self._node_rules or frozenset()
         _run(["nft", "-f", "-"], "load the node's routing rules (table inet vpcni_route)",
@@ -369,25 +410,55 @@ class Routers:
             _run(["ip", "link", "add", node_end, "type", "veth", "peer", "name", router_end,
                   "netns", str(ns.path)], f"create the gateway link {node_end}")
         # No IPv6 link-local on the node end: the node has no business in the VPC.
-        _run(["sh", "-c", f"sysctl -qw net.ipv6.conf.{node_end}.disable_ipv6=1; "
-              f"ip link set {node_end} alias {alias} mtu {mtu} up"], f"configure {node_end}")
+        _sysctl(f"ipv6/conf/{node_end}/disable_ipv6", "1")
+        _run(["ip", "link", "set", node_end, "alias", alias, "mtu", str(mtu), "up"],
+             f"configure {node_end}")
         ns.run("sh", "-c", f"ip link set {router_end} address {GATEWAY_MAC} mtu {mtu} && "
                f"ip addr replace {subnet.gateway}/{subnet.prefix.prefixlen} dev {router_end} && "
                f"ip link set {router_end} up", what=f"configure the gateway {router_end}")
+        self._static_routes(ns, net)
+
+    @staticmethod
+    def _static_wanted(net: VpcNetwork) -> dict:
+        """The VPC's static routes whose next hop is in this subnet: dst -> via."""
+        return {r.dst: r.via for r in net.subnet.router.routes if r.via in net.subnet.prefix}
+
+    def _static_routes(self, ns: RouterNs, net: VpcNetwork) -> None:
+        """The VPC's static routes through a next hop in this subnet, on its gateway (the
+        node that has the next hop announces the destination as a type-5 route too)."""
+        router_end = gateway_names(net.vni)[1]
+        for dst, via in self._static_wanted(net).items():
+            ns.run("ip", "route", "replace", str(dst), "via", str(via), "dev", router_end,
+                   "proto", str(STATIC_PROTO),
+                   what=f"add the VPC's static route {dst} via {via}")
+
+    def _static_missing(self, ns: RouterNs, net: VpcNetwork) -> bool:
+        wanted = self._static_wanted(net)
+        if not wanted:
+            return False
+        have = {ipaddress.ip_network(f"{m.get('RTA_DST')}/{m['dst_len']}")
+                for m in ns.ipr.route("dump", family=socket.AF_INET)
+                if m["proto"] == STATIC_PROTO and m.get("RTA_DST")}
+        return bool(wanted.keys() - have)
 
     # ------------------------------------------------------------ release
 
     def release(self, vni: int) -> Optional[int]:
         """Remove VNI `vni`'s gateway from whichever router has it, and the router when
         it was its last subnet; the router's L3VNI when it went too."""
+        gateway = gateway_names(vni)[1]
         for l3vni in sorted(self.l3vnis()):
             ns = self._ns(l3vni)
-            if ns is None or ns.link(gateway_names(vni)[1]) is None:
+            if ns is None:
                 continue
+            with ns.lock:
+                if ns.link(gateway) is None:
+                    continue
             with self._locked(l3vni):
                 with ns.lock:
-                    ns.run("ip", "link", "del", gateway_names(vni)[1],
-                           what=f"remove the gateway of VNI {vni}")
+                    if ns.link(gateway) is not None:
+                        ns.run("ip", "link", "del", gateway,
+                               what=f"remove the gateway of VNI {vni}")
                     left = [link.get("IFLA_IFNAME") for link in ns.ipr.link("dump")
                             if (link.get("IFLA_IFNAME") or "").startswith("gw")]
                 if not left:
@@ -400,9 +471,11 @@ class Routers:
         return None
 
     def _remove(self, l3vni: int) -> None:
-        ns = self._open.pop(l3vni, None)
+        with self._guard:
+            ns = self._open.pop(l3vni, None)
         if ns is not None:
-            ns.close()
+            with ns.lock:
+                ns.close()
         for name in (transit_name(l3vni), l3_name(l3vni)):
             if podif.get_link(self.ipr, name) is not None:
                 _run(["ip", "link", "del", name], f"remove {name}")
@@ -419,10 +492,11 @@ class Routers:
         ns = self._ns(l3vni)
         if ns is None:
             return {}
-        hosts = {h.ip: h for h in state.hosts if h.vtep != local_vtep}
+        # The router is IPv4 (docs/routing.md): other families' routes are not installed.
+        hosts = {h.ip: h for h in state.hosts if h.vtep != local_vtep and h.ip.version == 4}
         prefixes: dict = {}
         for p in state.prefixes:
-            if p.vtep != local_vtep:
+            if p.vtep != local_vtep and p.prefix.version == 4:
                 prefixes.setdefault(p.prefix, []).append(p)
         nexthops = {h.vtep: h.rmac.lower() for h in hosts.values()}
         for plist in prefixes.values():
@@ -504,6 +578,96 @@ class Routers:
         for (dst, metric) in have.keys() - {(d, m) for d, (m, _) in desired.items()}:
             with _gone_ok():
                 ns.ipr.route("del", dst=str(dst), priority=metric, proto=PROTO)
+
+    # ------------------------------------------------------------ the node's probes
+
+    def port_changed(self, att, added: bool) -> None:
+        """An attachment of a routed subnet was added or removed: its probe routes."""
+        if att.subnet is not None:
+            self.probe_route(att.subnet.router.l3vni, [ip.address.ip for ip in att.ips], added)
+
+    def probe_route(self, l3vni: int, ips, add: bool) -> None:
+        """Let the node reach a pod of a routed subnet (kubelet probes): a route to each
+        IPv4 address through the VPC's transit link. Two VPCs' pods on this node with
+        the same address make it ambiguous: an `unreachable` route then, so that a
+        probe never reaches the other VPC's pod (the reconcile settles it again)."""
+        hop = self._transit_hop(l3vni)
+        if hop is None:
+            return  # no transit (egress off): the node does not reach this VPC
+        have = self._probe_routes()
+        for ip in ips:
+            if ip.version != 4:
+                continue
+            current = have.get(ip)
+            try:
+                if add and current is None:
+                    self._probe_route_set(ip, hop)
+                elif add and current != hop[0]:
+                    LOG.warning("pod address %s is in two VPCs on this node: the node's "
+                                "probes reach neither", ip)
+                    self._probe_route_set(ip, None)
+                elif not add and current == hop[0]:
+                    with _gone_ok():
+                        self.ipr.route("del", dst=f"{ip}/32", proto=STATIC_PROTO)
+            except NetlinkError as exc:
+                LOG.warning("probe route to %s: %s", ip, podif.describe(exc))
+
+    def _transit_hop(self, l3vni: int) -> Optional[tuple[int, ipaddress.IPv4Address]]:
+        """(ifindex of the node's transit link to the router, the router's address on it)."""
+        link = podif.get_link(self.ipr, transit_name(l3vni))
+        if link is None:
+            return None
+        for msg in self.ipr.route("dump", family=socket.AF_INET):
+            dst = msg.get("RTA_DST")
+            if (dst and msg["dst_len"] == 32 and msg.get("RTA_OIF") == link["index"]
+                    and msg["proto"] != STATIC_PROTO and ipaddress.ip_address(dst) in TRANSIT):
+                return link["index"], ipaddress.ip_address(dst)
+        return None
+
+    def _probe_route_set(self, ip, hop) -> None:
+        """A probe route to `ip` through `hop`, or an unreachable one (None)."""
+        if hop is None:
+            self.ipr.route("replace", dst=f"{ip}/32", type="unreachable", proto=STATIC_PROTO)
+        else:
+            self.ipr.route("replace", dst=f"{ip}/32", oif=hop[0], gateway=str(hop[1]),
+                           proto=STATIC_PROTO)
+
+    def _probe_routes(self) -> dict:
+        """The node's probe routes: address -> transit ifindex (0: unreachable)."""
+        out = {}
+        for msg in self.ipr.route("dump", family=socket.AF_INET):
+            if msg["proto"] == STATIC_PROTO and msg["dst_len"] == 32 and msg.get("RTA_DST"):
+                out[ipaddress.ip_address(msg.get("RTA_DST"))] = msg.get("RTA_OIF") or 0
+        return out
+
+    def converge_probe_routes(self, attachments) -> None:
+        """The node's probe routes from the attachment records (full reconcile)."""
+        owners: dict = {}
+        for att in attachments:
+            if att.subnet is None or att.state != "ready":
+                continue
+            for ip in att.ips:
+                if ip.address.version == 4:
+                    owners.setdefault(ip.address.ip, set()).add(att.subnet.router.l3vni)
+        hops = {}
+        for l3vni in {v for vs in owners.values() for v in vs}:
+            hop = self._transit_hop(l3vni)
+            if hop is not None:
+                hops[l3vni] = hop
+        # address -> the hop to its pod; None: ambiguous (unreachable); no transit: absent.
+        want = {ip: (hops.get(next(iter(vs))) if len(vs) == 1 else None)
+                for ip, vs in owners.items() if len(vs) > 1 or next(iter(vs)) in hops}
+        have = self._probe_routes()
+        for ip, hop in want.items():
+            if have.get(ip) == (hop[0] if hop else 0):
+                continue
+            try:
+                self._probe_route_set(ip, hop)
+            except NetlinkError as exc:
+                LOG.warning("probe route to %s: %s", ip, podif.describe(exc))
+        for ip in have.keys() - want.keys():
+            with _gone_ok():
+                self.ipr.route("del", dst=f"{ip}/32", proto=STATIC_PROTO)
 
     # ------------------------------------------------------------ inventory
 

@@ -285,6 +285,7 @@ class KernelBackend(Backend):
             netlink.set_link(self.ipr, link["index"], master=bridge_index, state="up")
         # Until this the port drops everything (the guard fails closed).
         self.guard.add_port(host, att.mac, [ip.address.ip for ip in att.ips])
+        self.routers.port_changed(att, added=True)
         # The pods of this node that knew the address behind another MAC
         # (it moved here) learn the new one now.
         self._refresh_pod_caches(bridge, [(ip.address.ip, att.mac) for ip in att.ips])
@@ -292,6 +293,7 @@ class KernelBackend(Backend):
     def remove_port(self, att: Attachment) -> None:
         host = att.host_ifname or self.port_name(att)
         self.guard.remove_port(host, att.mac, [ip.address.ip for ip in att.ips])
+        self.routers.port_changed(att, added=False)
         if att.interface == "veth":
             return  # the provider deletes the veth, and the bridge lets go of it
         link = get_link(self.ipr, host)
@@ -479,6 +481,9 @@ class KernelBackend(Backend):
             underlay = self._underlay()
             for port in sorted({att.port for att in atts}):
                 self.guard.set_underlay(underlay.ifname, port)
+        self.routers.converge_probe_routes(atts)
+        if self.routers.reconcile():
+            reinstalled = True
         known = {self._host(att): att for att in atts}
         desired = self._port_filters(atts)
         suspects = {port for port in current if port not in known}

@@ -15,6 +15,10 @@ Two tables, both named `vpcni`, in the namespace the backend runs in:
                   node itself: a pod cannot reach the node's IP stack, so it
                   cannot make the node's VXLAN socket decapsulate a frame it
                   crafted into another VNI.
+      forward:    a routed subnet's anycast gateway (port "vgw*", the same MAC
+                  on every node) stays local: its broadcasts and multicasts
+                  (ARP requests) never go out over VXLAN, and nothing from VXLAN
+                  reaches it (remote pods have a gateway of their own).
     table inet vpcni      what the node accepts from the underlay
       input:      VXLAN (the UDP ports of the local VNIs) only on the underlay
                   interface and only from (VTEP, VNI) pairs the control plane
@@ -84,7 +88,7 @@ add rule bridge {TABLE} from_pod ether type ip6 iifname . ip6 saddr @port_ip6 ac
 add rule bridge {TABLE} from_pod ether type ip6 iifname @port_v6 ip6 saddr {{ ::, fe80::/10 }} accept
 add rule bridge {TABLE} from_pod iifname @port_l2 accept
 add rule bridge {TABLE} from_pod counter drop comment "spoofed-ip"
-add rule bridge {TABLE} forward iifname "{GATEWAY_PORTS}" oifname "{VXLAN_PORTS}" counter drop comment "gateway-stays-local"
+add rule bridge {TABLE} forward iifname "{GATEWAY_PORTS}" oifname "{VXLAN_PORTS}" ether daddr & 01:00:00:00:00:00 == 01:00:00:00:00:00 counter drop comment "gateway-stays-local"
 add rule bridge {TABLE} forward iifname "{VXLAN_PORTS}" oifname "{GATEWAY_PORTS}" counter drop comment "gateway-stays-local"
 """
 

@@ -233,15 +233,8 @@ class OvsBackend(Backend):
         return built
 
     def _prepare_router_links(self, vni: int, l3vni: int) -> None:
-        """No IPv6 on the L3 port's node end (the node has no business in the VPC); on
-        the userspace datapath, tx checksum offload off on the router's ends, as on a
-        pod's: ovs-vswitchd reads what they send raw from a packet socket."""
-        node_end = Path(f"/proc/sys/net/ipv6/conf/{l3_name(l3vni)}/disable_ipv6")
-        try:
-            if node_end.exists():
-                node_end.write_text("1")
-        except OSError as exc:
-            LOG.warning("could not disable IPv6 on %s: %s", l3_name(l3vni), describe(exc))
+        """On the userspace datapath, tx checksum offload off on the router's ends, as on
+        a pod's: ovs-vswitchd reads what they send raw from a packet socket."""
         if self.settings.datapathType != "netdev":
             return
         path = str(netns_path(self.routers.netns_name(l3vni)))
@@ -347,6 +340,10 @@ class OvsBackend(Backend):
                 self._converge_local(vni)
             for l3vni in sorted(self.switch.l3vnis()):
                 self._converge_router(l3vni)
+        if full:
+            self.routers.converge_probe_routes(records())
+            if self.routers.reconcile():
+                corrected.append("(nftables routing rules)")
         return corrected
 
     def apply_remote(self, vni: int, remote: RemoteState) -> None:
@@ -421,6 +418,7 @@ class OvsBackend(Backend):
                 self.ipr.link("set", index=link["index"], state="up")
             self._converge_local(att.vni)
             undo.pop_all()
+        self.routers.port_changed(att, added=True)
         if att.interface != "vfio" and att.netns:
             podif.announce(att.netns, att.ifname, att.mac, att.ips)
 
@@ -441,6 +439,7 @@ class OvsBackend(Backend):
                 LOG.warning("remove_port %s: OVS port %s is not this attachment's: left alone",
                             att.key, host)
         self._converge_local(att.vni)
+        self.routers.port_changed(att, added=False)
 
     def check_port(self, net: VpcNetwork, att: Attachment) -> list[str]:
         problems = self._check_node(net, att)

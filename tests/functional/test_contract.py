@@ -10,13 +10,15 @@ and leaves nothing; CHECK names what differs; GC removes what is not valid; VNIs
 from __future__ import annotations
 
 import json
+import os
+import re
 
 import pytest
 
 from tests.functional.outcome import failed, ok
 from tests.functional.test_mtu import link_mtu, set_underlay_mtu
 from vpcni.lab.cluster import seed_network
-from vpcni.lab.netns import wait_for
+from vpcni.lab.netns import NETNS_DIR, wait_for
 
 pytestmark = pytest.mark.functional
 
@@ -173,3 +175,25 @@ def test_pods_follow_the_underlay_mtu(combo):
         wait_for(lambda: link_mtu(node.ns, port_of(res)) == pod_mtu, timeout=5,
                  what=f"its port at {pod_mtu}")
         ok(node.cni("CHECK", cfg | {"prevResult": res}, pod.container_id, pod.netns))
+
+
+def test_routed_subnets_route_through_the_anycast_gateway(combo):
+    """Two routed subnets of one VPC on the node (docs/routing.md): a pod in each reaches
+    the other through its gateway, one routed hop; the VPC's router goes with its last
+    pod."""
+    cluster, node, switch, provider, net = combo
+    a, b = cluster.add_pod(node, "ga"), cluster.add_pod(node, "gb")
+    cfg_a = net("green-a", 830, "10.30.0.5/24",
+                routing={"vpc": "green", "l3vni": 8300, "subnet": "10.30.0.0/24"})
+    cfg_b = net("green-b", 831, "10.30.1.5/24",
+                routing={"vpc": "green", "l3vni": 8300, "subnet": "10.30.1.0/24"})
+    res_a, res_b = cluster.attach(a, cfg_a), cluster.attach(b, cfg_b)
+    out = a.ns.exec("ping", "-n", "-c", "1", "-W", "2", "10.30.1.5", check=False).stdout
+    assert re.search(r"ttl=63", out), out
+    ok(node.cni("CHECK", cfg_a | {"prevResult": res_a}, a.container_id, a.netns))
+    ok(node.cni("CHECK", cfg_b | {"prevResult": res_b}, b.container_id, b.netns))
+    router = f"{node.node_config['routerNamespacePrefix']}8300"
+    assert (NETNS_DIR / router).exists()
+    cluster.detach(a, cfg_a)
+    cluster.detach(b, cfg_b)
+    assert router not in os.listdir(NETNS_DIR)

@@ -250,3 +250,59 @@ def test_a_pod_that_moves_keeps_its_gateway(lab):
                                      args=f"{args};MAC={info.mac}").ok
     wait_for(lambda: tcp_ident(pod_ns(lab, "green-1"), info.ip) == "green-2", timeout=10,
              what="green-2 back on node2")
+
+
+def test_a_static_route_leads_to_the_appliance(lab):
+    """green routes 192.0.2.0/24 via green-4 (10.20.1.14, node1): node1 announces it as
+    a type-5 route, and traffic to it from the other nodes (kernel and OVS) reaches
+    green-4. Orange has no such route."""
+    assert re.search(r"\[type:Prefix\].*192\.0\.2\.0/24", evpn_rib(lab))
+    appliance = pod_ns(lab, "green-4")
+    cap = appliance.spawn("tcpdump", "-n", "-l", "-i", "eth1", "icmp and dst host 192.0.2.1",
+                          stdout=subprocess.PIPE, stderr=subprocess.DEVNULL)
+    try:
+        time.sleep(1.0)
+        # orange-1 has green-1's address: its probes are told apart by their size.
+        for src, size in (("green-1", "56"), ("green-2", "56"), ("green-3", "56"),
+                          ("orange-1", "99")):
+            pod_ns(lab, src).exec("ping", "-n", "-c", "5", "-i", "0.2", "-W", "1", "-s", size,
+                                  "192.0.2.1", check=False)
+        time.sleep(0.5)
+    finally:
+        lab.box.kill_pid(cap.pid)
+    captured = cap.stdout.read().decode()
+    for src in ("10.20.0.11", "10.20.1.12", "10.20.1.13"):
+        assert f"{src} > 192.0.2.1" in captured, (src, captured)
+    assert "length 107" not in captured, captured   # orange-1's (99 bytes + 8)
+
+
+def test_the_node_reaches_its_pods_for_probes_unless_ambiguous(lab):
+    """kubelet probes come from the node: it reaches a routed pod through the VPC's
+    transit link. An address two VPCs use on one node is unreachable for the node
+    rather than the wrong pod's."""
+    node1, node3 = lab.box.namespaces["node1"], lab.box.namespaces["node3"]
+    assert tcp_ident(node1, "10.20.1.14") == "green-4"
+    assert tcp_ident(node3, "10.20.1.13") == "green-3"
+    assert tcp_ident(node1, "10.20.0.11", timeout=1.0) is None   # green-1 and orange-1
+    assert "unreachable 10.20.0.11" in node1.exec("ip", "route", "show", "proto", "197").stdout
+
+
+def test_a_vpc_reaches_neither_the_node_nor_vxlan_through_its_way_out(lab):
+    """Egress is for the world: a pod cannot reach its node's own address, and VXLAN a
+    pod sends towards another VTEP (it would leave with the node's address, which every
+    VTEP accepts) is dropped on the node."""
+    node1 = lab.box.namespaces["node1"]
+    pod = pod_ns(lab, "green-1")
+
+    def counter(comment: str) -> int:
+        out = node1.exec("nft", "list", "chain", "inet", "vpcni_route", "forward"
+                         if comment != "vpc-to-node" else "input").stdout
+        line = next(l for l in out.splitlines() if comment in l)
+        return int(re.search(r"packets (\d+)", line).group(1))
+    before = counter("vxlan-from-vpc"), counter("vpc-to-node")
+    assert not pod.ping("198.51.100.11")
+    pod.exec("/usr/bin/python3", "-S", "-c",
+             "import socket; s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM); "
+             "[s.sendto(bytes(8) + bytes(50), ('198.51.100.12', 4789)) for _ in range(5)]")
+    after = counter("vxlan-from-vpc"), counter("vpc-to-node")
+    assert after[0] >= before[0] + 5 and after[1] > before[1], (before, after)

@@ -150,3 +150,49 @@ def test_node_config_that_is_no_file_or_endless_is_code_7_at_once(tmp_path):
         with pytest.raises(InvalidConfig) as info:
             NodeConfig.load(str(path))
         assert str(path) in info.value.msg and needle in info.value.msg, info.value.msg
+
+
+ROUTED = {"cniVersion": "1.1.0", "name": "green-a", "type": "vpcni", "vni": 400,
+          "routing": {"vpc": "green", "l3vni": 4000, "subnet": "10.20.0.0/24"}}
+
+
+def test_a_routed_subnet_gets_its_gateway_and_router():
+    subnet = NetworkConfig.parse(ROUTED).network().subnet
+    assert (str(subnet.prefix), str(subnet.gateway)) == ("10.20.0.0/24", "10.20.0.1")
+    assert (subnet.router.vpc, subnet.router.l3vni, subnet.router.egress) == ("green", 4000, True)
+    assert subnet.default_route and subnet.router.routes == ()
+    raw = json.loads(json.dumps(ROUTED))
+    raw["routing"] |= {"gateway": "10.20.0.254", "egress": False, "defaultRoute": False,
+                       "routes": [{"dst": "192.0.2.0/24", "via": "10.20.0.9"}]}
+    subnet = NetworkConfig.parse(raw).network().subnet
+    assert str(subnet.gateway) == "10.20.0.254" and not subnet.router.egress
+    assert not subnet.default_route
+    assert [(str(r.dst), str(r.via)) for r in subnet.router.routes] == \
+        [("192.0.2.0/24", "10.20.0.9")]
+    assert NetworkConfig.parse({k: v for k, v in ROUTED.items() if k != "routing"}) \
+        .network().subnet is None
+
+
+@pytest.mark.parametrize("routing, needle", [
+    ({"subnet": "10.20.0.1/24"}, "'routing.subnet' = \"10.20.0.1/24\": not a network"),
+    ({"subnet": "fd00::/64"}, "IPv4 subnets only"),
+    ({"subnet": "10.20.0.0/31"}, "prefix length must be 8 to 30"),
+    ({"gateway": "10.21.0.1"}, "gateway 10.21.0.1 is not a host address of subnet"),
+    ({"gateway": "10.20.0.0"}, "is not a host address"),
+    ({"gateway": "10.20.0.255"}, "is not a host address"),
+    ({"l3vni": 400}, "'routing.l3vni' = 400: it is the subnet's own 'vni'"),
+    ({"l3vni": 0}, "'routing.l3vni' = 0"),
+    ({"l3vni": "4000"}, "'routing.l3vni'"),
+    ({"egress": "yes"}, "'routing.egress'"),
+    ({"vpc": "no spaces"}, "'routing.vpc'"),
+    ({"routes": [{"dst": "192.0.2.1/24", "via": "10.20.0.9"}]}, "'routing.routes[0].dst'"),
+    ({"routes": [{"dst": "192.0.2.0/24", "via": "224.0.0.1"}]}, "not a unicast address"),
+    ({"routes": [{"dst": "192.0.2.0/24"}]}, "'routing.routes[0].via' is required"),
+    ({"bogus": 1}, "unsupported field 'routing.bogus'"),
+])
+def test_routing_errors_name_the_field(routing, needle):
+    raw = json.loads(json.dumps(ROUTED))
+    raw["routing"] |= routing
+    with pytest.raises((InvalidConfig, UnsupportedField)) as info:
+        NetworkConfig.parse(raw)
+    assert needle in info.value.msg, info.value.msg

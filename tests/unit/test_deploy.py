@@ -80,7 +80,10 @@ EXPECTED = {
     "overlays/etcd-ipam": BASE | ETCD,
     "overlays/monitoring": BASE | MONITORING,
     "overlays/full": BASE | REFLECTORS | ETCD | MONITORING,
+    "overlays/routing": BASE,
 }
+# Where the agent container is privileged (components/routing: a Bidirectional /run/netns).
+PRIVILEGED_AGENT = {"overlays/routing"}
 
 
 # ---------------------------------------------------------------- rendering
@@ -658,7 +661,9 @@ def test_pods_are_confined(target):
         assert pod["securityContext"]["seccompProfile"] == {"type": "RuntimeDefault"}
         for c in all_containers(pod):
             ctx = c.get("securityContext", {})
-            assert not ctx.get("privileged"), c["name"]
+            allowed = target in PRIVILEGED_AGENT and w["metadata"]["name"] == "vpcni-agent" \
+                and c["name"] == "agent"
+            assert bool(ctx.get("privileged")) == allowed, (target, c["name"])
             assert ctx["capabilities"]["drop"] == ["ALL"], c["name"]
             for kind in ("requests", "limits"):
                 assert {"cpu", "memory"} <= set(c["resources"][kind]), (c["name"], kind)
@@ -682,6 +687,17 @@ def test_agent_pod(base):
         assert mounts[path]["name"] == hostpaths[path], path
     assert mounts["/run/netns"]["mountPropagation"] == "HostToContainer"
     assert not mounts["/var/lib/cni"].get("readOnly")
+
+
+def test_routing_makes_the_agent_privileged_for_a_bidirectional_netns_mount():
+    ds = get(rendered("overlays/routing"), "DaemonSet", "vpcni-agent")
+    agent = container(ds["spec"]["template"]["spec"], "agent")
+    mounts = {m["mountPath"]: m for m in agent["volumeMounts"]}
+    assert mounts["/run/netns"]["mountPropagation"] == "Bidirectional"
+    assert agent["securityContext"]["privileged"] is True
+    # Everything else of the agent's confinement stays.
+    assert agent["securityContext"]["capabilities"]["drop"] == ["ALL"]
+    assert agent["securityContext"]["readOnlyRootFilesystem"] is True
 
 
 def test_reflector_pods(full):
