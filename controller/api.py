@@ -274,6 +274,9 @@ def apply_nad(api: KubeApi, desired: dict) -> Optional[str]:
                 return f"namespace {ns} does not exist (its NAD {name} is made when it does)"
         if not logic.managed(cur):
             return f"namespace {ns}: NAD {name} exists and is not the controller's (left alone)"
+        owner = (cur.get("metadata", {}).get("labels") or {}).get(logic.LABEL_VPC)
+        if owner != desired["metadata"]["labels"][logic.LABEL_VPC]:
+            return f"namespace {ns}: NAD {name} is Vpc {owner!r}'s (left alone)"
         if logic.nad_up_to_date(cur, desired):
             return None
         try:
@@ -289,22 +292,27 @@ def apply_nad(api: KubeApi, desired: dict) -> Optional[str]:
 
 @dataclass(frozen=True)
 class VniOutcome:
-    """The VNI a Vpc holds after allocate_vni, or why it holds none it may use."""
+    """The VNIs a Vpc holds after allocate_vni, or why it holds none it may use."""
 
-    vni: Optional[int]
-    # Ready (vni held), Pending (pool exhausted, Vpc gone), Conflict (pinned VNI taken),
-    # Invalid (the spec read does not validate)
+    vnis: dict  # role -> VNI (logic.ROLE_VPC, ROLE_L3, subnet_role(name)); {} when none
+    # Ready (VNIs held), Pending (pool exhausted, Vpc gone), Conflict (a pinned VNI taken,
+    # a network name another Vpc keeps), Invalid (the spec read does not validate)
     phase: str
     message: str = ""
     vpc: Optional[dict] = None  # the Vpc as read for the decision that was committed
 
+    @property
+    def vni(self) -> Optional[int]:
+        """The VNI of a Vpc without routing."""
+        return self.vnis.get(logic.ROLE_VPC)
 
-def _claim(api: KubeApi, vpc: dict, vni: int) -> Optional[dict]:
+
+def _claim(api: KubeApi, vpc: dict, vni: int, role: str = logic.ROLE_VPC) -> Optional[dict]:
     """Create VniClaim vni-<N> for `vpc`: None when the Vpc holds it now (made here, or
     already its own), else the other Vpc's claim that holds it."""
     for _ in range(WRITE_ATTEMPTS):
         try:
-            api.create(VNICLAIM, logic.claim_object(vni, vpc))
+            api.create(VNICLAIM, logic.claim_object(vni, vpc, role))
             return None
         except AlreadyExists:
             existing = api.get(VNICLAIM, logic.claim_name(vni))
@@ -330,89 +338,129 @@ def _release(api: KubeApi, vpc: dict, vni: int) -> None:
             continue
 
 
-def _from_pool(api: KubeApi, vpc: dict, pool: tuple[int, int], claims: list[dict]
-               ) -> Optional[int]:
-    claimed = logic.claimed_vnis(claims)
+def _from_pool(api: KubeApi, vpc: dict, pool: tuple[int, int], claims: list[dict],
+               taken: set[int], role: str) -> Optional[int]:
+    """The lowest VNI of `pool` neither claimed (in `claims`) nor `taken` by another role
+    of this decision, owned by creating its claim."""
+    claimed = logic.claimed_vnis(claims) | taken
     for vni in logic.vni_candidates(pool, claimed):
-        if _claim(api, vpc, vni) is None:
+        if _claim(api, vpc, vni, role) is None:
             return vni
     return None
 
 
+def _decide(api: KubeApi, vpc: dict, spec: VpcSpec, pool: tuple[int, int]
+            ) -> tuple[Optional[dict], str, str]:
+    """role -> VNI for every VNI the spec needs, claims created as needed; or (None,
+    phase, message). Pinned VNIs first (a conflict is found before anything is taken from
+    the pool), then for each other role: the VNI status gives it if held, else one held
+    for that role (the lowest), else status's VNI re-claimed if free, else the pool's
+    lowest free. No VNI serves two roles."""
+    name = name_of(vpc)
+    in_status = logic.status_vnis(vpc.get("status"))
+    claims = api.list(VNICLAIM)
+    held = logic.held_claims(vpc, claims)
+    needs = logic.vni_needs(spec)
+    decided: dict[str, int] = {}
+    for need in needs:
+        if need.pinned is None:
+            continue
+        if need.pinned not in held:
+            other = _claim(api, vpc, need.pinned, need.role)
+            if other is not None:
+                return None, CONFLICT, logic.conflict_message(
+                    name, need.pinned, logic.claim_holder(other), need.field)
+        decided[need.role] = need.pinned
+    for need in needs:
+        if need.pinned is not None:
+            continue
+        taken = set(decided.values())
+        was = in_status.get(need.role)
+        mine = sorted(v for v, role in held.items() if role == need.role and v not in taken)
+        if was in held and was not in taken:
+            vni = was
+        elif mine:
+            vni = logic.keep_vni(mine, was)
+        elif isinstance(was, int) and was not in taken and _claim(api, vpc, was,
+                                                                  need.role) is None:
+            vni = was
+        else:
+            vni = _from_pool(api, vpc, pool, claims, taken, need.role)
+            if vni is None:
+                return None, PENDING, logic.exhausted_message(
+                    pool, logic.claimed_vnis(api.list(VNICLAIM)))
+        decided[need.role] = vni
+    return decided, READY, ""
+
+
 def allocate_vni(api: KubeApi, vpc: dict, pool: tuple[int, int] = logic.parse_vni_range(
         logic.DEFAULT_VNI_RANGE)) -> VniOutcome:
-    """Give the Vpc its VNI and write status.vni.
+    """Give the Vpc the VNIs it needs and write them to status: its one VNI
+    (status.vni), or, with spec.routing, its L3VNI and one VNI per subnet
+    (status.l3vni, status.subnets[].vni).
 
-    Pinned (spec.vni): that VNI, unless another Vpc's claim holds it (Conflict; what the
-    Vpc held stays). Else the VNI it holds (status.vni's if held, else the lowest); else
-    the one in its status if still free (a lost claim does not renumber a live VPC); else
-    the lowest free VNI of `pool`. A VNI is owned by creating its VniClaim: AlreadyExists
-    means someone else got it, so the next one is tried.
+    For each: pinned, that VNI, unless another Vpc's claim holds it (Conflict; what the
+    Vpc held stays). Else the VNI it holds for that role (status's if held, else the
+    lowest); else the one in its status if still free (a lost claim does not renumber a
+    live VPC); else the lowest free VNI of `pool`. A VNI is owned by creating its
+    VniClaim (spec.role says what for): AlreadyExists means someone else got it, so the
+    next one is tried.
 
-    The decision is committed by writing status.vni with the resourceVersion of the
-    read it was made on: a Conflict (the Vpc changed since: its spec, or another
-    controller committed first) means read again and decide again. Only then are the
-    Vpc's other claims released, so no claim is released on a stale decision.
+    The decision is committed by writing status with the resourceVersion of the read it
+    was made on: a Conflict (the Vpc changed since: its spec, or another controller
+    committed first) means read again and decide again. Only then are the Vpc's other
+    claims released, so no claim is released on a stale decision.
     """
     name = name_of(vpc)
     for _ in range(WRITE_ATTEMPTS):
         fresh = api.get(VPC, name)
         if fresh is None or logic.uid_of(fresh) != logic.uid_of(vpc):
-            return VniOutcome(None, PENDING, "the Vpc was deleted")
+            return VniOutcome({}, PENDING, "the Vpc was deleted")
         if fresh.get("metadata", {}).get("deletionTimestamp"):
-            return VniOutcome(None, PENDING, "the Vpc is being deleted", fresh)
+            return VniOutcome({}, PENDING, "the Vpc is being deleted", fresh)
         try:
             spec = logic.parse_vpc(fresh)
         except SpecError as exc:
-            return VniOutcome(None, INVALID, str(exc), fresh)
+            return VniOutcome({}, INVALID, str(exc), fresh)
+        clash = logic.network_name_conflict(fresh, spec, api.list(VPC))
+        if clash is not None:
+            return VniOutcome({}, CONFLICT, clash, fresh)
+        decided, phase, message = _decide(api, fresh, spec, pool)
+        if decided is None:
+            return VniOutcome({}, phase, message, fresh)
+        keep = set(decided.values())
+        others = [v for v in logic.held_vnis(fresh, api.list(VNICLAIM)) if v not in keep]
         status = fresh.get("status") or {}
-        status_vni = status.get("vni")
-        claims = api.list(VNICLAIM)
-        held = logic.held_vnis(fresh, claims)
-        if spec.vni is not None:
-            keep = spec.vni
-            if keep not in held:
-                other = _claim(api, fresh, keep)
-                if other is not None:
-                    return VniOutcome(None, CONFLICT, logic.conflict_message(
-                        name, keep, logic.claim_holder(other)), fresh)
-        elif held:
-            keep = logic.keep_vni(held, status_vni)
-        elif isinstance(status_vni, int) and _claim(api, fresh, status_vni) is None:
-            keep = status_vni
-        else:
-            keep = _from_pool(api, fresh, pool, claims)
-            if keep is None:
-                return VniOutcome(None, PENDING, logic.exhausted_message(
-                    pool, logic.claimed_vnis(api.list(VNICLAIM))), fresh)
-        others = [v for v in logic.held_vnis(fresh, api.list(VNICLAIM)) if v != keep]
-        if status_vni != keep or others:
+        new = logic.status_with_vnis(status, spec, decided)
+        if new != status or others:
             body = copy.deepcopy(fresh)
-            body["status"] = {**status, "vni": keep}
+            body["status"] = new
             try:
                 fresh = api.replace_status(VPC, body)
             except Conflict:
                 continue
             except NotFound:
-                return VniOutcome(None, PENDING, "the Vpc was deleted")
+                return VniOutcome({}, PENDING, "the Vpc was deleted")
         for vni in others:
             _release(api, fresh, vni)
-        return VniOutcome(keep, READY, "", fresh)
-    raise Conflict(f"Vpc {name}: status.vni still conflicting after {WRITE_ATTEMPTS} "
+        return VniOutcome(decided, READY, "", fresh)
+    raise Conflict(f"Vpc {name}: status VNIs still conflicting after {WRITE_ATTEMPTS} "
                    "decisions")
 
 
 # ------------------------------------------------------------------ a Vpc
 
-def render_nads(api: KubeApi, vpc: dict, spec: VpcSpec, vni: int,
+def render_nads(api: KubeApi, vpc: dict, spec: VpcSpec, vnis: dict[str, int],
                 cfg: ControllerConfig) -> list[str]:
-    """The Vpc's NAD in each bound namespace, and none elsewhere; what could not be done."""
-    desired = logic.desired_nads(vpc, spec, vni, cfg)
-    problems = [p for ns in sorted(desired) if (p := apply_nad(api, desired[ns]))]
+    """The Vpc's NADs (one, or one per routed subnet) in each bound namespace, and none
+    elsewhere; what could not be done."""
+    desired = logic.desired_nads(vpc, spec, vnis, cfg)
+    problems = [p for key in sorted(desired) if (p := apply_nad(api, desired[key]))]
     existing = api.list(NAD, labels={logic.LABEL_VPC: name_of(vpc)})
     for ns, name in logic.stale_nads(name_of(vpc), desired, existing):
         api.delete(NAD, name, ns)
-        LOG.info("Vpc %s: deleted NAD %s/%s (namespace no longer bound)", name_of(vpc), ns, name)
+        LOG.info("Vpc %s: deleted NAD %s/%s (namespace unbound, subnet removed or routing "
+                 "changed)", name_of(vpc), ns, name)
     return problems
 
 
@@ -436,7 +484,7 @@ def reconcile_vpc(api: KubeApi, vpc: dict, cfg: ControllerConfig, store: Any = N
     phase, message = out.phase, out.message
     if out.phase == READY:
         spec = logic.parse_vpc(current)
-        problems = render_nads(api, current, spec, out.vni, cfg)
+        problems = render_nads(api, current, spec, out.vnis, cfg)
         if problems:
             phase, message = PENDING, "; ".join(problems)
         if store is not None:
@@ -455,12 +503,13 @@ def reconcile_vpc(api: KubeApi, vpc: dict, cfg: ControllerConfig, store: Any = N
 
 
 def read_usage(vpc_name: str, spec: VpcSpec, store: Any) -> dict:
-    """Status counts from vpcni-ipam's store (`store.list(network)`); {} when the store
-    cannot be read now (the counts written before stay)."""
+    """Status counts from vpcni-ipam's store (`store.list(pool)` of each of the Vpc's
+    networks); {} when the store cannot be read now (the counts written before stay)."""
     from vpcni.core.errors import VpcniError
 
     try:
-        allocations = store.list(logic.nad_name(vpc_name))
+        allocations = [a for pool in logic.network_names(vpc_name, spec)
+                       for a in store.list(pool)]
     except VpcniError as exc:
         LOG.warning("Vpc %s: ipam store not read: %s", vpc_name, exc.msg)
         return {}

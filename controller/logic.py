@@ -17,7 +17,7 @@ from typing import Annotated, Any, Iterable, Iterator, Literal, Optional
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
-from vpcni.core.config import first_error
+from vpcni.core.config import StaticRouteConfig, first_error
 from vpcni.core.models import VNI_MAX, IPAddress, IPNetwork
 from vpcni.ipam.config import EtcdStoreConfig, Range, parse_span
 
@@ -59,6 +59,8 @@ class Subnet(_Strict):
     cidr: IPNetwork
     gateway: Optional[IPAddress] = None
     exclude: list[str] = []
+    # A routed subnet's own VNI (pinned); allocated when absent. Only with spec.routing.
+    vni: Optional[int] = Field(default=None, ge=1, le=VNI_MAX, strict=True)
 
     @field_validator("cidr", mode="before")
     @classmethod
@@ -105,11 +107,28 @@ class Subnet(_Strict):
         return v
 
 
+    def gateway_address(self):
+        """The gateway vpcni-ipam keeps out of its range and a routed subnet's anycast
+        gateway: given, else the first host (both default to it)."""
+        return self.gateway or self.cidr.network_address + 1
+
+
+class Routing(_Strict):
+    """`spec.routing`: every subnet is a routed subnet of the VPC (docs/routing.md): its own
+    VNI, an anycast gateway on every node, the subnets routed over the VPC's L3VNI."""
+
+    l3vni: Optional[int] = Field(default=None, ge=1, le=VNI_MAX, strict=True)
+    egress: bool = Field(default=True, strict=True)
+    defaultRoute: bool = Field(default=True, strict=True)
+    routes: list[StaticRouteConfig] = Field(default=[], max_length=256)
+
+
 class VpcSpec(_Strict):
     """`spec` of a Vpc (docs/vpc-api.md)."""
 
     vni: Optional[int] = Field(default=None, ge=1, le=VNI_MAX, strict=True)
     subnets: list[Subnet] = Field(min_length=1)
+    routing: Optional[Routing] = None
     mtu: Optional[int] = Field(default=None, ge=576, le=9000, strict=True)
     backend: Optional[Literal["kernel", "ovs"]] = None
     interfaceKind: Optional[Literal["veth", "sriov"]] = None
@@ -157,9 +176,52 @@ def parse_spec(raw: Any) -> VpcSpec:
     if not isinstance(raw, dict):
         raise SpecError("spec: must be an object")
     try:
-        return VpcSpec.model_validate(raw)
+        spec = VpcSpec.model_validate(raw)
     except ValidationError as exc:
         raise SpecError(_first_error(exc)) from None
+    _check_routing(spec)
+    return spec
+
+
+def _check_routing(spec: VpcSpec) -> None:
+    """What spec.routing changes: per-subnet VNIs only with it, spec.vni only without it,
+    IPv4 subnets of /8../30 (the VPC router's), pinned VNIs all different, next hops
+    inside the VPC. SpecError naming the field."""
+    if spec.routing is None:
+        for i, s in enumerate(spec.subnets):
+            if s.vni is not None:
+                raise SpecError(f"spec.subnets[{i}].vni = {s.vni}: a subnet's own VNI needs "
+                                "spec.routing (without it the VPC is one L2 segment, "
+                                "spec.vni)")
+        return
+    if spec.vni is not None:
+        raise SpecError(f"spec.vni = {spec.vni}: not with spec.routing (each subnet has its own "
+                        "VNI, spec.subnets[].vni, and the VPC an L3VNI, spec.routing.l3vni)")
+    for i, s in enumerate(spec.subnets):
+        if s.cidr.version != 4:
+            raise SpecError(f"spec.subnets[{i}].cidr = {s.cidr}: a routed Vpc (spec.routing) "
+                            "takes IPv4 subnets only")
+        if not 8 <= s.cidr.prefixlen <= 30:
+            raise SpecError(f"spec.subnets[{i}].cidr = {s.cidr}: a routed subnet's prefix "
+                            "length is 8 to 30")
+    pinned: dict[int, str] = {}
+    if spec.routing.l3vni is not None:
+        pinned[spec.routing.l3vni] = "spec.routing.l3vni"
+    for i, s in enumerate(spec.subnets):
+        if s.vni is None:
+            continue
+        if s.vni in pinned:
+            raise SpecError(f"spec.subnets[{i}].vni = {s.vni}: also {pinned[s.vni]}; the "
+                            "subnets and the L3VNI each need a VNI of their own")
+        pinned[s.vni] = f"spec.subnets[{i}].vni"
+    for i, r in enumerate(spec.routing.routes):
+        where = next((s for s in spec.subnets if r.via in s.cidr), None)
+        if where is None:
+            raise SpecError(f"spec.routing.routes[{i}].via = {r.via}: not in any subnet of the "
+                            "Vpc (a next hop is the address of a pod in the VPC)")
+        if r.via == where.gateway_address():
+            raise SpecError(f"spec.routing.routes[{i}].via = {r.via}: the gateway of subnet "
+                            f"{where.name!r}, not a pod")
 
 
 def _first_error(exc: ValidationError) -> str:
@@ -210,6 +272,33 @@ def parse_vni_range(text: str) -> tuple[int, int]:
 
 # ------------------------------------------------------------------ VNI claims
 
+# What a VNI of a Vpc is for (a VniClaim's spec.role): the one VNI of a Vpc without
+# spec.routing, the L3VNI of a routed Vpc, or one routed subnet's VNI.
+ROLE_VPC, ROLE_L3 = "vpc", "l3"
+
+
+def subnet_role(subnet_name: str) -> str:
+    return f"subnet/{subnet_name}"
+
+
+@dataclass(frozen=True)
+class Need:
+    """One VNI a Vpc needs: its role, the pinned VNI (None: allocated), the spec field."""
+
+    role: str
+    pinned: Optional[int]
+    field: str
+
+
+def vni_needs(spec: VpcSpec) -> list[Need]:
+    """The VNIs the spec needs: one (spec.vni), or, routed, the L3VNI and one per subnet."""
+    if spec.routing is None:
+        return [Need(ROLE_VPC, spec.vni, "spec.vni")]
+    return [Need(ROLE_L3, spec.routing.l3vni, "spec.routing.l3vni")] + [
+        Need(subnet_role(s.name), s.vni, f"spec.subnets[{i}].vni")
+        for i, s in enumerate(spec.subnets)]
+
+
 def claim_name(vni: int) -> str:
     return f"vni-{vni}"
 
@@ -219,12 +308,19 @@ def owner_reference(vpc: dict) -> dict:
             "controller": True}
 
 
-def claim_object(vni: int, vpc: dict) -> dict:
+def claim_object(vni: int, vpc: dict, role: str = ROLE_VPC) -> dict:
     return {"apiVersion": API_VERSION, "kind": "VniClaim",
             "metadata": {"name": claim_name(vni),
                          "labels": {LABEL_MANAGED_BY: MANAGER, LABEL_VPC: name_of(vpc)},
                          "ownerReferences": [owner_reference(vpc)]},
-            "spec": {"vni": vni, "vpc": name_of(vpc)}}
+            "spec": {"vni": vni, "vpc": name_of(vpc), "role": role}}
+
+
+def claim_role(claim: dict) -> str:
+    """What the claim was made for; a claim without a role predates routed Vpcs: the
+    Vpc's one VNI."""
+    role = claim.get("spec", {}).get("role")
+    return role if isinstance(role, str) and role else ROLE_VPC
 
 
 def claim_vni(claim: dict) -> Optional[int]:
@@ -250,7 +346,13 @@ def holds(vpc: dict, claim: dict) -> bool:
 
 
 def held_vnis(vpc: dict, claims: Iterable[dict]) -> list[int]:
-    return sorted(v for c in claims if holds(vpc, c) and (v := claim_vni(c)) is not None)
+    return sorted(held_claims(vpc, claims))
+
+
+def held_claims(vpc: dict, claims: Iterable[dict]) -> dict[int, str]:
+    """VNI -> role of every claim the Vpc holds."""
+    return {v: claim_role(c) for c in claims
+            if holds(vpc, c) and (v := claim_vni(c)) is not None}
 
 
 def claimed_vnis(claims: Iterable[dict]) -> set[int]:
@@ -281,42 +383,88 @@ def exhausted_message(pool: tuple[int, int], claimed: set[int]) -> str:
             "delete a Vpc or widen the controller's vniRange")
 
 
-def conflict_message(vpc_name: str, vni: int, holder: str) -> str:
-    return (f"VNI {vni} pinned by Vpc {vpc_name!r} is held by Vpc {holder!r} "
-            f"(VniClaim {claim_name(vni)}); pin another VNI or remove spec.vni")
+def conflict_message(vpc_name: str, vni: int, holder: str, field: str = "spec.vni") -> str:
+    return (f"VNI {vni} pinned by Vpc {vpc_name!r} ({field}) is held by Vpc {holder!r} "
+            f"(VniClaim {claim_name(vni)}); pin another VNI or remove {field}")
+
+
+# ------------------------------------------------------------------ the VNIs in status
+
+def status_vnis(status: Optional[dict]) -> dict[str, int]:
+    """role -> VNI as status says (the decision last committed): status.vni, or
+    status.l3vni and status.subnets[].vni."""
+    status = status or {}
+    out: dict[str, int] = {}
+    if isinstance(status.get("vni"), int):
+        out[ROLE_VPC] = status["vni"]
+    if isinstance(status.get("l3vni"), int):
+        out[ROLE_L3] = status["l3vni"]
+    for entry in status.get("subnets") or []:
+        if isinstance(entry, dict) and isinstance(entry.get("name"), str) \
+                and isinstance(entry.get("vni"), int):
+            out.setdefault(subnet_role(entry["name"]), entry["vni"])
+    return out
+
+
+def status_with_vnis(status: Optional[dict], spec: VpcSpec, vnis: dict[str, int]) -> dict:
+    """`status` with the VNIs decided (`vnis`, role -> VNI) and no other VNI field:
+    `vni` without routing; `l3vni` and `subnets` (in the spec's order) with it."""
+    out = {k: v for k, v in (status or {}).items() if k not in ("vni", "l3vni", "subnets")}
+    if spec.routing is None:
+        out["vni"] = vnis[ROLE_VPC]
+    else:
+        out["l3vni"] = vnis[ROLE_L3]
+        out["subnets"] = [{"name": s.name, "vni": vnis[subnet_role(s.name)]}
+                          for s in spec.subnets]
+    return out
 
 
 # ------------------------------------------------------------------ NetworkAttachmentDefinitions
 
-def nad_name(vpc_name: str) -> str:
-    return f"vpc-{vpc_name}"
+def nad_name(vpc_name: str, subnet_name: Optional[str] = None) -> str:
+    """`vpc-<name>`, a routed subnet's `vpc-<name>-<subnet>`: the NAD's name and the CNI
+    network name, which is vpcni-ipam's pool (cluster-wide)."""
+    return f"vpc-{vpc_name}" if subnet_name is None else f"vpc-{vpc_name}-{subnet_name}"
 
 
-def ipam_section(spec: VpcSpec, store: EtcdStoreConfig) -> dict:
+def network_names(vpc_name: str, spec: VpcSpec) -> list[str]:
+    """The networks (NAD names, vpcni-ipam pools) the spec renders."""
+    if spec.routing is None:
+        return [nad_name(vpc_name)]
+    return [nad_name(vpc_name, s.name) for s in spec.subnets]
+
+
+def pool_of(vpc_name: str, spec: VpcSpec, subnet: Subnet) -> str:
+    """The vpcni-ipam pool that hands out `subnet`'s addresses."""
+    return nad_name(vpc_name, subnet.name if spec.routing is not None else None)
+
+
+def ipam_section(subnets: "VpcSpec | list[Subnet]", store: EtcdStoreConfig) -> dict:
     """vpcni-ipam's config: `subnets` when that says it all (no gateway, one subnet per
     family), else `ranges` with one range set per family (one address of each family)."""
+    if isinstance(subnets, VpcSpec):
+        subnets = subnets.subnets
     by_family: dict[int, list[Subnet]] = {}
-    for s in spec.subnets:
+    for s in subnets:
         by_family.setdefault(s.cidr.version, []).append(s)
     out: dict[str, Any] = {"type": "vpcni-ipam"}
-    if all(s.gateway is None for s in spec.subnets) and all(len(v) == 1
-                                                            for v in by_family.values()):
-        out["subnets"] = [str(s.cidr) for s in spec.subnets]
+    if all(s.gateway is None for s in subnets) and all(len(v) == 1
+                                                       for v in by_family.values()):
+        out["subnets"] = [str(s.cidr) for s in subnets]
     else:
         out["ranges"] = [[{"subnet": str(s.cidr), **({"gateway": str(s.gateway)}
                                                      if s.gateway else {})}
                           for s in by_family[v]] for v in sorted(by_family)]
-    exclude = [e for s in spec.subnets for e in s.exclude]
+    exclude = [e for s in subnets for e in s.exclude]
     if exclude:
         out["exclude"] = exclude
     out["store"] = store.model_dump(mode="json")
     return out
 
 
-def network_config(vpc_name: str, spec: VpcSpec, vni: int, cfg: ControllerConfig) -> dict:
-    """The CNI config of the Vpc's NADs (vpcni's NetworkConfig parses it)."""
-    conf: dict[str, Any] = {"cniVersion": cfg.cniVersion, "name": nad_name(vpc_name),
-                            "type": "vpcni", "vni": vni}
+def _config_head(name: str, spec: VpcSpec, vni: int, cfg: ControllerConfig) -> dict:
+    conf: dict[str, Any] = {"cniVersion": cfg.cniVersion, "name": name, "type": "vpcni",
+                            "vni": vni}
     if spec.mtu is not None:
         conf["mtu"] = spec.mtu
     if spec.backend is not None:
@@ -324,22 +472,59 @@ def network_config(vpc_name: str, spec: VpcSpec, vni: int, cfg: ControllerConfig
     if spec.interfaceKind == "sriov":
         conf["interface"] = "vf"
     conf["capabilities"] = {"ips": True, "mac": True}
-    conf["ipam"] = ipam_section(spec, cfg.ipamStore)
     return conf
+
+
+def network_config(vpc_name: str, spec: VpcSpec, vni: int, cfg: ControllerConfig) -> dict:
+    """The CNI config of the NADs of a Vpc without routing (vpcni's NetworkConfig parses it)."""
+    conf = _config_head(nad_name(vpc_name), spec, vni, cfg)
+    conf["ipam"] = ipam_section(spec.subnets, cfg.ipamStore)
+    return conf
+
+
+def subnet_network_config(vpc_name: str, spec: VpcSpec, subnet: Subnet, vni: int, l3vni: int,
+                          cfg: ControllerConfig) -> dict:
+    """The CNI config of a routed subnet's NADs: its VNI, `routing` (the VPC, its L3VNI,
+    the subnet and gateway, egress, the VPC's routes: the same in every subnet) and
+    vpcni-ipam on that one subnet. The gateway is given to both or to neither, so
+    vpcni-ipam never hands out the anycast gateway (both default to the first host)."""
+    assert spec.routing is not None
+    conf = _config_head(nad_name(vpc_name, subnet.name), spec, vni, cfg)
+    routing: dict[str, Any] = {"vpc": vpc_name, "l3vni": l3vni, "subnet": str(subnet.cidr)}
+    if subnet.gateway is not None:
+        routing["gateway"] = str(subnet.gateway)
+    routing["egress"] = spec.routing.egress
+    routing["defaultRoute"] = spec.routing.defaultRoute
+    routing["routes"] = [{"dst": str(r.dst), "via": str(r.via)} for r in spec.routing.routes]
+    conf["routing"] = routing
+    conf["ipam"] = ipam_section([subnet], cfg.ipamStore)
+    return conf
+
+
+def network_configs(vpc_name: str, spec: VpcSpec, vnis: dict[str, int],
+                    cfg: ControllerConfig) -> dict[str, dict]:
+    """NAD name -> CNI config, for the VNIs decided (role -> VNI, as allocate_vni keeps)."""
+    if spec.routing is None:
+        return {nad_name(vpc_name): network_config(vpc_name, spec, vnis[ROLE_VPC], cfg)}
+    return {nad_name(vpc_name, s.name): subnet_network_config(
+        vpc_name, spec, s, vnis[subnet_role(s.name)], vnis[ROLE_L3], cfg) for s in spec.subnets}
 
 
 def nad_object(vpc: dict, namespace: str, config: dict) -> dict:
     return {"apiVersion": NAD_API_VERSION, "kind": NAD_KIND,
-            "metadata": {"name": nad_name(name_of(vpc)), "namespace": namespace,
+            "metadata": {"name": config["name"], "namespace": namespace,
                          "labels": {LABEL_MANAGED_BY: MANAGER, LABEL_VPC: name_of(vpc)},
                          "ownerReferences": [owner_reference(vpc)]},
             "spec": {"config": json.dumps(config)}}
 
 
-def desired_nads(vpc: dict, spec: VpcSpec, vni: int, cfg: ControllerConfig) -> dict[str, dict]:
-    """namespace -> the NAD the Vpc needs there (one per bound namespace)."""
-    config = network_config(name_of(vpc), spec, vni, cfg)
-    return {ns: nad_object(vpc, ns, config) for ns in spec.namespaces}
+def desired_nads(vpc: dict, spec: VpcSpec, vnis: dict[str, int], cfg: ControllerConfig
+                 ) -> dict[tuple[str, str], dict]:
+    """(namespace, name) -> the NAD the Vpc needs there: in each bound namespace, one
+    (`vpc-<name>`), or one per routed subnet (`vpc-<name>-<subnet>`)."""
+    configs = network_configs(name_of(vpc), spec, vnis, cfg)
+    return {(ns, name): nad_object(vpc, ns, conf)
+            for ns in spec.namespaces for name, conf in configs.items()}
 
 
 def managed(obj: dict) -> bool:
@@ -367,18 +552,67 @@ def updated_nad(existing: dict, desired: dict) -> dict:
                                                    **desired["spec"]}}
 
 
-def stale_nads(vpc_name: str, namespaces: Iterable[str], existing: Iterable[dict]
+def stale_nads(vpc_name: str, desired: Iterable[tuple[str, str]], existing: Iterable[dict]
                ) -> list[tuple[str, str]]:
-    """(namespace, name) of this Vpc's NADs in namespaces no longer bound."""
-    bound = set(namespaces)
+    """(namespace, name) of this Vpc's NADs not desired: in namespaces no longer bound, of
+    subnets removed, of the other form after spec.routing was added or removed."""
+    wanted = set(desired)
     out = []
     for nad in existing:
         meta = nad.get("metadata", {})
         if not managed(nad) or (meta.get("labels") or {}).get(LABEL_VPC) != vpc_name:
             continue
-        if meta.get("namespace") not in bound or meta.get("name") != nad_name(vpc_name):
+        if (meta.get("namespace"), meta.get("name")) not in wanted:
             out.append((meta.get("namespace"), meta.get("name")))
     return sorted(out)
+
+
+def networks_in_force(vpc: dict) -> dict[int, str]:
+    """VNI -> network (NAD name) of what the Vpc's status says it serves. The L3VNI is
+    not among them: no attachment uses it."""
+    name, status = name_of(vpc), vpc.get("status") or {}
+    out: dict[int, str] = {}
+    if isinstance(status.get("vni"), int):
+        out[status["vni"]] = nad_name(name)
+    for entry in status.get("subnets") or []:
+        if isinstance(entry, dict) and isinstance(entry.get("vni"), int) \
+                and isinstance(entry.get("name"), str) and re.fullmatch(DNS_LABEL, entry["name"]):
+            out.setdefault(entry["vni"], nad_name(name, entry["name"]))
+    return out
+
+
+def _age(vpc: dict) -> tuple[str, str]:
+    return vpc.get("metadata", {}).get("creationTimestamp") or "", name_of(vpc)
+
+
+def network_name_conflict(vpc: dict, spec: VpcSpec, vpcs: Iterable[dict]) -> Optional[str]:
+    """Why the Vpc may not render its networks, or None. Names are not unique by
+    construction (Vpc `a-b` and Vpc `a`'s routed subnet `b` are both `vpc-a-b`), and a
+    name is a cluster-wide vpcni-ipam pool: of the Vpcs wanting a name, the one serving
+    it (its status) keeps it, else the oldest (creationTimestamp, then name)."""
+    name = name_of(vpc)
+    mine = set(network_names(name, spec))
+    serving = set(networks_in_force(vpc).values())
+    for other in sorted(vpcs, key=_age):
+        if name_of(other) == name or not any(
+                n == nad_name(name_of(other)) or n.startswith(nad_name(name_of(other)) + "-")
+                for n in mine):
+            continue  # none of its names can be one of this Vpc's (and no spec is parsed)
+        theirs_serving = set(networks_in_force(other).values())
+        theirs = set(theirs_serving)
+        if not other.get("metadata", {}).get("deletionTimestamp"):
+            try:
+                theirs |= set(network_names(name_of(other), parse_spec(other.get("spec"))))
+            except SpecError:
+                pass
+        for net in sorted(mine & theirs):
+            if (net in serving, net in theirs_serving) == (True, False):
+                continue  # this Vpc serves it, the other only wants it
+            if (net in serving) == (net in theirs_serving) and _age(vpc) < _age(other):
+                continue  # neither (or both) serve it: the older keeps it
+            return (f"network {net} (a NAD name and vpcni-ipam's pool) is also Vpc "
+                    f"{name_of(other)!r}'s, which keeps it; rename the subnet or the Vpc")
+    return None
 
 
 # ------------------------------------------------------------------ tenancy bindings
@@ -394,9 +628,11 @@ def bound_namespaces(vpc: dict) -> list[str]:
 
 
 def bindings_document(vpcs: Iterable[dict], claims: Iterable[dict]) -> dict:
-    """{"version": 1, "vnis": {"300": {"vpc": "blue", "namespaces": [...]}}}: every VNI in
-    force, i.e. a Vpc's status.vni that the Vpc's VniClaim backs. One claim per VNI (an
-    object name), so no VNI is ever bound to two VPCs."""
+    """{"version": 1, "vnis": {"300": {"vpc": "blue", "network": "vpc-blue", "namespaces":
+    [...]}}}: every VNI in force that an attachment uses (a Vpc's status.vni, or a routed
+    Vpc's status.subnets[].vni with its subnet's network; never an L3VNI) that the Vpc's
+    VniClaim backs. One claim per VNI (an object name), so no VNI is ever bound to two
+    VPCs."""
     by_name = {name_of(v): v for v in vpcs}
     vnis = {}
     for claim in claims:
@@ -404,9 +640,10 @@ def bindings_document(vpcs: Iterable[dict], claims: Iterable[dict]) -> dict:
         vni = claim_vni(claim)
         if vpc is None or vni is None or not holds(vpc, claim):
             continue
-        if (vpc.get("status") or {}).get("vni") != vni:
+        network = networks_in_force(vpc).get(vni)
+        if network is None:
             continue
-        vnis[vni] = {"vpc": name_of(vpc), "network": nad_name(name_of(vpc)),
+        vnis[vni] = {"vpc": name_of(vpc), "network": network,
                      "namespaces": bound_namespaces(vpc)}
     return {"version": 1, "vnis": {str(k): vnis[k] for k in sorted(vnis)}}
 
@@ -475,14 +712,15 @@ def capacity(subnet: Subnet, exclude: list[str]) -> int:
 
 def usage_status(vpc_name: str, spec: VpcSpec, allocations: Iterable[Any]) -> dict:
     """status.nodes, .endpoints, .addresses from vpcni-ipam's allocations of the Vpc's
-    network (`vpc-<name>`, the NADs' name): the nodes named by its allocations, one
-    endpoint per (container, ifname), addresses used/free per subnet and in all."""
-    network = nad_name(vpc_name)
-    mine = [a for a in allocations if a.network == network]
+    pools (its NADs' names: `vpc-<name>`, or one per routed subnet): the nodes named by
+    its allocations, one endpoint per (container, ifname), addresses used/free per subnet
+    (counted in the subnet's own pool) and in all."""
+    pools = {s.name: pool_of(vpc_name, spec, s) for s in spec.subnets}
+    mine = [a for a in allocations if a.network in set(pools.values())]
     exclude = [e for s in spec.subnets for e in s.exclude]
     per_subnet, used_total, free_total = [], 0, 0
     for s in spec.subnets:
-        used = len([a for a in mine if _in(a.ip, s.cidr)])
+        used = len([a for a in mine if a.network == pools[s.name] and _in(a.ip, s.cidr)])
         free = max(0, capacity(s, exclude) - used)
         per_subnet.append({"name": s.name, "cidr": str(s.cidr), "used": used,
                            "free": min(free, FREE_CAP)})

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import concurrent.futures
 import copy
+import ipaddress
 import json
 import random
 import threading
@@ -751,3 +752,397 @@ def test_the_kubernetes_client_implementation_maps_the_api_servers_answers():
     doc = logic.bindings_configmap({"version": 1, "vnis": {}}, config())
     assert k.create(CONFIGMAP, doc) == doc  # through the client's model and back
     assert seen["cm"].metadata.namespace == "vpcni-system"
+
+
+# ---------------------------------------------------------------- routed Vpcs (spec.routing)
+
+NAMESPACES = ("vpcni-system", "team-a", "team-b")
+
+
+def routed(**kw) -> dict:
+    """A routed spec: subnets web and db of one VPC, routed over its L3VNI."""
+    out = spec(subnets=[{"name": "web", "cidr": "10.20.0.0/24"},
+                        {"name": "db", "cidr": "10.20.1.0/24", "gateway": "10.20.1.254",
+                         "exclude": ["10.20.1.1-10.20.1.9"]}],
+               routing={"routes": [{"dst": "192.0.2.0/24", "via": "10.20.1.14"}]})
+    out.update(kw)
+    return out
+
+
+def make_routed(server, name, **kw) -> dict:
+    return server.create(VPC, {"apiVersion": logic.API_VERSION, "kind": "Vpc",
+                               "metadata": {"name": name}, "spec": routed(**kw)})
+
+
+def roles(server) -> dict[int, tuple[str, str]]:
+    return {logic.claim_vni(c): (logic.claim_holder(c), c["spec"].get("role"))
+            for c in server.list(VNICLAIM)}
+
+
+def vnis_in_status(st: dict) -> list[int]:
+    """Every VNI a status says the Vpc holds (vni, or l3vni and the subnets')."""
+    return list(logic.status_vnis(st).values())
+
+
+def test_a_routed_spec_parses_with_its_defaults():
+    s = logic.parse_spec(routed())
+    assert s.routing.l3vni is None and s.routing.egress is True
+    assert s.routing.defaultRoute is True
+    assert [str(r.via) for r in s.routing.routes] == ["10.20.1.14"]
+    assert [n.role for n in logic.vni_needs(s)] == ["l3", "subnet/web", "subnet/db"]
+    assert [n.field for n in logic.vni_needs(s)] == [
+        "spec.routing.l3vni", "spec.subnets[0].vni", "spec.subnets[1].vni"]
+    assert [n.role for n in logic.vni_needs(logic.parse_spec(spec()))] == ["vpc"]
+
+
+@pytest.mark.parametrize("change, field", [
+    ({"vni": 300}, "spec.vni"),
+    ({"subnets": [{"name": "a", "cidr": "10.0.0.0/24"}, {"name": "b", "cidr": "fd00::/64"}]},
+     "spec.subnets[1].cidr"),
+    ({"subnets": [{"name": "a", "cidr": "10.0.0.0/7"}]}, "spec.subnets[0].cidr"),
+    ({"subnets": [{"name": "a", "cidr": "10.0.0.0/24", "vni": 400},
+                  {"name": "b", "cidr": "10.0.1.0/24", "vni": 400}]}, "spec.subnets[1].vni"),
+    ({"routing": {"l3vni": 400}, "subnets": [{"name": "a", "cidr": "10.0.0.0/24", "vni": 400}]},
+     "spec.subnets[0].vni"),
+    ({"routing": {"l3vni": 0}}, "spec.routing.l3vni"),
+    ({"routing": {"egress": "yes"}}, "spec.routing.egress"),
+    ({"routing": {"nat": True}}, "spec.routing.nat"),
+    ({"routing": {"routes": [{"dst": "192.0.2.1/24", "via": "10.20.1.14"}]}},
+     "spec.routing.routes[0].dst"),
+    ({"routing": {"routes": [{"dst": "192.0.2.0/24", "via": "10.99.0.1"}]}},
+     "spec.routing.routes[0].via"),
+    ({"routing": {"routes": [{"dst": "192.0.2.0/24", "via": "10.20.0.1"}]}},
+     "spec.routing.routes[0].via"),  # web's gateway (its first host)
+])
+def test_routed_spec_errors_name_the_field(change, field):
+    with pytest.raises(SpecError) as err:
+        logic.parse_spec(routed(**change))
+    assert str(err.value).startswith(field), str(err.value)
+
+
+def test_routed_spec_errors_say_why():
+    with pytest.raises(SpecError, match=r"^spec\.vni = 300: not with spec\.routing"):
+        logic.parse_spec(routed(vni=300))
+    with pytest.raises(SpecError, match=r"^spec\.subnets\[1\]\.cidr = fd00::/64: a routed Vpc "
+                                        r"\(spec\.routing\) takes IPv4 subnets only"):
+        logic.parse_spec(routed(subnets=[{"name": "a", "cidr": "10.0.0.0/24"},
+                                         {"name": "b", "cidr": "fd00::/64"}]))
+    with pytest.raises(SpecError, match=r"^spec\.subnets\[0\]\.vni = 400: a subnet's own VNI "
+                                        r"needs spec\.routing"):
+        logic.parse_spec(spec(subnets=[{"name": "a", "cidr": "10.0.0.0/24", "vni": 400}]))
+    with pytest.raises(SpecError, match=r"^spec\.subnets\[0\]\.vni = 400: also "
+                                        r"spec\.routing\.l3vni"):
+        logic.parse_spec(routed(routing={"l3vni": 400},
+                                subnets=[{"name": "a", "cidr": "10.0.0.0/24", "vni": 400}]))
+
+
+def test_a_routed_vpc_gets_an_l3vni_and_a_vni_per_subnet_and_a_nad_per_subnet():
+    server = ApiServerStandIn(namespaces=NAMESPACES + ("team-c",))
+    cfg = config()
+    vpc = make_routed(server, "green", mtu=1450, backend="kernel")
+    st = steps.reconcile_vpc(server, vpc, cfg)
+    assert st["phase"] == "Ready" and st["message"] == ""
+    assert "vni" not in st and st["l3vni"] == 4096
+    assert st["subnets"] == [{"name": "web", "vni": 4097}, {"name": "db", "vni": 4098}]
+    assert roles(server) == {4096: ("green", "l3"), 4097: ("green", "subnet/web"),
+                             4098: ("green", "subnet/db")}
+    nads = server.list(NAD)
+    assert sorted((n["metadata"]["namespace"], n["metadata"]["name"]) for n in nads) == [
+        ("team-a", "vpc-green-db"), ("team-a", "vpc-green-web"),
+        ("team-b", "vpc-green-db"), ("team-b", "vpc-green-web")]
+    for nad in nads:
+        raw = json.loads(nad["spec"]["config"])
+        conf = NetworkConfig.parse(raw)
+        subnet = raw["name"].rsplit("-", 1)[1]
+        assert conf.name == nad["metadata"]["name"] == f"vpc-green-{subnet}"
+        assert (conf.vni, conf.mtu, conf.backend) == (
+            {"web": 4097, "db": 4098}[subnet], 1450, "kernel")
+        assert nad["metadata"]["ownerReferences"][0]["uid"] == vpc["metadata"]["uid"]
+        r = conf.routing
+        assert (r.vpc, r.l3vni, r.egress, r.defaultRoute) == ("green", 4096, True, True)
+        assert [(str(x.dst), str(x.via)) for x in r.routes] == [("192.0.2.0/24", "10.20.1.14")]
+        ipam = parse_settings(raw["ipam"])
+        (rs,) = ipam.range_sets()
+        (rng,) = rs
+        # One subnet per NAD; vpcni-ipam's gateway is the anycast gateway.
+        assert rng.subnet == r.subnet and rng.gateway_address() == r.gateway
+        assert ipam.store.type == "etcd"
+    db = json.loads(server.get(NAD, "vpc-green-db", "team-a")["spec"]["config"])
+    assert db["routing"]["gateway"] == "10.20.1.254"
+    assert db["ipam"]["ranges"] == [[{"subnet": "10.20.1.0/24", "gateway": "10.20.1.254"}]]
+    assert db["ipam"]["exclude"] == ["10.20.1.1-10.20.1.9"]
+    web = json.loads(server.get(NAD, "vpc-green-web", "team-a")["spec"]["config"])
+    assert "gateway" not in web["routing"] and web["ipam"]["subnets"] == ["10.20.0.0/24"]
+    assert "exclude" not in web["ipam"]
+    # The bindings: each subnet's VNI with its network; the L3VNI is never bound.
+    doc = steps.reconcile_bindings(server, cfg)
+    assert doc["vnis"] == {
+        "4097": {"vpc": "green", "network": "vpc-green-web", "namespaces": ["team-a", "team-b"]},
+        "4098": {"vpc": "green", "network": "vpc-green-db", "namespaces": ["team-a", "team-b"]}}
+    # A second reconcile writes nothing.
+    writes = server.counts["writes"]
+    steps.reconcile_vpc(server, server.get(VPC, "green"), cfg)
+    assert server.counts["writes"] == writes
+    # Unbinding a namespace deletes both of its NADs; a new one gets both.
+    vpc = server.replace(VPC, {**server.get(VPC, "green"),
+                               "spec": routed(namespaces=["team-a", "team-c"])})
+    steps.reconcile_vpc(server, vpc, cfg)
+    assert sorted((n["metadata"]["namespace"], n["metadata"]["name"])
+                  for n in server.list(NAD)) == [
+        ("team-a", "vpc-green-db"), ("team-a", "vpc-green-web"),
+        ("team-c", "vpc-green-db"), ("team-c", "vpc-green-web")]
+
+
+@pytest.mark.parametrize("gateway", [None, "10.9.0.6"])
+def test_vpcni_ipam_never_hands_out_the_anycast_gateway(tmp_path, gateway):
+    """Every address of the rendered subnet's pool, taken by the real allocator: all
+    inside routing.subnet, none the gateway RoutingConfig answers for."""
+    subnet = {"name": "s", "cidr": "10.9.0.0/29", **({"gateway": gateway} if gateway else {})}
+    s = logic.parse_spec(routed(subnets=[subnet], routing={}))
+    raw = logic.network_configs("green", s, {"l3": 4000, "subnet/s": 400}, config())[
+        "vpc-green-s"]
+    conf = NetworkConfig.parse(raw)
+    raw["ipam"]["store"] = {"type": "sqlite", "path": str(tmp_path / "ipam.db")}
+    settings = parse_settings(raw["ipam"])
+    alloc = Allocator(settings, raw["name"], SqliteStore(settings.store))
+    got = []
+    for i in range(6):
+        try:
+            res = alloc.allocate(owner_for(raw["name"], f"c{i}", "net1", {}, "n1"))
+        except Exception:  # the pool is exhausted
+            break
+        got += [str(ip.address.ip) for ip in res.ips]
+    expected_gw = gateway or "10.9.0.1"
+    assert str(conf.routing.gateway) == expected_gw
+    assert len(got) == 5 and expected_gw not in got  # 6 hosts of a /29, less the gateway
+    assert all(ipaddress.ip_address(a) in conf.routing.subnet for a in got)
+    assert logic.capacity(s.subnets[0], []) == 5
+
+
+def test_pinned_routed_vnis_and_a_pinned_l3vni_held_by_another_vpc():
+    server, cfg = ApiServerStandIn(namespaces=NAMESPACES), config()
+    steps.reconcile_vpc(server, make_vpc(server, "blue", vni=4000), cfg)
+    vpc = make_routed(server, "green", routing={"l3vni": 4000},
+                      subnets=[{"name": "web", "cidr": "10.20.0.0/24", "vni": 400},
+                               {"name": "db", "cidr": "10.20.1.0/24"}])
+    st = steps.reconcile_vpc(server, vpc, cfg)
+    assert st["phase"] == "Conflict"
+    assert st["message"] == ("VNI 4000 pinned by Vpc 'green' (spec.routing.l3vni) is held by "
+                             "Vpc 'blue' (VniClaim vni-4000); pin another VNI or remove "
+                             "spec.routing.l3vni")
+    # Pinned first: nothing was taken from the pool for db, no NAD rendered.
+    assert 4096 not in claims(server) or claims(server)[4096] == "blue"
+    assert [n["metadata"]["name"] for n in server.list(NAD)] == ["vpc-blue", "vpc-blue"]
+    assert "l3vni" not in st and "subnets" not in st
+    delete_vpc(server, "blue", cfg)
+    st = steps.reconcile_vpc(server, server.get(VPC, "green"), cfg)
+    assert st["phase"] == "Ready" and st["l3vni"] == 4000
+    assert st["subnets"] == [{"name": "web", "vni": 400}, {"name": "db", "vni": 4096}]
+    assert roles(server) == {400: ("green", "subnet/web"), 4000: ("green", "l3"),
+                             4096: ("green", "subnet/db")}
+
+
+def test_adding_and_removing_a_routed_subnet():
+    server, cfg = ApiServerStandIn(namespaces=NAMESPACES), config()
+    steps.reconcile_vpc(server, make_routed(server, "green"), cfg)
+    three = routed(subnets=[*routed()["subnets"], {"name": "ops", "cidr": "10.20.2.0/24"}])
+    vpc = server.replace(VPC, {**server.get(VPC, "green"), "spec": three})
+    st = steps.reconcile_vpc(server, vpc, cfg)
+    assert st["l3vni"] == 4096 and st["subnets"] == [
+        {"name": "web", "vni": 4097}, {"name": "db", "vni": 4098}, {"name": "ops", "vni": 4099}]
+    assert server.get(NAD, "vpc-green-ops", "team-b") is not None
+    assert claims(server) == {4096: "green", 4097: "green", 4098: "green", 4099: "green"}
+    # db removed: its claim released after the commit, its NADs deleted, its binding gone.
+    # (its route's next hop is in db: the route goes too, else the spec is Invalid)
+    two = routed(subnets=[three["subnets"][0], three["subnets"][2]], routing={})
+    vpc = server.replace(VPC, {**server.get(VPC, "green"), "spec": two})
+    st = steps.reconcile_vpc(server, vpc, cfg)
+    assert st["subnets"] == [{"name": "web", "vni": 4097}, {"name": "ops", "vni": 4099}]
+    assert sorted(claims(server)) == [4096, 4097, 4099]
+    assert sorted({n["metadata"]["name"] for n in server.list(NAD)}) == [
+        "vpc-green-ops", "vpc-green-web"]
+    doc = json.loads(server.get(CONFIGMAP, "vpcni-tenancy", "vpcni-system")["data"]
+                     ["bindings.json"])
+    assert {k: v["network"] for k, v in doc["vnis"].items()} == {
+        "4097": "vpc-green-web", "4099": "vpc-green-ops"}
+    # The freed VNI is the next one handed out.
+    assert steps.reconcile_vpc(server, make_vpc(server, "blue"), cfg)["vni"] == 4098
+
+
+def test_turning_routing_on_and_off_gives_new_vnis_and_renames_the_nads():
+    server, cfg = ApiServerStandIn(namespaces=NAMESPACES), config()
+    plain = spec(subnets=[{"name": "web", "cidr": "10.20.0.0/24"}])
+    steps.reconcile_vpc(server, make_vpc(server, "green", **plain), cfg)
+    assert roles(server) == {4096: ("green", "vpc")}
+    vpc = server.replace(VPC, {**server.get(VPC, "green"),
+                               "spec": {**plain, "routing": {}}})
+    st = steps.reconcile_vpc(server, vpc, cfg)
+    assert "vni" not in st and st["l3vni"] == 4097 and st["subnets"] == [
+        {"name": "web", "vni": 4098}]
+    # The old VNI is released (after the commit), the old NADs are gone.
+    assert roles(server) == {4097: ("green", "l3"), 4098: ("green", "subnet/web")}
+    assert {n["metadata"]["name"] for n in server.list(NAD)} == {"vpc-green-web"}
+    # And back: one VNI again (a new one), one NAD vpc-green.
+    vpc = server.replace(VPC, {**server.get(VPC, "green"), "spec": plain})
+    st = steps.reconcile_vpc(server, vpc, cfg)
+    assert st["vni"] == 4096 and "l3vni" not in st and "subnets" not in st
+    assert roles(server) == {4096: ("green", "vpc")}
+    assert {n["metadata"]["name"] for n in server.list(NAD)} == {"vpc-green"}
+    doc = steps.reconcile_bindings(server, cfg)
+    assert doc["vnis"] == {"4096": {"vpc": "green", "network": "vpc-green",
+                                    "namespaces": ["team-a", "team-b"]}}
+
+
+def test_a_claim_left_for_a_role_is_reused_and_a_role_keeps_its_status_vni():
+    """A controller that crashed after claiming VNIs for a routed Vpc, before its
+    commit: its claims are taken again by role, not leaked, not doubled."""
+    server, cfg = ApiServerStandIn(), config()
+    vpc = make_routed(server, "green", namespaces=[])
+    server.create(VNICLAIM, logic.claim_object(4200, vpc, "subnet/db"))
+    server.create(VNICLAIM, logic.claim_object(4100, vpc, "l3"))
+    st = steps.reconcile_vpc(server, vpc, cfg)
+    assert st["l3vni"] == 4100 and st["subnets"] == [{"name": "web", "vni": 4096},
+                                                     {"name": "db", "vni": 4200}]
+    assert sorted(claims(server)) == [4096, 4100, 4200]
+    # A claim lost by hand is re-claimed with the VNI status gives its role.
+    server.delete(VNICLAIM, "vni-4200")
+    st = steps.reconcile_vpc(server, server.get(VPC, "green"), cfg)
+    assert st["subnets"][1] == {"name": "db", "vni": 4200}
+    assert roles(server)[4200] == ("green", "subnet/db")
+
+
+def test_a_routed_vpc_short_of_vnis_is_pending_and_frees_them_when_deleted():
+    server, cfg = ApiServerStandIn(), config(vniRange="4096-4099")
+    steps.reconcile_vpc(server, make_vpc(server, "blue", namespaces=[]), cfg)
+    st = steps.reconcile_vpc(server, make_routed(
+        server, "green", namespaces=[],
+        subnets=[*routed()["subnets"], {"name": "ops", "cidr": "10.20.2.0/24"}]), cfg)
+    assert st["phase"] == "Pending"
+    assert st["message"].startswith("no free VNI in vniRange 4096-4099 (4 of 4 claimed)")
+    assert "l3vni" not in st and "subnets" not in st
+    assert sorted(claims(server).items()) == [(4096, "blue"), (4097, "green"),
+                                              (4098, "green"), (4099, "green")]
+    assert steps.reconcile_bindings(server, cfg)["vnis"].keys() == {"4096"}
+    # Freed by blue: green completes with the claims it already had.
+    delete_vpc(server, "blue", cfg)
+    st = steps.reconcile_vpc(server, server.get(VPC, "green"), cfg)
+    assert st["phase"] == "Ready" and sorted(vnis_in_status(st)) == [4096, 4097, 4098, 4099]
+    delete_vpc(server, "green", cfg)
+    assert claims(server) == {}
+
+
+def test_routed_status_counts_each_subnet_in_its_own_pool(tmp_path):
+    server, cfg = ApiServerStandIn(namespaces=NAMESPACES), config()
+    steps.reconcile_vpc(server, make_routed(server, "green"), cfg)
+    store = None
+    for name, pods in (("vpc-green-web", (("c1", "n1"), ("c2", "n2"))),
+                       ("vpc-green-db", (("c3", "n2"),))):
+        raw = json.loads(server.get(NAD, name, "team-a")["spec"]["config"])
+        raw["ipam"]["store"] = {"type": "sqlite", "path": str(tmp_path / "ipam.db")}
+        settings = parse_settings(raw["ipam"])
+        store = store or SqliteStore(settings.store)
+        for cid, node in pods:
+            Allocator(settings, name, store).allocate(owner_for(name, cid, "net1", {}, node))
+    # A pool of another VPC (a plain one with the same first subnet) is not counted.
+    other = parse_settings({"type": "vpcni-ipam", "subnets": ["10.20.0.0/24"],
+                            "store": {"type": "sqlite", "path": str(tmp_path / "ipam.db")}})
+    Allocator(other, "vpc-green-webx", store).allocate(
+        owner_for("vpc-green-webx", "c9", "net1", {}, "n9"))
+    st = steps.reconcile_vpc(server, server.get(VPC, "green"), cfg, store=store)
+    assert st["nodes"] == ["n1", "n2"] and st["endpoints"] == 3
+    # web: 254 hosts less the gateway .1, less 2 used; db: less .254 and .1-.9, less 1.
+    assert st["addresses"] == {"used": 3, "free": 494, "subnets": [
+        {"name": "web", "cidr": "10.20.0.0/24", "used": 2, "free": 251},
+        {"name": "db", "cidr": "10.20.1.0/24", "used": 1, "free": 243}]}
+
+
+def test_a_network_name_two_vpcs_would_share_goes_to_one_of_them():
+    """Vpc green-web's network and Vpc green's routed subnet web are both vpc-green-web
+    (a vpcni-ipam pool, cluster-wide): the Vpc serving it keeps it, else the older."""
+    server, cfg = ApiServerStandIn(namespaces=NAMESPACES), config()
+    steps.reconcile_vpc(server, make_vpc(server, "green-web"), cfg)  # serves it
+    st = steps.reconcile_vpc(server, make_routed(server, "green"), cfg)  # "older" by name
+    assert st["phase"] == "Conflict" and "vpc-green-web" in st["message"]
+    assert "'green-web'" in st["message"] and "l3vni" not in st
+    assert set(claims(server).values()) == {"green-web"}
+    assert {n["metadata"]["name"] for n in server.list(NAD)} == {"vpc-green-web"}
+    cm = json.loads(server.get(NAD, "vpc-green-web", "team-a")["spec"]["config"])
+    assert "routing" not in cm
+    # green-web goes: green gets it.
+    delete_vpc(server, "green-web", cfg)
+    st = steps.reconcile_vpc(server, server.get(VPC, "green"), cfg)
+    assert st["phase"] == "Ready" and "vpc-green-web" in {
+        n["metadata"]["name"] for n in server.list(NAD)}
+    # Neither serving: the older (same creationTimestamp here: then the name) keeps it.
+    server2 = ApiServerStandIn(namespaces=NAMESPACES)
+    make_routed(server2, "green")
+    st = steps.reconcile_vpc(server2, make_vpc(server2, "green-web"), cfg)
+    assert st["phase"] == "Conflict" and "'green'" in st["message"]
+    assert steps.reconcile_vpc(server2, server2.get(VPC, "green"), cfg)["phase"] == "Ready"
+
+
+def test_a_managed_nad_of_another_vpc_is_left_alone():
+    server, cfg = ApiServerStandIn(namespaces=NAMESPACES), config()
+    server.create(NAD, {"apiVersion": logic.NAD_API_VERSION, "kind": logic.NAD_KIND,
+                        "metadata": {"name": "vpc-blue", "namespace": "team-a",
+                                     "labels": {logic.LABEL_MANAGED_BY: logic.MANAGER,
+                                                logic.LABEL_VPC: "blue-old"}},
+                        "spec": {"config": "{}"}})
+    st = steps.reconcile_vpc(server, make_vpc(server, "blue"), cfg)
+    assert st["phase"] == "Pending"
+    assert "namespace team-a: NAD vpc-blue is Vpc 'blue-old''s (left alone)" in st["message"]
+    assert server.get(NAD, "vpc-blue", "team-a")["spec"]["config"] == "{}"
+
+
+def test_routed_and_plain_vpcs_allocated_from_threads_never_share_a_vni():
+    """Twelve routed Vpcs (an L3VNI and three subnets each) and twelve plain ones,
+    allocated from 8 threads: 60 VNIs, all distinct, one claim per VNI held."""
+    server = ApiServerStandIn(jitter=0.0002)
+    cfg = config()
+    three = [*routed()["subnets"], {"name": "ops", "cidr": "10.20.2.0/24"}]
+    vpcs = [make_routed(server, f"r{i}", namespaces=[], subnets=three) if i % 2 else
+            make_vpc(server, f"p{i}", namespaces=[]) for i in range(24)]
+    with concurrent.futures.ThreadPoolExecutor(8) as pool:
+        outcomes = list(pool.map(lambda v: steps.allocate_vni(server, v, cfg.pool()), vpcs))
+    assert all(o.phase == "Ready" for o in outcomes)
+    held = [v for o in outcomes for v in o.vnis.values()]
+    assert len(held) == 12 * 4 + 12 and len(set(held)) == len(held)
+    assert set(held) == set(range(4096, 4096 + len(held)))  # lowest free, nothing leaked
+    by_status = {v: logic.name_of(vpc) for vpc in vpcs
+                 for v in vnis_in_status(status(server, logic.name_of(vpc)))}
+    assert claims(server) == by_status
+    for vni, (holder, role) in roles(server).items():
+        st = status(server, holder)
+        assert logic.status_vnis(st)[role] == vni
+    assert server.counts["already_exists"] > 0
+
+
+def test_two_controllers_on_routed_vpcs_converge_to_one_claim_per_vni():
+    server = ApiServerStandIn(namespaces=NAMESPACES, jitter=0.0005)
+    cfg = config()
+    vpcs = [make_routed(server, f"r{i}") if i % 3 else make_vpc(server, f"p{i}")
+            for i in range(15)]
+
+    def instance(order):
+        with concurrent.futures.ThreadPoolExecutor(4) as pool:
+            return list(pool.map(lambda v: steps.reconcile_vpc(server, v, cfg), order))
+
+    with concurrent.futures.ThreadPoolExecutor(2) as both:
+        runs = [both.submit(instance, vpcs), both.submit(instance, list(reversed(vpcs)))]
+        for run in runs:
+            run.result()
+    statuses = {logic.name_of(v): status(server, logic.name_of(v)) for v in vpcs}
+    assert all(s["phase"] == "Ready" for s in statuses.values())
+    held = [v for s in statuses.values() for v in vnis_in_status(s)]
+    assert len(held) == 10 * 3 + 5 and len(set(held)) == len(held)
+    assert claims(server) == {v: n for n, s in statuses.items() for v in vnis_in_status(s)}
+    # Each subnet NAD carries its subnet's VNI and its Vpc's L3VNI; the bindings agree.
+    for name, s in statuses.items():
+        for sub in s.get("subnets", []):
+            raw = json.loads(server.get(NAD, logic.nad_name(name, sub["name"]), "team-b")
+                             ["spec"]["config"])
+            assert (raw["vni"], raw["routing"]["l3vni"]) == (sub["vni"], s["l3vni"])
+    doc = steps.reconcile_bindings(server, cfg)
+    bound = {int(k) for k in doc["vnis"]}
+    l3 = {s["l3vni"] for s in statuses.values() if "l3vni" in s}
+    assert bound == set(held) - l3 and len(l3) == 10
