@@ -20,6 +20,10 @@ a namespace per VPC) with two veths into br-int: the subnet's gateway port
 vgw<VNI> (a local port of the VNI, flooding locally only) and the router's L3
 port vl3<L3VNI>, whose traffic br-int carries over the tunnel with the L3VNI to
 the remote router MACs of the EVPN routed state (flows of kinds router and routed).
+East-west routing itself is in flows: br-int answers pods' ARP for the gateway
+and has the VPC's FIB (kind fib: local pods and the router's own prefixes; kind
+routed: remote hosts and prefixes), each routed hop a dec_ttl and a MAC rewrite;
+the router namespace is the slow path (egress, ICMP errors, what the FIB misses).
 """
 
 from __future__ import annotations
@@ -215,8 +219,8 @@ class OvsBackend(Backend):
         with self._lock(f"router-{l3vni}"):
             gateway, built = self.routers.ensure(net, underlay, mtu)
             self.switch.mark_l3vni(l3vni, net.port)
-            for name, key, value in ((gateway, sw.EXT_GATEWAY, net.vni),
-                                     (l3_name(l3vni), sw.EXT_ROUTER, l3vni)):
+            for name, ext in ((gateway, {sw.EXT_GATEWAY: str(net.vni), **self._fib_ids(net)}),
+                              (l3_name(l3vni), {sw.EXT_ROUTER: str(l3vni)})):
                 link = get_link(self.ipr, name)
                 if link is None:
                     raise BackendError(f"router port {name} of VNI {net.vni} disappeared")
@@ -224,13 +228,25 @@ class OvsBackend(Backend):
                 # re-created (same ofport) but goes on reading the old one's packet
                 # socket, so a new netdev must be a new port.
                 _, added = self.switch.ensure_router_port(
-                    name, {key: str(value), sw.EXT_IFINDEX: str(link["index"])})
+                    name, {**ext, sw.EXT_IFINDEX: str(link["index"])})
                 built = built or added
             if built:
                 self._prepare_router_links(net.vni, l3vni)
                 self._converge_local(net.vni)
             self._converge_router(l3vni)
         return built
+
+    @staticmethod
+    def _fib_ids(net: VpcNetwork) -> dict[str, str]:
+        """What the VPC's FIB needs of a routed subnet, kept on its gateway port (so that
+        every convergence, the reconcile's too, derives the FIB from the switch alone):
+        its L3VNI, gateway/prefix length and the VPC's static routes through it."""
+        subnet = net.subnet
+        statics = sorted({r.dst for r in subnet.router.routes
+                          if r.via in subnet.prefix and r.dst.version == 4})
+        return {sw.EXT_GW_L3VNI: str(subnet.router.l3vni),
+                sw.EXT_GW_ADDRESS: f"{subnet.gateway}/{subnet.prefix.prefixlen}",
+                sw.EXT_GW_STATICS: ",".join(str(d) for d in statics)}
 
     def _prepare_router_links(self, vni: int, l3vni: int) -> None:
         """On the userspace datapath, tx checksum offload off on the router's ends, as on
@@ -265,6 +281,7 @@ class OvsBackend(Backend):
     def release_network(self, vni: int) -> None:
         bridge = self.switch.bridge_exists()
         if bridge:
+            gateway = self._gateway(vni)
             with self._lock(f"vni-{vni}"):
                 # Its flows (local, gateway among them, and remote), in one bundle; the
                 # flows of an L3VNI of that number (another scope) stay.
@@ -273,16 +290,20 @@ class OvsBackend(Backend):
                     if row["external_ids"].get(sw.EXT_GATEWAY) == str(vni):
                         self.switch.del_port(row["name"])
                 self.switch.release_vni(vni)
+            if gateway is not None and gateway.l3vni is not None:
+                self._converge_fib(gateway.l3vni)  # the subnet leaves the VPC's FIB
         # The gateway, and the router with the VPC's last subnet on this node.
         l3vni = self.routers.release(vni)
         if l3vni is not None and bridge:
             self._release_router(l3vni)
 
     def _release_router(self, l3vni: int) -> None:
-        with self._lock(f"router-{l3vni}"), self._lock(f"l3vni-{l3vni}"):
+        with self._lock(f"router-{l3vni}"), self._lock(f"l3vni-{l3vni}"), \
+                self._lock(f"fib-{l3vni}"):
             if l3vni in self.routers.l3vnis():
                 return  # built again meanwhile, for another subnet of the VPC
-            self.switch.delete_scopes([fl.cookie(fl.ROUTER, l3vni), fl.cookie(fl.ROUTED, l3vni)])
+            self.switch.delete_scopes([fl.cookie(fl.ROUTER, l3vni), fl.cookie(fl.ROUTED, l3vni),
+                                       fl.cookie(fl.FIB_LOCAL, l3vni)])
             for row in self.switch.router_rows():
                 if row["external_ids"].get(sw.EXT_ROUTER) == str(l3vni):
                     self.switch.del_port(row["name"])
@@ -290,9 +311,9 @@ class OvsBackend(Backend):
 
     # ------------------------------------------------------------ flows of a VNI
 
-    def _local_ports(self, vni: int) -> list[fl.LocalPort]:
+    def _local_ports(self, vni: int, rows: Optional[list[dict]] = None) -> list[fl.LocalPort]:
         ports = []
-        for row in self.switch.attachment_rows():
+        for row in self.switch.attachment_rows() if rows is None else rows:
             ext = row["external_ids"]
             ofport = sw.ofport_of(row)
             if ext.get(sw.EXT_VNI) != str(vni) or not ofport or not ext.get(sw.EXT_MAC):
@@ -312,15 +333,63 @@ class OvsBackend(Backend):
                 return sw.ofport_of(row)
         return None
 
+    @staticmethod
+    def _gateway_of(row: dict) -> Optional[fl.Gateway]:
+        """A gateway port's row as the flows need it (None while it has no ofport)."""
+        ofport = sw.ofport_of(row)
+        if not ofport:
+            return None
+        ext = row["external_ids"]
+        try:
+            l3vni = int(ext[sw.EXT_GW_L3VNI])
+            address = ipaddress.IPv4Interface(ext[sw.EXT_GW_ADDRESS])
+            statics = tuple(ipaddress.IPv4Network(d)
+                            for d in ext.get(sw.EXT_GW_STATICS, "").split(",") if d)
+        except (KeyError, ValueError):
+            return fl.Gateway(ofport)  # recorded without its subnet: the slow path only
+        return fl.Gateway(ofport, l3vni, address, statics)
+
+    def _gateway(self, vni: int) -> Optional[fl.Gateway]:
+        for row in self.switch.router_rows():
+            if row["external_ids"].get(sw.EXT_GATEWAY) == str(vni):
+                return self._gateway_of(row)
+        return None
+
     def _converge_local(self, vni: int) -> None:
         if not self.switch.bridge_exists():
             return  # nothing was ever built here (e.g. a DEL before any ADD)
         with self._lock(f"vni-{vni}"):
             tunnel = self._tunnel_ofport(vni)
             ports = self._local_ports(vni) if tunnel else []
-            gateway = self._router_port(sw.EXT_GATEWAY, vni) if tunnel else None
+            gateway = self._gateway(vni) if tunnel else None
             self.switch.converge(fl.cookie(fl.LOCAL, vni),
                                  fl.local_flows(vni, ports, tunnel, gateway))
+        if gateway is not None and gateway.l3vni is not None:
+            # The VNI's pods are in its VPC's FIB.
+            self._converge_fib(gateway.l3vni)
+
+    def _fib_local(self, l3vni: int) -> set[fl.Flow]:
+        """The VPC's FIB for what is on this node: the local pods of each of its routed
+        subnets here (by their gateway ports), the router's subnets and static routes."""
+        if l3vni not in self.switch.l3vnis():
+            return set()  # the router is not on this node
+        gateways: dict[int, fl.Gateway] = {}
+        for row in self.switch.router_rows():
+            vni = row["external_ids"].get(sw.EXT_GATEWAY, "")
+            gateway = self._gateway_of(row)
+            if vni.isdigit() and gateway is not None and gateway.l3vni == l3vni:
+                gateways[int(vni)] = gateway
+        rows = self.switch.attachment_rows()
+        pods = [port for vni in sorted(gateways) for port in self._local_ports(vni, rows)]
+        return fl.fib_local_flows(l3vni, router_mac(self._underlay().address),
+                                  self._router_port(sw.EXT_ROUTER, l3vni),
+                                  gateways.values(), pods)
+
+    def _converge_fib(self, l3vni: int) -> None:
+        """The local part of the VPC's FIB (kind fib of the L3VNI): after a change of
+        the local ports of any of its subnets, of its gateways or of its L3 port."""
+        with self._lock(f"fib-{l3vni}"):
+            self.switch.converge(fl.cookie(fl.FIB_LOCAL, l3vni), self._fib_local(l3vni))
 
     def _converge_router(self, l3vni: int) -> None:
         """The flows of the router's L3 port (none while it has no working port)."""
@@ -340,6 +409,7 @@ class OvsBackend(Backend):
                 self._converge_local(vni)
             for l3vni in sorted(self.switch.l3vnis()):
                 self._converge_router(l3vni)
+                self._converge_fib(l3vni)
         if full:
             self.routers.converge_probe_routes(records())
             if self.routers.reconcile():
@@ -368,9 +438,12 @@ class OvsBackend(Backend):
         if tunnel is None:
             return  # the router is not on this node (no ensure_network, or released)
         nexthops = {mac: vtep for mac, vtep in nexthops.items() if vtep != local}
+        # And the VPC's FIB in flows routes pods' traffic to remote hosts and prefixes
+        # straight to their VTEPs' routers (the router's routes stay: the slow path).
         with self._lock(f"l3vni-{l3vni}"):
             self.switch.converge(fl.cookie(fl.ROUTED, l3vni),
-                                 fl.routed_flows(l3vni, nexthops, tunnel))
+                                 fl.routed_flows(l3vni, nexthops, tunnel)
+                                 | fl.fib_remote_flows(l3vni, state, local, tunnel))
 
     # ------------------------------------------------------------ per pod
 
@@ -462,7 +535,7 @@ class OvsBackend(Backend):
             elif not sw.ofport_of(row):
                 problems.append(f"router port {name} is not working "
                                 f"({sw.first_value(row.get('error')) or 'no ofport'})")
-        gateway = self._router_port(sw.EXT_GATEWAY, net.vni)
+        gateway = self._gateway(net.vni)
         tunnel = self._tunnel_ofport(net.vni)
         if gateway and tunnel:
             installed = self.switch.dump(fl.cookie(fl.LOCAL, net.vni))
@@ -480,6 +553,11 @@ class OvsBackend(Backend):
             if missing:
                 problems.append(f"router port {l3_name(l3vni)} lacks flow(s): "
                                 + "; ".join(sorted(str(f) for f in missing)))
+        installed = self.switch.dump(fl.cookie(fl.FIB_LOCAL, l3vni))
+        missing = [f for f in self._fib_local(l3vni) if f not in installed]
+        if missing:
+            problems.append(f"the FIB of L3VNI {l3vni} lacks flow(s): "
+                            + "; ".join(sorted(str(f) for f in missing)))
         return problems
 
     def _check_node(self, net: VpcNetwork, att: Attachment) -> list[str]:

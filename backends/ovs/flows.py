@@ -10,9 +10,10 @@ is a diff. Every flow carries a cookie that says whose it is:
 kind 1 = base (the pipeline's skeleton, VNI 0), 2 = local (derived from the
 attachment ports of the VNI and, in a routed subnet, its gateway port), 3 =
 remote (derived from the VNI's EVPN remote state); for a VPC router, keyed by
-its L3VNI: 4 = routed (the remote router MACs of its EVPN routed state), 5 =
-router (its L3 port). A flow whose cookie does not carry the tag is never
-touched.
+its L3VNI: 4 = routed (the remote router MACs, hosts and prefixes of its EVPN
+routed state), 5 = router (its L3 port), 6 = fib (the VPC's local part of the
+FIB: its pods on this node and the prefixes this node's router serves). A flow
+whose cookie does not carry the tag is never touched.
 See docs/backends/ovs.md for the pipeline table by table.
 """
 
@@ -22,11 +23,12 @@ import ipaddress
 from dataclasses import dataclass
 from typing import Iterable, Optional
 
-from vpcni.core.models import GATEWAY_MAC, IPAddress, RemoteEndpoint
+from vpcni.core.models import GATEWAY_MAC, IPAddress, RemoteEndpoint, router_mac
 
 TAG = 0x767063
-BASE, LOCAL, REMOTE, ROUTED, ROUTER = 1, 2, 3, 4, 5
-KINDS = {BASE: "base", LOCAL: "local", REMOTE: "remote", ROUTED: "routed", ROUTER: "router"}
+BASE, LOCAL, REMOTE, ROUTED, ROUTER, FIB_LOCAL = 1, 2, 3, 4, 5, 6
+KINDS = {BASE: "base", LOCAL: "local", REMOTE: "remote", ROUTED: "routed", ROUTER: "router",
+         FIB_LOCAL: "fib"}
 OURS = (TAG << 40, 0xFFFFFF0000000000)  # (cookie, mask) of every vpcni flow
 
 # Tables, in the order a packet crosses them.
@@ -38,6 +40,16 @@ L2 = 30             # per VNI: known MAC -> local port or remote VTEP
 FLOOD_LOCAL = 40    # broadcast/unknown/multicast -> the VNI's local ports
 FLOOD_REMOTE = 50   # ... and, from pods only, every VTEP of the VNI's flood list
 L3 = 60             # per L3VNI (routed subnets): router MAC -> the local router or a remote VTEP
+FIB = 70            # per VPC (metadata = L3VNI): pods' routed IPv4 -> a local pod or a remote router
+SLOW_PATH = 75      # per routed VNI: what the FIB does not route -> the subnet's gateway port
+
+# FIB priorities: the TTL guard, local pods, remote hosts (type-2), then prefixes by
+# length (longest first; a prefix this node's router serves above a remote one).
+FIB_TTL, FIB_POD, FIB_HOST = 400, 300, 200
+
+
+def prefix_priority(prefixlen: int, local: bool) -> int:
+    return 100 + 2 * prefixlen + (1 if local else 0)
 
 
 def cookie(kind: int, vni: int = 0) -> int:
@@ -136,6 +148,9 @@ def base_flows(tunnel_ofports: Iterable[int]) -> set[Flow]:
         flow(BASE, 0, FLOOD_LOCAL, 0, (), "drop"),
         flow(BASE, 0, FLOOD_REMOTE, 0, (), "drop"),
         flow(BASE, 0, L3, 0, (), "drop"),
+        # What the FIB does not route goes to the router namespace (slow path).
+        flow(BASE, 0, FIB, 0, (), f"goto_table:{SLOW_PATH}"),
+        flow(BASE, 0, SLOW_PATH, 0, (), "drop"),
     }
     for ofport in tunnel_ofports:
         flows.add(flow(BASE, 0, CLASSIFY, 100, (f"in_port={ofport}",), f"goto_table:{TUNNEL_IN}"))
@@ -175,29 +190,66 @@ def port_flows(vni: int, port: LocalPort) -> set[Flow]:
     return flows
 
 
-def gateway_flows(vni: int, gateway_ofport: int, tunnel_ofport: int) -> set[Flow]:
+@dataclass(frozen=True)
+class Gateway:
+    """A routed subnet's gateway port (the node end of gw<VNI>) and what the FIB needs of
+    it: its VPC (L3VNI), the gateway address in its subnet, and the destinations of the
+    VPC's static routes through a next hop in the subnet (the router's, slow path).
+    Without `l3vni`/`address` (a port recorded without them) only the slow path."""
+
+    ofport: int
+    l3vni: Optional[int] = None
+    address: Optional[ipaddress.IPv4Interface] = None
+    statics: tuple[ipaddress.IPv4Network, ...] = ()
+
+    @property
+    def routed(self) -> bool:
+        return self.l3vni is not None and self.address is not None
+
+
+def gateway_flows(vni: int, gateway: "Gateway | int", tunnel_ofport: int) -> set[Flow]:
     """The flows of a routed subnet's gateway port (its router end has GATEWAY_MAC): the
-    router is vpcni's own (no anti-spoofing), and it serves this node only."""
-    return {
+    router is vpcni's own (no anti-spoofing), and it serves this node only. With the
+    subnet's routing known, pods' ARP for the gateway is answered by a flow and their
+    routed IPv4 goes to the FIB (table FIB), whose misses come back here (SLOW_PATH)."""
+    gw = gateway if isinstance(gateway, Gateway) else Gateway(gateway)
+    flows = {
         # Its ARP requests may be answered here for remote IPs (a host the routed state
         # has no route for: reached through the VNI, asymmetrically).
-        flow(LOCAL, vni, CLASSIFY, 100, (f"in_port={gateway_ofport}",),
+        flow(LOCAL, vni, CLASSIFY, 100, (f"in_port={gw.ofport}",),
              f"set_field:{vni:#x}->tun_id,goto_table:{ARP_RESPONDER}"),
         # Above every MAC a pod or a remote route could claim.
         flow(LOCAL, vni, L2, 120, (tun_id(vni), f"dl_dst={GATEWAY_MAC}"),
-             f"output:{gateway_ofport}"),
+             f"output:{gw.ofport}"),
         # Every node has a gateway of its own (the same MAC): one that comes through
         # the tunnel is not for this node's.
         flow(LOCAL, vni, L2, 130, (tun_id(vni), f"in_port={tunnel_ofport}",
                                    f"dl_dst={GATEWAY_MAC}"), "drop"),
     }
+    if gw.routed:
+        ip = gw.address.ip
+        flows |= {
+            # The anycast gateway's ARP answered on the node (pods' requests only: they
+            # come here through anti-spoofing; the gateway's own never ask for it).
+            flow(LOCAL, vni, ARP_RESPONDER, 110,
+                 ("arp", tun_id(vni), f"arp_tpa={ip}", "arp_op=1"),
+                 _arp_reply(GATEWAY_MAC, ip)),
+            # Pods' IPv4 to the gateway MAC: routed by the VPC's FIB (metadata = L3VNI).
+            flow(LOCAL, vni, L2, 125, ("ip", tun_id(vni), f"dl_dst={GATEWAY_MAC}"),
+                 f"write_metadata:{gw.l3vni:#x},goto_table:{FIB}"),
+            # ... and what it does not route, unchanged to the router (TTL untouched:
+            # the router decrements it once).
+            flow(LOCAL, vni, SLOW_PATH, 100, (tun_id(vni),), f"output:{gw.ofport}"),
+        }
+    return flows
 
 
 def local_flows(vni: int, ports: list[LocalPort], tunnel_ofport: int,
-                gateway_ofport: Optional[int] = None) -> set[Flow]:
+                gateway: "Gateway | int | None" = None) -> set[Flow]:
     """Everything the VNI's local ports need: theirs plus the local flooding; with
-    `gateway_ofport` (a routed subnet) also the gateway's, which floods locally only
-    and is never flooded to from the tunnel."""
+    `gateway` (a routed subnet: a Gateway, or its ofport alone) also the gateway's,
+    which floods locally only and is never flooded to from the tunnel."""
+    gateway_ofport = gateway.ofport if isinstance(gateway, Gateway) else gateway
     flows: set[Flow] = set()
     for port in ports:
         flows |= port_flows(vni, port)
@@ -211,7 +263,7 @@ def local_flows(vni: int, ports: list[LocalPort], tunnel_ofport: int,
         flows.add(flow(LOCAL, vni, FLOOD_LOCAL, 100, (tun_id(vni),),
                        f"{out},goto_table:{FLOOD_REMOTE}"))
     if gateway_ofport:
-        flows |= gateway_flows(vni, gateway_ofport, tunnel_ofport)
+        flows |= gateway_flows(vni, gateway, tunnel_ofport)
         # From the gateway: this node's pods only, never the remote VTEPs.
         flows.add(flow(LOCAL, vni, FLOOD_LOCAL, 110, (tun_id(vni), f"in_port={gateway_ofport}"),
                        pods or "drop"))
@@ -284,4 +336,90 @@ def routed_flows(l3vni: int, nexthops: dict[str, IPAddress], tunnel_ofport: int)
         src = "tun_src" if vtep.version == 4 else "tun_ipv6_src"
         flows.add(flow(ROUTED, l3vni, TUNNEL_IN, 100, (tun_id(l3vni), f"{src}={vtep}"),
                        f"goto_table:{L3}"))
+    return flows
+
+
+# ---------------------------------------------------------------- the VPC's FIB
+#
+# East-west routing in flows (symmetric IRB as the routers do it, one routed hop per
+# node): a pod's IPv4 to the gateway MAC enters FIB with the VPC's L3VNI in metadata;
+# IPv4 from the tunnel with the L3VNI and this node's router MAC is looked up in L3.
+# Each routed hop is `dec_ttl` and a MAC rewrite. What the FIB does not match goes to
+# the router namespace unchanged (slow path: egress, ICMP errors, unknown hosts).
+
+
+def _nw_dst(net: ipaddress.IPv4Network) -> tuple[str, ...]:
+    """A destination prefix as OVS prints it (a /32 without its length, /0 as nothing)."""
+    if net.prefixlen == 0:
+        return ()
+    return (f"nw_dst={net.network_address if net.prefixlen == 32 else net}",)
+
+
+def _to_pod(port: LocalPort) -> str:
+    return (f"dec_ttl,set_field:{GATEWAY_MAC}->eth_src,set_field:{port.mac.lower()}->eth_dst,"
+            f"output:{port.ofport}")
+
+
+def fib_local_flows(l3vni: int, rmac: str, l3_ofport: Optional[int],
+                    gateways: Iterable[Gateway], pods: Iterable[LocalPort]) -> set[Flow]:
+    """The VPC's FIB for what is on this node (kind fib of the L3VNI): `pods` (the local
+    ports of every routed subnet of the VPC here) routed to directly, from local pods
+    and from the tunnel (this node's router MAC `rmac`); the subnets and static-route
+    destinations of this node's router (`gateways`) left to the router, above the
+    remote prefixes of the same length. TTL 0 and 1 are never routed by flows: the
+    router sends the ICMP time exceeded."""
+    rmac = rmac.lower()
+    meta = f"metadata={l3vni:#x}"
+    slow = f"goto_table:{SLOW_PATH}"
+    flows = {flow(FIB_LOCAL, l3vni, FIB, FIB_TTL, ("ip", meta, f"nw_ttl={ttl}"), slow)
+             for ttl in (0, 1)}
+    from_tunnel = ("ip", tun_id(l3vni), f"dl_dst={rmac}")
+    if l3_ofport:
+        flows |= {flow(FIB_LOCAL, l3vni, L3, 130, (*from_tunnel, f"nw_ttl={ttl}"),
+                       f"output:{l3_ofport}") for ttl in (0, 1)}
+    for port in pods:
+        for ip in port.ips:
+            if ip.version != 4:
+                continue
+            flows.add(flow(FIB_LOCAL, l3vni, FIB, FIB_POD, ("ip", meta, f"nw_dst={ip}"),
+                           _to_pod(port)))
+            flows.add(flow(FIB_LOCAL, l3vni, L3, 120, (*from_tunnel, f"nw_dst={ip}"),
+                           _to_pod(port)))
+    for gw in gateways:
+        if not gw.routed:
+            continue
+        for net in (gw.address.network, *gw.statics):
+            flows.add(flow(FIB_LOCAL, l3vni, FIB, prefix_priority(net.prefixlen, local=True),
+                           ("ip", meta, *_nw_dst(net)), slow))
+    return flows
+
+
+def fib_remote_flows(l3vni: int, state, local_vtep: IPAddress,
+                     tunnel_ofport: int) -> set[Flow]:
+    """The VPC's FIB for its EVPN routed state (kind routed of the L3VNI): a remote host
+    (type-2 with the L3VNI) or prefix (type-5) goes to its VTEP's router, one routed hop
+    here (dec_ttl, this node's router MAC to the remote one, the L3VNI). A prefix that
+    several VTEPs announce goes to the lowest VTEP (no ECMP in flows; the router's
+    route is ECMP). IPv4 only, as the router; this node's own routes are not remote."""
+    own = router_mac(local_vtep)
+    meta = f"metadata={l3vni:#x}"
+
+    def encap(vtep, rmac: str) -> str:
+        dst = "tun_dst" if vtep.version == 4 else "tun_ipv6_dst"
+        return (f"dec_ttl,set_field:{own}->eth_src,set_field:{rmac.lower()}->eth_dst,"
+                f"set_field:{l3vni:#x}->tun_id,set_field:{vtep}->{dst},output:{tunnel_ofport}")
+
+    flows: set[Flow] = set()
+    hosts = {h.ip: h for h in state.hosts if h.vtep != local_vtep and h.ip.version == 4}
+    for ip, host in hosts.items():
+        flows.add(flow(ROUTED, l3vni, FIB, FIB_HOST, ("ip", meta, f"nw_dst={ip}"),
+                       encap(host.vtep, host.rmac)))
+    prefixes: dict = {}
+    for p in state.prefixes:
+        if p.vtep != local_vtep and p.prefix.version == 4:
+            prefixes.setdefault(p.prefix, []).append(p)
+    for prefix, announced in prefixes.items():
+        first = min(announced, key=lambda p: (p.vtep.version, p.vtep))
+        flows.add(flow(ROUTED, l3vni, FIB, prefix_priority(prefix.prefixlen, local=False),
+                       ("ip", meta, *_nw_dst(prefix)), encap(first.vtep, first.rmac)))
     return flows

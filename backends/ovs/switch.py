@@ -36,6 +36,12 @@ EXT_VNI_PREFIX = "vpcni-vni-"  # on the bridge: vpcni-vni-<VNI>=<UDP port> while
 EXT_GATEWAY = "vpcni-gateway"  # =<VNI>: the subnet's gateway port vgw<VNI>
 EXT_ROUTER = "vpcni-router"    # =<L3VNI>: the router's L3 port vl3<L3VNI>
 EXT_IFINDEX = "vpcni-ifindex"  # the ifindex of the netdev the router port was added with
+# On a gateway port, what the VPC's FIB needs of its subnet (updated in place):
+EXT_GW_L3VNI = "vpcni-gateway-l3vni"      # =<L3VNI>: the subnet's VPC
+EXT_GW_ADDRESS = "vpcni-gateway-address"  # =<gateway>/<prefix length>, e.g. 10.20.0.1/24
+EXT_GW_STATICS = "vpcni-gateway-statics"  # =<dst>,...: static routes through the subnet
+# Keys whose change means another netdev or another role: the port is added again.
+ROUTER_PORT_IDENTITY = (EXT_GATEWAY, EXT_ROUTER, EXT_IFINDEX)
 EXT_L3VNI_PREFIX = "vpcni-l3vni-"  # on the bridge: vpcni-l3vni-<L3VNI>=<UDP port> while its router is here
 
 
@@ -219,9 +225,9 @@ class Switch:
 
     def ensure_router_port(self, name: str, external_ids: dict[str, str]) -> tuple[int, bool]:
         """`name` (a router veth's node end) as a working port with `external_ids`: added
-        when missing, re-added when it has no ofport (its netdev was re-created);
-        (its ofport, whether it changed anything). A port of that name that is not a
-        router's is an error."""
+        when missing, re-added when it has no ofport or another identity (its netdev
+        was re-created), its other external_ids updated in place; (its ofport, whether
+        it changed anything). A port of that name that is not a router's is an error."""
         row = self.row("Interface", name)
         if row is not None:
             ext = row["external_ids"]
@@ -229,8 +235,14 @@ class Switch:
                 raise BackendError(f"OVS port {name} exists and is not a vpcni router's "
                                    f"(external_ids {ext})")
             ofport = ofport_of(row)
-            if ofport and all(ext.get(k) == v for k, v in external_ids.items()):
-                return ofport, False
+            if ofport and all(ext.get(k) == external_ids.get(k) for k in ROUTER_PORT_IDENTITY
+                              if k in external_ids):
+                stale = {k: v for k, v in external_ids.items() if ext.get(k) != v}
+                if not stale:
+                    return ofport, False
+                self.transact(f"update port {name}",
+                              self.api.db_set("Interface", name, ("external_ids", stale)))
+                return ofport, True
             self.del_port(name)
         return self.add_port(name, external_ids), True
 

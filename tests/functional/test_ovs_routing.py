@@ -70,6 +70,26 @@ def netns_names() -> set[str]:
     return set(run(["ip", "netns", "list"]).stdout.split()) - {"(id:"}
 
 
+def set_forwarding(router: str, on: bool) -> None:
+    """IPv4 forwarding in a router namespace (off: only br-int's flows route)."""
+    run(["nsenter", f"--net=/run/netns/{router}", "sh", "-c",
+         f"echo {1 if on else 0} > /proc/sys/net/ipv4/ip_forward"])
+
+
+def packets(ofctl, table: int, *terms: str) -> int:
+    """n_packets of the flows of `table` whose line has every one of `terms`."""
+    out = ofctl("dump-flows", f"table={table}")
+    return sum(int(re.search(r"n_packets=(\d+)", line).group(1)) for line in out.splitlines()
+               if "actions=" in line and all(t in line for t in terms))
+
+
+def ping_ttl(ns, dst: str, count: int = 1):
+    out = ns.exec("ping", "-n", "-c", str(count), "-i", "0.2", "-W", "1", dst,
+                  check=False).stdout
+    found = re.findall(r"ttl=(\d+)", out)
+    return (int(found[0]) if found else None), len(found)
+
+
 @pytest.fixture
 def n1(cluster: Cluster) -> Node:
     return cluster.add_node("n1", "198.51.100.1", agent=True, backend="ovs")
@@ -128,6 +148,53 @@ def test_two_subnets_route_on_one_ovs_node(cluster, n1):
     # The node's stack is kept off the router ports' node ends (the host-port guard).
     rules = node.ns.exec("nft", "list", "table", "arp", "vpcni_ovs").stdout
     assert 'iifname "vgw*"' in rules and 'iifname "vl3*"' in rules
+
+
+def test_flows_route_between_subnets_without_the_router(cluster, n1):
+    """The VPC's FIB in flows: with forwarding off in the router namespace, the two
+    subnets still reach each other (one routed hop: dec_ttl in a flow), pods' ARP for
+    the gateway is answered by a flow; what the FIB does not route (egress, TTL 1)
+    still goes through the router."""
+    node = n1
+    a, b = cluster.add_pod(node, "a"), cluster.add_pod(node, "b")
+    cluster.attach(a, A)
+    cluster.attach(b, B)
+    of = ovs(node).ofctl
+    peer = cluster.sandbox.netns("peer")
+    cluster.fabric.connect(peer, "198.51.100.99")
+    # The gateway's ARP from a flow: the router never hears the pod's request.
+    a.ns.ip("neigh", "flush", "dev", "eth1")
+    arp = packets(of, 20, "arp_tpa=10.20.0.1")
+    assert a.ns.ping("10.20.0.1", timeout=2)
+    assert GATEWAY_MAC in a.ns.ip("neigh", "show", "10.20.0.1").stdout
+    wait_for(lambda: packets(of, 20, "arp_tpa=10.20.0.1") > arp, timeout=5,
+             what="the gateway's ARP answered by a flow")
+    set_forwarding(router_ns(node), False)
+    try:
+        to_b, to_a = packets(of, 70, "nw_dst=10.20.1.5"), packets(of, 70, "nw_dst=10.20.0.5")
+        assert ping_ttl(a.ns, "10.20.1.5", count=5) == (63, 5)
+        assert ping_ttl(b.ns, "10.20.0.5", count=5) == (63, 5)
+        # 5 echoes and 5 replies each way (datapath stats reach the flows lazily)
+        wait_for(lambda: packets(of, 70, "nw_dst=10.20.1.5") >= to_b + 10, timeout=5,
+                 what="FIB counter for 10.20.1.5")
+        wait_for(lambda: packets(of, 70, "nw_dst=10.20.0.5") >= to_a + 10, timeout=5,
+                 what="FIB counter for 10.20.0.5")
+        start_ident_server(b.ns, "b")
+        assert tcp_ident(a.ns, "10.20.1.5") == "b"
+        # Egress is the router's (forwarding off: nothing gets out).
+        assert not a.ns.ping("198.51.100.99", timeout=1)
+    finally:
+        set_forwarding(router_ns(node), True)
+    assert a.ns.ping("198.51.100.99", timeout=2)
+    # TTL 1 is never routed by a flow: the router answers "time exceeded".
+    out = a.ns.exec("ping", "-n", "-c", "1", "-t", "1", "-W", "1", "10.20.1.5",
+                    check=False).stdout
+    assert "From 10.20.0.1" in out and "exceeded" in out.lower(), out
+    # The FIB's flows are what the flows module derives, and CHECK says they are there.
+    from vpcni.backends.ovs import flows as fl
+    fib = fl.parse_dump(of("dump-flows", cookie(6, L3VNI), options=("--no-stats",
+                                                                      "--no-names")))
+    assert {f.table for f in fib} == {fl.FIB, fl.L3}, fib
 
 
 def cluster_check(node: Node, pod, conf: dict, prev: dict):
@@ -241,6 +308,34 @@ def test_l3vni_between_ovs_and_kernel_nodes(tmp_path):
         wait_for(lambda: hops("10.20.0.7", "64"), timeout=30, what="a reaching d (bridged)")
         start_ident_server(pods["b"], "b")
         assert tcp_ident(a, "10.20.1.5") == "b"
+
+        # The flows route: forwarding off in both OVS nodes' routers, a still reaches
+        # b (o1's FIB, then k1's router) and c (o1's FIB, then o2's L3 table), two
+        # routed hops; the flows' counters grow on both OVS nodes.
+        of1, of2 = lab.ovs("o1").ofctl, lab.ovs("o2").ofctl
+        routers_ns = [f"{lab.box.namespaces[n].name}-r{L3VNI}" for n in ("o1", "o2")]
+        for r in routers_ns:
+            set_forwarding(r, False)
+        try:
+            before = (packets(of1, 70, "nw_dst=10.20.1.5"), packets(of1, 70, "nw_dst=10.20.1.6"),
+                      packets(of2, 60, "nw_dst=10.20.1.6"), packets(of1, 60, "nw_dst=10.20.0.5"))
+            assert ping_ttl(a, "10.20.1.5", count=5) == (62, 5)
+            assert ping_ttl(a, "10.20.1.6", count=5) == (62, 5)
+            assert ping_ttl(pods["c"], "10.20.0.5", count=2) == (62, 2)
+            assert tcp_ident(a, "10.20.1.5") == "b"
+
+            def grown() -> bool:
+                after = (packets(of1, 70, "nw_dst=10.20.1.5"),
+                         packets(of1, 70, "nw_dst=10.20.1.6"),
+                         packets(of2, 60, "nw_dst=10.20.1.6"),
+                         packets(of1, 60, "nw_dst=10.20.0.5"))
+                return all(x >= y + n for x, y, n in zip(after, before, (5, 5, 5, 12)))
+            # o1's FIB to b (kernel) and c (OVS); o2's L3 table to c; o1's L3 table to a
+            # (replies from b and c, and c's echoes)
+            wait_for(grown, timeout=5, what="the FIB counters of o1 and o2 growing")
+        finally:
+            for r in routers_ns:
+                set_forwarding(r, True)
         # The gateway stays local: d's ARP for it (flooded to o1 too, a broadcast of the
         # VNI) reaches o2's router only; o1's never heard of d.
         assert pods["d"].ping("10.20.0.1", timeout=2)

@@ -242,6 +242,7 @@ def test_a_pod_that_moves_keeps_its_gateway(lab):
         ping.join()
     sent, received = ping.result
     lost_ms = (sent - received) * 50
+    print(f"pod move: {sent - received} of {sent} probes lost (~{lost_ms} ms)")
     assert lost_ms < 1000, f"{sent - received} of {sent} lost (~{lost_ms} ms)"
     assert tcp_ident(pod_ns(lab, "green-1"), info.ip) == "green-2"
     # Back to node2, as the other tests expect.

@@ -83,7 +83,7 @@ RMAC = "02:76:c6:33:64:01"  # router_mac("198.51.100.1")
 
 
 def test_gateway_is_a_local_port_that_floods_locally_only():
-    flows = fl.local_flows(VNI, [PORT], tunnel_ofport=1, gateway_ofport=GW)
+    flows = fl.local_flows(VNI, [PORT], tunnel_ofport=1, gateway=GW)
     # trusted: no anti-spoofing, straight to the ARP responder with the VNI
     [classify] = [f for f in flows if f.table == fl.CLASSIFY and f"in_port={GW}" in f.match]
     assert classify.actions == f"set_field:0x64->tun_id,goto_table:{fl.ARP_RESPONDER}"
@@ -100,7 +100,7 @@ def test_gateway_is_a_local_port_that_floods_locally_only():
     assert floods[frozenset({"tun_id=0x64", f"in_port={GW}"})] == "output:2"
     assert floods[frozenset({"tun_id=0x64", "in_port=1"})] == "output:2"
     # without pods the gateway's floods go nowhere (never on to FLOOD_REMOTE)
-    alone = fl.local_flows(VNI, [], tunnel_ofport=1, gateway_ofport=GW)
+    alone = fl.local_flows(VNI, [], tunnel_ofport=1, gateway=GW)
     assert {f.actions for f in alone if f.table == fl.FLOOD_LOCAL} == {"drop"}
     # and without a gateway, what was
     assert fl.local_flows(VNI, [PORT], 1, None) == fl.parse_dump(DUMP)
@@ -158,9 +158,144 @@ ROUTED_DUMP = """\
 def test_routed_flows_equal_what_the_switch_prints():
     pod = fl.LocalPort("vo25b6b82429f", 4, "a2:cb:43:8e:6a:85",
                        (ipaddress.ip_address("10.20.0.5"),))
-    desired = (fl.local_flows(400, [pod], tunnel_ofport=1, gateway_ofport=2)
+    desired = (fl.local_flows(400, [pod], tunnel_ofport=1, gateway=2)
                | fl.router_flows(L3VNI, 3, router_mac("198.51.100.1"))
                | fl.routed_flows(L3VNI, {router_mac("198.51.100.2"):
                                          ipaddress.ip_address("198.51.100.2")}, 1))
     assert fl.parse_dump(ROUTED_DUMP) == desired
     assert fl.changes(fl.parse_dump(ROUTED_DUMP), desired) == []
+
+
+# ---------------------------------------------------------------- the VPC's FIB in flows
+
+GW400 = fl.Gateway(2, L3VNI, ipaddress.IPv4Interface("10.20.0.1/24"))
+GW401 = fl.Gateway(5, L3VNI, ipaddress.IPv4Interface("10.20.1.1/24"),
+                   (ipaddress.IPv4Network("192.0.2.0/24"),))
+POD_A = fl.LocalPort("voa", 4, "4a:51:d8:c9:c3:fa", (ipaddress.ip_address("10.20.0.5"),))
+POD_B = fl.LocalPort("vob", 6, "4E:75:54:DF:33:36", (ipaddress.ip_address("10.20.1.5"),
+                                                     ipaddress.ip_address("fd00::5")))
+# As OVS 3.1 printed them (one node 198.51.100.1: subnets 400 and 401 of L3VNI 4000,
+# gateway ports 2 and 5, pods 4 and 6, L3 port 3, tunnel 1): the gateways' new flows
+# (kind local of their VNI) and the VPC's local FIB (kind fib of the L3VNI).
+FIB_DUMP = """\
+ cookie=0x7670630200000190, table=20, priority=110,arp,tun_id=0x190,arp_tpa=10.20.0.1,arp_op=1 actions=move:NXM_OF_ETH_SRC[]->NXM_OF_ETH_DST[],set_field:02:76:70:63:67:77->eth_src,set_field:2->arp_op,move:NXM_NX_ARP_SHA[]->NXM_NX_ARP_THA[],move:NXM_OF_ARP_SPA[]->NXM_OF_ARP_TPA[],set_field:02:76:70:63:67:77->arp_sha,set_field:10.20.0.1->arp_spa,IN_PORT
+ cookie=0x7670630200000190, table=30, priority=125,ip,tun_id=0x190,dl_dst=02:76:70:63:67:77 actions=write_metadata:0xfa0,goto_table:70
+ cookie=0x7670630200000190, table=75, priority=100,tun_id=0x190 actions=output:2
+ cookie=0x7670630600000fa0, table=60, priority=130,ip,tun_id=0xfa0,dl_dst=02:76:c6:33:64:01,nw_ttl=0 actions=output:3
+ cookie=0x7670630600000fa0, table=60, priority=130,ip,tun_id=0xfa0,dl_dst=02:76:c6:33:64:01,nw_ttl=1 actions=output:3
+ cookie=0x7670630600000fa0, table=60, priority=120,ip,tun_id=0xfa0,dl_dst=02:76:c6:33:64:01,nw_dst=10.20.0.5 actions=dec_ttl,set_field:02:76:70:63:67:77->eth_src,set_field:4a:51:d8:c9:c3:fa->eth_dst,output:4
+ cookie=0x7670630600000fa0, table=60, priority=120,ip,tun_id=0xfa0,dl_dst=02:76:c6:33:64:01,nw_dst=10.20.1.5 actions=dec_ttl,set_field:02:76:70:63:67:77->eth_src,set_field:4e:75:54:df:33:36->eth_dst,output:6
+ cookie=0x7670630600000fa0, table=70, priority=400,ip,metadata=0xfa0,nw_ttl=0 actions=goto_table:75
+ cookie=0x7670630600000fa0, table=70, priority=400,ip,metadata=0xfa0,nw_ttl=1 actions=goto_table:75
+ cookie=0x7670630600000fa0, table=70, priority=300,ip,metadata=0xfa0,nw_dst=10.20.0.5 actions=dec_ttl,set_field:02:76:70:63:67:77->eth_src,set_field:4a:51:d8:c9:c3:fa->eth_dst,output:4
+ cookie=0x7670630600000fa0, table=70, priority=300,ip,metadata=0xfa0,nw_dst=10.20.1.5 actions=dec_ttl,set_field:02:76:70:63:67:77->eth_src,set_field:4e:75:54:df:33:36->eth_dst,output:6
+ cookie=0x7670630600000fa0, table=70, priority=149,ip,metadata=0xfa0,nw_dst=10.20.0.0/24 actions=goto_table:75
+ cookie=0x7670630600000fa0, table=70, priority=149,ip,metadata=0xfa0,nw_dst=10.20.1.0/24 actions=goto_table:75
+ cookie=0x7670630600000fa0, table=70, priority=149,ip,metadata=0xfa0,nw_dst=192.0.2.0/24 actions=goto_table:75
+"""
+
+
+def test_gateway_of_a_routed_subnet_answers_arp_and_leads_to_the_fib():
+    flows = fl.local_flows(400, [POD_A], tunnel_ofport=1, gateway=GW400)
+    new = flows - fl.local_flows(400, [POD_A], tunnel_ofport=1, gateway=2)
+    assert new == {f for f in fl.parse_dump(FIB_DUMP) if fl.cookie_scope(f.cookie) == (2, 400)}
+    # the ARP responder answers before the pod's request floods (to the gateway port)
+    assert fl.ARP_RESPONDER < fl.FLOOD_LOCAL
+    # IPv4 to the gateway MAC: the FIB, above the gateway port (120), below the drop of
+    # the tunnel's frames for it (130); ARP and IPv6 still reach the gateway port
+    [to_fib] = [f for f in new if f.table == fl.L2]
+    assert to_fib.priority == 125 and "ip" in to_fib.match
+    # a gateway recorded without its subnet (or only its ofport): the slow path only
+    assert fl.local_flows(400, [POD_A], 1, fl.Gateway(2)) == fl.local_flows(400, [POD_A], 1, 2)
+
+
+def test_local_fib_equals_what_the_switch_prints():
+    desired = fl.fib_local_flows(L3VNI, RMAC.upper(), 3, [GW400, GW401], [POD_A, POD_B])
+    assert desired == {f for f in fl.parse_dump(FIB_DUMP) if f.cookie == fl.cookie(fl.FIB_LOCAL,
+                                                                                   L3VNI)}
+    installed = {f for f in fl.parse_dump(FIB_DUMP) if f.table in (fl.L3, fl.FIB)}
+    assert fl.changes(installed, desired) == []
+    # no L3 port (yet): no flows into it
+    assert not any(f.table == fl.L3 and "nw_ttl" in str(f) for f in
+                   fl.fib_local_flows(L3VNI, RMAC, None, [GW400], [POD_A]))
+
+
+def test_fib_ttl():
+    """One dec_ttl per routed hop and node; never on the slow path (the router decrements);
+    TTL 0 and 1 go to the router (ICMP time exceeded), above everything."""
+    local = fl.fib_local_flows(L3VNI, RMAC, 3, [GW400], [POD_A])
+    for f in local | fl.local_flows(400, [POD_A], 1, GW400):
+        hops = f.actions.split(",").count("dec_ttl")
+        assert hops == (1 if f.actions.endswith(f"output:{POD_A.ofport}")
+                        and f.table in (fl.FIB, fl.L3) else 0), f
+    guards = [f for f in local if any(t.startswith("nw_ttl=") for t in f.match)]
+    assert len(guards) == 4
+    assert all(g.priority > max(f.priority for f in local if f.table == g.table and f not in guards)
+               for g in guards)
+    assert {g.actions for g in guards} == {f"goto_table:{fl.SLOW_PATH}", "output:3"}
+
+
+V1, V2, V3 = (ipaddress.ip_address(f"198.51.100.{i}") for i in (1, 2, 3))
+
+
+def _state(hosts=(), prefixes=()):
+    from vpcni.core.models import RoutedHost, RoutedPrefix, RoutedState
+    return RoutedState(
+        hosts=[RoutedHost(ip=ip, vtep=v, rmac=router_mac(v)) for ip, v in hosts],
+        prefixes=[RoutedPrefix(prefix=p, vtep=v, rmac=router_mac(v)) for p, v in prefixes])
+
+
+def test_remote_fib_routes_hosts_and_prefixes_to_their_routers():
+    state = _state(hosts=[("10.20.1.6", V3), ("10.20.0.9", V1), ("fd00::9", V2)],
+                   prefixes=[("10.20.1.0/24", V3), ("10.20.1.0/24", V2), ("10.20.0.0/24", V1),
+                             ("192.0.2.7/32", V2), ("0.0.0.0/0", V3)])
+    flows = fl.fib_remote_flows(L3VNI, state, V1, tunnel_ofport=1)
+    assert {fl.cookie_scope(f.cookie) for f in flows} == {(fl.ROUTED, L3VNI)}
+    got = {(f.priority, f.match): f.actions for f in flows}
+
+    def encap(v):
+        return ("dec_ttl,set_field:02:76:c6:33:64:01->eth_src,"
+                f"set_field:{router_mac(v)}->eth_dst,set_field:0xfa0->tun_id,"
+                f"set_field:{v}->tun_dst,output:1")
+    meta = ("ip", "metadata=0xfa0")
+    assert got == {
+        (200, frozenset({*meta, "nw_dst=10.20.1.6"})): encap(V3),
+        # ECMP in the router; the lowest VTEP in flows
+        (148, frozenset({*meta, "nw_dst=10.20.1.0/24"})): encap(V2),
+        (164, frozenset({*meta, "nw_dst=192.0.2.7"})): encap(V2),   # a /32 as OVS prints it
+        (100, frozenset(meta)): encap(V3),                          # /0: no nw_dst at all
+    }  # this node's own routes (V1) and IPv6 are not remote FIB entries
+    # longest prefix first, and a prefix this node's router serves above a remote one
+    assert fl.prefix_priority(24, local=True) == fl.prefix_priority(24, local=False) + 1
+    assert fl.prefix_priority(25, local=False) > fl.prefix_priority(24, local=True)
+    assert fl.FIB_TTL > fl.FIB_POD > fl.FIB_HOST > fl.prefix_priority(32, local=True)
+    assert fl.fib_remote_flows(L3VNI, _state(), V1, 1) == set()
+
+
+def test_fib_tables_come_after_anti_spoofing_and_l2():
+    assert fl.ANTI_SPOOF < fl.L2 < fl.L3 < fl.FIB < fl.SLOW_PATH
+    base = fl.base_flows([1])
+    assert fl.flow(fl.BASE, 0, fl.FIB, 0, (), f"goto_table:{fl.SLOW_PATH}") in base
+    assert fl.flow(fl.BASE, 0, fl.SLOW_PATH, 0, (), "drop") in base
+
+
+# As OVS 3.1 printed the routed state's FIB on o1 (198.51.100.12) of the IRB lab
+# (tests/functional/test_ovs_routing.py): k1 (.11) and o2 (.13) both announce 10.20.1.0/24.
+REMOTE_FIB_DUMP = """\
+ cookie=0x7670630400000fa0, table=70, priority=200,ip,metadata=0xfa0,nw_dst=10.20.0.7 actions=dec_ttl,set_field:02:76:c6:33:64:0c->eth_src,set_field:02:76:c6:33:64:0d->eth_dst,set_field:0xfa0->tun_id,set_field:198.51.100.13->tun_dst,output:1
+ cookie=0x7670630400000fa0, table=70, priority=148,ip,metadata=0xfa0,nw_dst=10.20.0.0/24 actions=dec_ttl,set_field:02:76:c6:33:64:0c->eth_src,set_field:02:76:c6:33:64:0d->eth_dst,set_field:0xfa0->tun_id,set_field:198.51.100.13->tun_dst,output:1
+ cookie=0x7670630400000fa0, table=70, priority=200,ip,metadata=0xfa0,nw_dst=10.20.1.6 actions=dec_ttl,set_field:02:76:c6:33:64:0c->eth_src,set_field:02:76:c6:33:64:0d->eth_dst,set_field:0xfa0->tun_id,set_field:198.51.100.13->tun_dst,output:1
+ cookie=0x7670630400000fa0, table=70, priority=200,ip,metadata=0xfa0,nw_dst=10.20.1.5 actions=dec_ttl,set_field:02:76:c6:33:64:0c->eth_src,set_field:02:76:c6:33:64:0b->eth_dst,set_field:0xfa0->tun_id,set_field:198.51.100.11->tun_dst,output:1
+ cookie=0x7670630400000fa0, table=70, priority=148,ip,metadata=0xfa0,nw_dst=10.20.1.0/24 actions=dec_ttl,set_field:02:76:c6:33:64:0c->eth_src,set_field:02:76:c6:33:64:0b->eth_dst,set_field:0xfa0->tun_id,set_field:198.51.100.11->tun_dst,output:1
+"""
+
+
+def test_remote_fib_equals_what_the_switch_prints():
+    k1, o1, o2 = (ipaddress.ip_address(f"198.51.100.{i}") for i in (11, 12, 13))
+    state = _state(hosts=[("10.20.0.7", o2), ("10.20.1.6", o2), ("10.20.1.5", k1),
+                          ("10.20.0.5", o1)],
+                   prefixes=[("10.20.0.0/24", o2), ("10.20.0.0/24", o1), ("10.20.1.0/24", o2),
+                             ("10.20.1.0/24", k1)])
+    desired = fl.fib_remote_flows(L3VNI, state, o1, tunnel_ofport=1)
+    assert desired == fl.parse_dump(REMOTE_FIB_DUMP)
+    assert fl.changes(fl.parse_dump(REMOTE_FIB_DUMP), desired) == []
