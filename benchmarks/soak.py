@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import concurrent.futures
 import json
+import os
 import threading
 from typing import Callable
 
@@ -27,11 +28,24 @@ from vpcni.lab.netns import Sandbox
 from .scale import agent_pid, process_facts
 
 VNIS = (6100, 6101)
+MALLOC_ARENA_MAX = "2"
+# (label, switch, routed subnets, address): one agent node each. The routed node's VNIs
+# are two subnets of one VPC: its router stays (the resident's subnet), the emptied
+# subnet's gateway is made and removed again and again.
+NODES = (("kernel", "kernel", False, "198.51.100.61"), ("ovs", "ovs", False, "198.51.100.62"),
+         ("kernel-routed", "kernel", True, "198.51.100.63"))
 
 
-def _network(vni: int, host: int) -> dict:
+def _network(vni: int, host: int, routed: bool = False) -> dict:
+    """The soak's network of `vni`; `routed`: the two VNIs are routed subnets of one VPC
+    (the emptied one's gateway comes and goes; the resident's keeps the router)."""
+    if not routed:
+        return {"cniVersion": "1.0.0", "name": f"soak{vni}", "type": "vpcni", "vni": vni,
+                "addr": f"172.16.61.{host}/24"}
+    third = 62 + VNIS.index(vni)
     return {"cniVersion": "1.0.0", "name": f"soak{vni}", "type": "vpcni", "vni": vni,
-            "addr": f"172.16.61.{host}/24"}
+            "addr": f"172.16.{third}.{host}/24",
+            "routing": {"vpc": "soak", "l3vni": 6199, "subnet": f"172.16.{third}.0/24"}}
 
 
 def slope(xs: list[float], ys: list[float]) -> float:
@@ -46,18 +60,29 @@ def slope(xs: list[float], ys: list[float]) -> float:
 
 def _vpcni_links(node) -> set[str]:
     links = json.loads(node.ns.ip("-j", "link", "show").stdout)
-    return {link["ifname"] for link in links if link["ifname"].startswith(("vp", "vo"))}
+    return {link["ifname"] for link in links
+            if link["ifname"].startswith(("vp", "vo", "vgw", "vl3", "vrt"))}
 
 
 def soak(box: Sandbox, cycles: int, every: int, warmup: int, callers: int = 8,
          log: Callable[[str], None] = print) -> dict:
     cluster = Cluster(box)
-    out: dict = {"cycles": cycles, "every": every, "warmup": warmup, "callers": callers}
-    for backend, address in (("kernel", "198.51.100.61"), ("ovs", "198.51.100.62")):
-        node = cluster.add_node(f"soak-{backend}", address, agent=True, backend=backend)
-        resident = cluster.add_pod(node, f"res-{backend}")
-        cluster.attach(resident, _network(VNIS[0], 2))
-        pods = [cluster.add_pod(node, f"c{i}-{backend}") for i in range(callers)]
+    out: dict = {"cycles": cycles, "every": every, "warmup": warmup, "callers": callers,
+                 "malloc_arena_max": MALLOC_ARENA_MAX}
+    for label, backend, routed, address in NODES:
+        # The agents run as the DaemonSet runs them (deploy/base/agent.yaml).
+        saved = os.environ.get("MALLOC_ARENA_MAX")
+        os.environ["MALLOC_ARENA_MAX"] = MALLOC_ARENA_MAX
+        try:
+            node = cluster.add_node(f"soak-{label}", address, agent=True, backend=backend)
+        finally:
+            if saved is None:
+                os.environ.pop("MALLOC_ARENA_MAX")
+            else:
+                os.environ["MALLOC_ARENA_MAX"] = saved
+        resident = cluster.add_pod(node, f"res-{label}")
+        cluster.attach(resident, _network(VNIS[0], 2, routed))
+        pods = [cluster.add_pod(node, f"c{i}-{label}") for i in range(callers)]
         before = _vpcni_links(node)
         pid = agent_pid(node)
         samples = [{"cycle": 0, **process_facts(pid)}]
@@ -67,7 +92,7 @@ def soak(box: Sandbox, cycles: int, every: int, warmup: int, callers: int = 8,
         def caller(k: int) -> None:
             pod = pods[k]
             for j in range(k, cycles, callers):
-                config = _network(VNIS[j % 2], 3 + k)
+                config = _network(VNIS[j % 2], 3 + k, routed)
                 add = node.cni("ADD", config, pod.container_id, pod.netns)
                 delete = node.cni("DEL", config, pod.container_id, pod.netns)
                 with lock:
@@ -84,13 +109,13 @@ def soak(box: Sandbox, cycles: int, every: int, warmup: int, callers: int = 8,
                          (node.state_dir / "attachments").rglob("*.json")
                          if p.parent.name != resident.container_id)
         vpcni_links = sorted(_vpcni_links(node) - before)
-        log(f"soak {backend}: {cycles} cycles by {callers} callers, {failures[0]} failed "
+        log(f"soak {label}: {cycles} cycles by {callers} callers, {failures[0]} failed "
             f"calls, first {samples[0]}, last {samples[-1]}; records left {records}, "
             f"vpcni links left {vpcni_links}")
         after = [s for s in samples if s["cycle"] >= warmup]
         first, last = after[0], after[-1]
         span = max(1, last["cycle"] - first["cycle"])
-        out[backend] = {
+        out[label] = {
             "samples": samples, "failed_calls": failures[0],
             "records_left": records, "links_left": vpcni_links,
             "fds_growth": last["fds"] - first["fds"],
@@ -109,10 +134,12 @@ def render_soak(s: dict) -> list[str]:
              f"callers through the shim and the agent (alternating two VNIs, one emptied "
              f"again and again); samples every {s['every']} cycles, growth from cycle "
              f"{s['warmup']} (after warm-up) to the end; left over: records and vpcni links "
-             f"other than the resident pod's (and than before the cycles).", "",
+             f"other than the resident pod's (and than before the cycles). Agents with "
+             f"MALLOC_ARENA_MAX={s.get('malloc_arena_max', 'unset')}, as the DaemonSet runs "
+             f"them; kernel-routed: the two VNIs are routed subnets of one VPC.", "",
              "| node | failed calls | left over | descriptors | threads | RSS (MB) | RSS growth, "
              "KB/cycle (slope / end-to-end) |", "| --- | ---: | --- | ---: | ---: | ---: | ---: |"]
-    for backend in ("kernel", "ovs"):
+    for backend in [label for label, *_ in NODES]:
         r = s.get(backend)
         if not r:
             continue
