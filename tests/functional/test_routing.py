@@ -307,3 +307,35 @@ def test_a_vpc_reaches_neither_the_node_nor_vxlan_through_its_way_out(lab):
              "[s.sendto(bytes(8) + bytes(50), ('198.51.100.12', 4789)) for _ in range(5)]")
     after = counter("vxlan-from-vpc"), counter("vpc-to-node")
     assert after[0] >= before[0] + 5 and after[1] > before[1], (before, after)
+
+
+def test_cluster_services_are_reached_through_the_nodes_dnat(lab, world):
+    """Services as kube-proxy makes them (DNAT in the node's namespace; here one nft rule
+    each, standing in for kube-proxy): one backed by a host on the underlay (DNS), one
+    by the node itself (an API server on the host network). A pod reaches both through
+    its VPC's way out; the node's own address it does not reach directly."""
+    node1 = lab.box.namespaces["node1"]
+    api = node1.spawn("/usr/bin/python3", "-S", "-c",
+                      _ECHO.replace('("0.0.0.0", 7007)', '("198.51.100.11", 6443)'),
+                      stdout=subprocess.PIPE)
+    assert api.stdout.readline().decode().strip() == "ready"
+    node1.exec("nft", "-f", "-", input="""
+table ip kubesim {
+  chain prerouting {
+    type nat hook prerouting priority dstnat; policy accept;
+    ip daddr 10.96.0.10 tcp dport 53 dnat to 198.51.100.250:7007
+    ip daddr 10.96.0.1 tcp dport 443 dnat to 198.51.100.11:6443
+  }
+}
+""")
+    try:
+        def connect(address: str, port: int) -> str:
+            code = _CLIENT.replace("7007", str(port))
+            return pod_ns(lab, "green-1").exec("/usr/bin/python3", "-S", "-c", code, address,
+                                               "svc", check=False).stdout.strip()
+        assert connect("10.96.0.10", 53) == "svc 198.51.100.11"   # the world saw node1
+        assert connect("10.96.0.1", 443).startswith("svc ")        # the node's API server
+        assert connect("198.51.100.11", 6443) == ""                # not without the Service
+    finally:
+        node1.exec("nft", "delete", "table", "ip", "kubesim", check=False)
+        lab.box.kill_pid(api.pid)
