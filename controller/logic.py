@@ -629,7 +629,7 @@ def bound_namespaces(vpc: dict) -> list[str]:
 
 def bindings_document(vpcs: Iterable[dict], claims: Iterable[dict]) -> dict:
     """{"version": 1, "vnis": {"300": {"vpc": "blue", "network": "vpc-blue", "namespaces":
-    [...]}}}: every VNI in force that an attachment uses (a Vpc's status.vni, or a routed
+    [...]}}} (a routed subnet's with "l3vni" too): every VNI in force that an attachment uses (a Vpc's status.vni, or a routed
     Vpc's status.subnets[].vni with its subnet's network; never an L3VNI) that the Vpc's
     VniClaim backs. One claim per VNI (an object name), so no VNI is ever bound to two
     VPCs."""
@@ -645,6 +645,10 @@ def bindings_document(vpcs: Iterable[dict], claims: Iterable[dict]) -> dict:
             continue
         vnis[vni] = {"vpc": name_of(vpc), "network": network,
                      "namespaces": bound_namespaces(vpc)}
+        l3vni = (vpc.get("status") or {}).get("l3vni")
+        if isinstance(l3vni, int) and vni != l3vni and network != nad_name(name_of(vpc)):
+            # A routed subnet: the node refuses a `routing` naming another L3VNI or VPC.
+            vnis[vni]["l3vni"] = l3vni
     return {"version": 1, "vnis": {str(k): vnis[k] for k in sorted(vnis)}}
 
 

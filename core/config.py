@@ -136,6 +136,18 @@ class Args(BaseModel):
     cni: Optional[CniArgs] = None
 
 
+# What no VPC subnet, static route or routed prefix may claim: link-local (the VPC
+# routers' transit links, a cloud's metadata address), loopback, "this network",
+# multicast and reserved space (docs/routing.md).
+NOT_A_VPC = tuple(ipaddress.ip_network(n) for n in
+                  ("169.254.0.0/16", "127.0.0.0/8", "0.0.0.0/8", "224.0.0.0/4", "240.0.0.0/4"))
+
+
+def not_a_vpc(net) -> Optional[ipaddress.IPv4Network]:
+    """The reserved range `net` overlaps, else None."""
+    return next((n for n in NOT_A_VPC if n.version == net.version and net.overlaps(n)), None)
+
+
 def network_text(v: Any) -> Any:
     """A network as the config gives it: no host bits (10.1.0.0/24, not 10.1.0.1/24)."""
     if isinstance(v, str):
@@ -159,6 +171,12 @@ class StaticRouteConfig(BaseModel):
     def _v4(self) -> "StaticRouteConfig":
         if self.dst.version != 4 or self.via.version != 4:
             raise ValueError("IPv4 routes only (the VPC router is IPv4 here)")
+        if self.dst.prefixlen == 0:
+            raise ValueError(f"dst {self.dst}: a default route is the VPC's egress, not a "
+                             "static route")
+        if not_a_vpc(self.dst):
+            raise ValueError(f"dst {self.dst} overlaps {not_a_vpc(self.dst)}, which no VPC "
+                             "route may take")
         if not self.via.is_private and not self.via.is_global or self.via.is_multicast:
             raise ValueError(f"next hop {self.via} is not a unicast address")
         return self
@@ -190,6 +208,9 @@ class RoutingConfig(BaseModel):
             raise ValueError("subnet: IPv4 subnets only (the VPC router is IPv4 here)")
         if not 8 <= net.prefixlen <= 30:
             raise ValueError(f"subnet {net}: the prefix length must be 8 to 30")
+        if not_a_vpc(net):
+            raise ValueError(f"subnet {net} overlaps {not_a_vpc(net)}, which no VPC subnet "
+                             "may use")
         if self.gateway is None:
             self.gateway = net.network_address + 1
         if self.gateway not in net or self.gateway in (net.network_address,

@@ -177,7 +177,14 @@ class Handler:
         if cfg.vf is not None:
             provider_state["vf"] = cfg.vf
         pod_namespace, pod_name = req.args.get("K8S_POD_NAMESPACE"), req.args.get("K8S_POD_NAME")
-        vpc = self.tenancy.check(cfg.vni, pod_namespace, pod_name, cfg.name) or None
+        subnet = net.subnet
+        vpc = self.tenancy.check(cfg.vni, pod_namespace, pod_name, cfg.name,
+                                 (subnet.router.vpc, subnet.router.l3vni) if subnet else None
+                                 ) or None
+        if subnet is not None:
+            self._check_routing(cfg, net, req.container_id, req.ifname)
+            if static:
+                self._check_subnet_addresses(static, net)
         caps = backend.describe()
         if net.subnet is not None and not caps.routing:
             raise NotAvailable(f"network {cfg.name!r} is a routed subnet ('routing') and backend "
@@ -257,20 +264,66 @@ class Handler:
         self._changed(Change(added=(att,)))
         return self._result(att, cfg)
 
+    def _check_routing(self, cfg: NetworkConfig, net: VpcNetwork, container_id: str,
+                       ifname: str) -> None:
+        """A routed subnet's config against the node's other attachments (before anything
+        is torn down): one VNI is one subnet of one VPC, an L3VNI is no subnet's VNI and
+        one VPC's router has one set of settings (egress, static routes)."""
+        subnet, key = net.subnet, (cfg.name, container_id, ifname)
+        l3vni = subnet.router.l3vni
+        for att in self.store.all():
+            if att.key == key:
+                continue
+            if att.vni == l3vni:
+                raise InvalidConfig(f"routing.l3vni {l3vni} of network {cfg.name!r} is the VNI "
+                                    f"of network {att.network!r} on this node: an L3VNI is "
+                                    "no subnet's VNI")
+            if att.subnet is None:
+                continue
+            if att.subnet.router.l3vni == cfg.vni:
+                raise InvalidConfig(f"vni {cfg.vni} of network {cfg.name!r} is the L3VNI of "
+                                    f"VPC {att.subnet.router.vpc!r} on this node")
+            if att.vni == cfg.vni and att.subnet != subnet:
+                raise InvalidConfig(
+                    f"network {cfg.name!r}: VNI {cfg.vni} is subnet {att.subnet.prefix} of VPC "
+                    f"{att.subnet.router.vpc!r} (L3VNI {att.subnet.router.l3vni}, gateway "
+                    f"{att.subnet.gateway}) on this node (network {att.network!r}); its "
+                    "'routing' must say the same")
+            if att.subnet.router.l3vni == l3vni and att.subnet.router != subnet.router:
+                raise InvalidConfig(
+                    f"network {cfg.name!r}: routing (vpc, egress, routes) differs from that of "
+                    f"network {att.network!r}, another subnet of L3VNI {l3vni} on this node: "
+                    "the subnets of one VPC share its router")
+
     @staticmethod
-    def _route_via_gateway(att: Attachment, net) -> None:
-        """A routed subnet's pod: its IPv4 addresses must be in the subnet (they get
-        the anycast gateway) and, unless IPAM gave one, its default route points at
-        the gateway."""
+    def _check_subnet_addresses(ips: list, net) -> None:
+        """A routed subnet's pod addresses: IPv4 ones inside the subnet, with its prefix
+        length, neither the gateway nor the subnet's network or broadcast address."""
         subnet = net.subnet
-        for ip in att.ips:
-            if ip.address.version == 4 and ip.address.ip not in subnet.prefix:
+        for ip in ips:
+            if ip.address.version != 4:
+                continue
+            if ip.address.ip not in subnet.prefix or \
+                    ip.address.network.prefixlen != subnet.prefix.prefixlen:
                 raise InvalidConfig(f"address {ip.address} is outside routing.subnet "
                                     f"{subnet.prefix} of network {net.name!r}: the IPAM "
-                                    "range or the static address must be inside it")
+                                    "range or the static address must be inside it, with "
+                                    "its prefix length")
             if ip.address.ip == subnet.gateway:
                 raise InvalidConfig(f"address {ip.address} is routing.gateway of network "
                                     f"{net.name!r}: exclude it from the IPAM range")
+            if ip.address.ip in (subnet.prefix.network_address,
+                                 subnet.prefix.broadcast_address):
+                raise InvalidConfig(f"address {ip.address} is the network or broadcast "
+                                    f"address of routing.subnet {subnet.prefix}")
+
+    @classmethod
+    def _route_via_gateway(cls, att: Attachment, net) -> None:
+        """A routed subnet's pod: its IPv4 addresses must fit the subnet (they get the
+        anycast gateway) and, unless IPAM gave one, its default route points at the
+        gateway."""
+        subnet = net.subnet
+        cls._check_subnet_addresses(att.ips, net)
         att.ips = [ip.model_copy(update={"gateway": subnet.gateway})
                    if ip.address.version == 4 and ip.gateway is None else ip for ip in att.ips]
         default = ipaddress.ip_network("0.0.0.0/0")

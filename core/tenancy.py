@@ -41,6 +41,9 @@ class Binding(BaseModel):
     # vpcni-ipam keys its pools by it, so a tenant may not borrow another VPC's.
     network: Optional[str] = Field(default=None, pattern=NAME_PATTERN)
     namespaces: list[Namespace] = []
+    # A routed subnet of the VPC: the VPC's L3VNI. A network config's `routing` must
+    # name this VPC and this L3VNI (or the VNI's pods could be routed into another VPC).
+    l3vni: Optional[int] = Field(default=None, ge=1, le=16777215)
 
 
 class BindingsDoc(BaseModel):
@@ -63,7 +66,7 @@ def parse_bindings(text: str, source: str) -> dict[int, "Bound"]:
         if not 1 <= vni <= 16777215:
             raise InvalidConfig(f"tenancy bindings {source}: vnis.{vni}: not a VNI "
                                 "(1..16777215)")
-    return {vni: Bound(b.vpc, frozenset(b.namespaces), b.network)
+    return {vni: Bound(b.vpc, frozenset(b.namespaces), b.network, b.l3vni)
             for vni, b in doc.vnis.items()}
 
 
@@ -71,6 +74,7 @@ class Bound(NamedTuple):
     vpc: str
     namespaces: frozenset[str]
     network: Optional[str] = None
+    l3vni: Optional[int] = None
 
 
 class Tenancy:
@@ -109,10 +113,11 @@ class Tenancy:
             return self._bindings
 
     def check(self, vni: int, namespace: Optional[str], pod: Optional[str] = None,
-              network: Optional[str] = None) -> str:
-        """The VPC the pod may join on `vni` through network `network`; TenancyRefused
-        naming the namespace and the VPC when it may not. Does nothing (returns "")
-        when tenancy is off."""
+              network: Optional[str] = None, routing: Optional[tuple[str, int]] = None) -> str:
+        """The VPC the pod may join on `vni` through network `network` (routed: as a
+        subnet of VPC `routing[0]` with L3VNI `routing[1]`); TenancyRefused naming the
+        namespace and the VPC when it may not. Does nothing (returns "") when tenancy
+        is off."""
         if not self.enforce:
             return ""
         bindings = self.bindings()
@@ -125,7 +130,7 @@ class Tenancy:
         if bound is None:
             raise TenancyRefused(f"{who} may not attach to VNI {vni}: no VPC has that VNI "
                                  f"(tenancy bindings {self.path})")
-        vpc, namespaces, bound_network = bound
+        vpc, namespaces, bound_network, bound_l3vni = bound
         if namespace not in namespaces:
             raise TenancyRefused(
                 f"{who} may not attach to VPC {vpc} (VNI {vni}): namespace {namespace} is "
@@ -134,4 +139,10 @@ class Tenancy:
             raise TenancyRefused(
                 f"{who}: network {network!r} may not use VNI {vni}: it is VPC {vpc}'s, "
                 f"whose network is {bound_network!r}")
+        if routing is not None and (routing[0] != vpc or routing[1] != bound_l3vni):
+            bound_as = (f"a routed subnet of VPC {vpc} with L3VNI {bound_l3vni}"
+                        if bound_l3vni else f"VPC {vpc}'s, not a routed subnet")
+            raise TenancyRefused(
+                f"{who}: routing.vpc {routing[0]!r} with routing.l3vni {routing[1]} may not "
+                f"route VNI {vni}: it is {bound_as}")
         return vpc

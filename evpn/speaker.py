@@ -167,8 +167,7 @@ class EvpnSpeaker:
         rejects a route; ValueError when two routes are the same NLRI (see
         `update_local`).
         """
-        desired = set(desired)
-        _check_distinct(desired)
+        desired = _distinct(set(desired))
         with self._local_lock:
             self._desired = desired
             return self._reconcile_now()
@@ -181,8 +180,8 @@ class EvpnSpeaker:
         Return value as for `set_local`, which must have stated the whole set
         first (else what an earlier agent announced would count as stale).
         Changing a route's attributes (e.g. giving a type-2 route its L3VNI) is
-        add=[new], remove=[old]: both are the same NLRI, and adding `new` while
-        `old` stays is a ValueError, the desired set unchanged.
+        add=[new], remove=[old]: both are the same NLRI; of two routes of one NLRI
+        in the desired set only one is announced (_distinct).
         """
         with self._local_lock:
             if self._desired is None:
@@ -191,8 +190,7 @@ class EvpnSpeaker:
             desired = set(self._desired)
             desired.difference_update(remove)
             desired.update(add)
-            _check_distinct(desired)
-            self._desired = desired
+            self._desired = _distinct(desired)
             return self._reconcile_now()
 
     def local_routes(self) -> set[LocalRoute]:
@@ -459,12 +457,16 @@ def _order(route: LocalRoute) -> tuple:
             str(route.ip or ""), str(route.prefix or ""), route.l3vni or 0, route.rmac or "")
 
 
-def _check_distinct(desired: set[LocalRoute]) -> None:
-    """ValueError when two routes of `desired` are the same NLRI (gobgpd would
-    hold only one of them, and the speaker would flip between them)."""
-    seen: dict[tuple, LocalRoute] = {}
-    for route in desired:
-        other = seen.setdefault(route.nlri_identity, route)
+def _distinct(desired: set[LocalRoute]) -> set[LocalRoute]:
+    """`desired` with one route per NLRI (gobgpd holds only one of them, and the speaker
+    would flip between them): of two routes of one NLRI (one pod's MAC and address in a
+    VNI both as a routed subnet's and as a plain one's, say) the one with the L3VNI is
+    kept, deterministically, and the other logged. One such pair never stops the node's
+    other announcements."""
+    kept: dict[tuple, LocalRoute] = {}
+    for route in sorted(desired, key=lambda r: (r.l3vni is None, _order(r))):
+        other = kept.setdefault(route.nlri_identity, route)
         if other is not route:
-            raise ValueError(f"{other} and {route} are the same EVPN route (NLRI): "
-                             "announce one of them")
+            log.warning("evpn: %s and %s are the same EVPN route (NLRI): announcing the "
+                        "first only", other, route)
+    return set(kept.values())

@@ -26,7 +26,7 @@ from vpcni.evpn import render
 
 from .cluster import Cluster, Node
 from .daemons import Frr, Gobgpd, Ovs
-from .netns import Netns, Sandbox, wait_for
+from .netns import Netns, Sandbox, add_world, wait_for
 from .topology import Topology
 from .traffic import start_ident_server, tcp_ident
 
@@ -85,14 +85,17 @@ class Lab:
         """The tenancy bindings every node reads (what the VPC controller renders)."""
         return self.dir / "tenancy.json"
 
-    def write_bindings(self, extra: Optional[dict[int, tuple[str, list[str]]]] = None) -> None:
-        """The topology's VPCs, and `extra` VNIs (VNI -> (VPC, namespaces)) for tests that
-        attach outside the topology."""
-        doc = {"version": 1, "vnis": {str(v.vni): {"vpc": v.name, "network": f"vpc-{v.name}",
+    def write_bindings(self, extra: Optional[dict[int, tuple]] = None) -> None:
+        """The topology's VPCs, and `extra` VNIs (VNI -> (VPC, namespaces[, L3VNI of a
+        routed subnet])) for tests that attach outside the topology."""
+        doc = {"version": 1, "vnis": {str(v.vni): {"vpc": v.router or v.name,
+                                                   "network": f"vpc-{v.name}",
                                                    "namespaces": v.namespaces}
+                                      | ({"l3vni": v.l3vni} if v.router else {})
                                       for v in self.topo.vpcs}}
-        for vni, (vpc, namespaces) in (extra or {}).items():
-            doc["vnis"][str(vni)] = {"vpc": vpc, "namespaces": list(namespaces)}
+        for vni, (vpc, namespaces, *l3vni) in (extra or {}).items():
+            doc["vnis"][str(vni)] = {"vpc": vpc, "namespaces": list(namespaces)} | (
+                {"l3vni": l3vni[0]} if l3vni else {})
         self.dir.mkdir(parents=True, exist_ok=True)
         tmp = self.bindings_file.with_suffix(".tmp")
         tmp.write_text(json.dumps(doc, indent=1))
@@ -309,6 +312,13 @@ class Lab:
         ns.ip("link", "set", "eth0", "up")
         ns.ip("addr", "add", f"{address}/{self.topo.underlay.prefixlen}", "dev", "eth0")
         return ns
+
+    def add_world(self) -> Netns:
+        """The world outside every VPC (203.0.113.10), behind a router on the underlay
+        through which every vpcni node reaches it (lab.netns.add_world)."""
+        nodes = [self.box.namespaces[n.name] for n in self.topo.nodes if n.kind == "vpcni"]
+        return add_world(self.box, self.box.namespaces["fab"], nodes,
+                         self.topo.underlay.prefixlen)
 
     # ------------------------------------------------------------ pods
 

@@ -309,3 +309,32 @@ class Fabric:
         node.ip("link", "set", ifname, "mtu", str(mtu), "up")
         node.ip("addr", "add", f"{address}/{self.prefixlen}", "dev", ifname)
         return port
+
+
+WORLD_GATEWAY = "198.51.100.254"
+WORLD = "203.0.113.10"
+
+
+def add_world(box: Sandbox, fabric: Netns, nodes: list[Netns], prefixlen: int = 24,
+              gateway: str = WORLD_GATEWAY, world: str = WORLD) -> Netns:
+    """The world outside every VPC: host `world` (203.0.113.0/24) behind a router on the
+    underlay (`gateway`), through which the nodes reach it, as a cluster's nodes reach
+    the internet through the underlay's gateway. (A VPC's way out never reaches the
+    underlay's own prefix: docs/routing.md.) Namespaces of `box`; `nodes` get a route."""
+    router = box.netns("wgw")
+    box.veth(fabric, "pwgw", router, "eth0")
+    fabric.ip("link", "set", "pwgw", "master", "br0", "up")
+    router.ip("link", "set", "eth0", "up")
+    router.ip("addr", "add", f"{gateway}/{prefixlen}", "dev", "eth0")
+    host = box.netns("world")
+    box.veth(router, "eth1", host, "eth0")
+    prefix = ".".join(world.split(".")[:3])
+    router.ip("addr", "add", f"{prefix}.1/24", "dev", "eth1")
+    router.ip("link", "set", "eth1", "up")
+    router.exec("sh", "-c", "echo 1 > /proc/sys/net/ipv4/ip_forward")
+    host.ip("addr", "add", f"{world}/24", "dev", "eth0")
+    host.ip("link", "set", "eth0", "up")
+    host.ip("route", "add", "default", "via", f"{prefix}.1")
+    for node in nodes:
+        node.ip("route", "replace", f"{prefix}.0/24", "via", gateway)
+    return host

@@ -23,6 +23,11 @@ apart on the node: nothing from one transit link to another, no VXLAN from a
 VPC, nothing into a VPC that it did not open, nothing to the node itself but
 replies and (DNATed) services.
 
+Rare steps (a router, a gateway) run `ip` and `nft` (the router's own rules through
+nsenter: a libnftables context belongs to the namespace it was made in); routes,
+neighbours and FDB entries (every EVPN change) go through a netlink socket in the
+router's namespace, and the node's rules through libnftables.
+
 Router namespaces are named (`ip netns add`) so that they outlive the agent and
 the node's tools see them; the agent refuses to create one where /run/netns
 does not propagate to the node (a slave mount: a process started by `ip netns
@@ -45,8 +50,8 @@ from typing import Iterator, Optional
 
 from pyroute2.netlink.exceptions import NetlinkError
 
-from vpcni.core.config import NodeConfig
-from vpcni.core.errors import BackendError, NotAvailable
+from vpcni.core.config import NodeConfig, not_a_vpc
+from vpcni.core.errors import BackendError, InvalidConfig, NotAvailable
 from vpcni.core.models import (GATEWAY_MAC, RoutedState, Router, VpcNetwork, router_mac)
 
 from . import podif
@@ -69,10 +74,11 @@ NTF_SELF = 0x02
 
 NODE_RULES = """
 add table inet vpcni_route
-add set inet vpcni_route vxlan_ports {{ type inet_service; elements = {{ {ports} }}; }}
-add chain inet vpcni_route input {{ type filter hook input priority filter - 2; policy accept; }}
-add chain inet vpcni_route forward {{ type filter hook forward priority filter - 2; policy accept; }}
-add chain inet vpcni_route postrouting {{ type nat hook postrouting priority srcnat; policy accept; }}
+add set inet vpcni_route vxlan_ports { type inet_service; }
+add set inet vpcni_route underlay { type ipv4_addr; flags interval; }
+add chain inet vpcni_route input { type filter hook input priority filter - 2; policy accept; }
+add chain inet vpcni_route forward { type filter hook forward priority filter - 2; policy accept; }
+add chain inet vpcni_route postrouting { type nat hook postrouting priority srcnat; policy accept; }
 flush chain inet vpcni_route input
 flush chain inet vpcni_route forward
 flush chain inet vpcni_route postrouting
@@ -81,10 +87,19 @@ add rule inet vpcni_route input iifname "vrt*" ct status dnat accept
 add rule inet vpcni_route input iifname "vrt*" counter drop comment "vpc-to-node"
 add rule inet vpcni_route forward iifname "vrt*" oifname "vrt*" counter drop comment "vpc-to-vpc"
 add rule inet vpcni_route forward iifname "vrt*" udp dport @vxlan_ports counter drop comment "vxlan-from-vpc"
+add rule inet vpcni_route forward iifname "vrt*" tcp dport 179 counter drop comment "bgp-from-vpc"
+add rule inet vpcni_route forward iifname "vrt*" ct status != dnat ip daddr @underlay counter drop comment "vpc-to-underlay"
 add rule inet vpcni_route forward oifname "vrt*" ct state established,related accept
 add rule inet vpcni_route forward oifname "vrt*" counter drop comment "into-vpc"
 add rule inet vpcni_route postrouting iifname "vrt*" oifname != "vrt*" masquerade
 """
+# (chain, rules) the node's table must have: what `reconcile` checks.
+NODE_EXPECTED = {}
+for _line in NODE_RULES.splitlines():
+    if _line.startswith("add rule "):
+        NODE_EXPECTED[_line.split()[4]] = NODE_EXPECTED.get(_line.split()[4], 0) + 1
+# VXLAN ports a pod may never send to through the node, whatever the VNIs here use.
+VXLAN_PORTS = frozenset({4789, 4790, 8472})
 
 ROUTER_RULES = f"""
 add table inet vpcni_router
@@ -168,6 +183,8 @@ class RouterNs:
         self.name = name
         self.path = netns_path(name)
         fd = os.open(self.path, os.O_RDONLY | os.O_CLOEXEC)
+        # A namespace of the same name made again later is another one.
+        self.inode = os.fstat(fd).st_ino
         try:
             sock = socket_in(fd, socket.AF_NETLINK, socket.SOCK_RAW | socket.SOCK_CLOEXEC, 0)
         finally:
@@ -198,7 +215,10 @@ class Routers:
         self._open: dict[int, RouterNs] = {}
         self._guard = threading.Lock()
         self._locks: dict[int, threading.Lock] = {}
-        self._node_rules: Optional[frozenset] = None
+        self._node_rules: Optional[tuple[frozenset, frozenset]] = None  # (ports, underlay)
+        self._ports: set[int] = set()
+        self._nft_ctx = None
+        self._nft_lock = threading.Lock()
         self._lock_dir = Path(node.stateDir) / "locks"
 
     # ------------------------------------------------------------ names and locks
@@ -227,7 +247,11 @@ class Routers:
         with self._guard:
             ns = self._open.get(l3vni)
             if ns is not None:
-                if ns.path.exists():
+                try:
+                    same = os.stat(ns.path).st_ino == ns.inode
+                except OSError:
+                    same = False
+                if same:
                     return ns
                 with ns.lock:
                     ns.close()
@@ -267,6 +291,7 @@ class Routers:
         ns = self._ns(router.l3vni)
         if ns is not None and self._complete(ns, router, net, mtu):
             return node_end, False
+        self.check_subnet(net, underlay)
         with self._locked(router.l3vni):
             ns = self._ns(router.l3vni)
             if ns is None:
@@ -302,17 +327,18 @@ class Routers:
             raise BackendError(f"router namespace {name} cannot be opened: {exc}") from exc
         with self._guard:
             self._open[l3vni] = ns
-        # /proc/sys/net is the namespace of whoever opens it: the router's, here.
-        ns.run("sh", "-c", "echo 1 > /proc/sys/net/ipv4/ip_forward && "
-               "echo 0 > /proc/sys/net/ipv4/conf/all/rp_filter && "
-               "echo 0 > /proc/sys/net/ipv4/conf/default/rp_filter && "
-               "ip link set lo up", what=f"configure router namespace {name}")
-        ns.run("nft", "-f", "-", what=f"load the router's rules in {name}", stdin=ROUTER_RULES)
         LOG.info("router of L3VNI %d: namespace %s created", l3vni, name)
         return ns
 
     def _ensure_router(self, ns: RouterNs, router: Router, port: int, underlay: Underlay,
                        mtu: int) -> None:
+        # Every time the router is not complete (a crash after `ip netns add` leaves a
+        # namespace without them): /proc/sys/net is the namespace of whoever opens it.
+        ns.run("sh", "-c", "echo 1 > /proc/sys/net/ipv4/ip_forward && "
+               "echo 0 > /proc/sys/net/ipv4/conf/all/rp_filter && "
+               "echo 0 > /proc/sys/net/ipv4/conf/default/rp_filter && "
+               "ip link set lo up", what=f"configure router namespace {ns.name}")
+        ns.run("nft", "-f", "-", what=f"load the router's rules in {ns.name}", stdin=ROUTER_RULES)
         name = l3_name(router.l3vni)
         rmac = router_mac(underlay.address)
         alias = f"{ROUTER_ALIAS}{router.l3vni}"
@@ -337,11 +363,13 @@ class Routers:
                what=f"configure {name} in {ns.name}")
         if router.egress:
             self._ensure_transit(ns, router.l3vni)
-        self._ensure_node_rules(port)
+        self._ports.add(port)
+        self._ensure_node_rules(underlay)
 
     def _ensure_transit(self, ns: RouterNs, l3vni: int) -> None:
         node_end = transit_name(l3vni)
-        if podif.get_link(self.ipr, node_end) is not None and ns.link(UPLINK) is not None:
+        if self._transit_hop(l3vni) is not None and ns.link(UPLINK) is not None and any(
+                msg.get("dst_len") == 0 for msg in ns.ipr.route("dump", family=socket.AF_INET)):
             return
         # One address per router: chosen and taken (its route) under the node's lock.
         with self._locked(0):
@@ -377,35 +405,115 @@ class Routers:
                 return address
         raise BackendError(f"no free transit address in {TRANSIT} for L3VNI {l3vni}")
 
-    def reconcile(self) -> bool:
-        """The node's routing rules back when someone flushed them (a firewall reload),
-        while routers exist; True when they had to be re-installed."""
-        if not self.l3vnis():
+    def reconcile(self, records=None) -> bool:
+        """The node's routing rules back when someone flushed or changed them (a firewall
+        reload), while routers exist; with `records` (the attachment records, read after
+        the routers were listed) also remove routers no record needs any more (a crash
+        or a failed ADD left them). True when the rules had to be re-installed."""
+        routers = self.l3vnis()
+        if records is not None and routers:
+            needed = {a.subnet.router.l3vni for a in records() if a.subnet is not None}
+            for l3vni in sorted(routers - needed):
+                with self._locked(l3vni):
+                    ns = self._ns(l3vni)
+                    if ns is not None:
+                        with ns.lock:
+                            gateways = [link.get("IFLA_IFNAME") for link in ns.ipr.link("dump")
+                                        if (link.get("IFLA_IFNAME") or "").startswith("gw")]
+                        for gw in gateways:
+                            ns.run("ip", "link", "del", gw, what=f"remove {gw}")
+                            node_end = "v" + gw
+                            if podif.get_link(self.ipr, node_end) is not None:
+                                _run(["ip", "link", "del", node_end], f"remove {node_end}")
+                    LOG.warning("router of L3VNI %d: no attachment needs it: removed", l3vni)
+                    self._remove(l3vni)
+            routers = self.l3vnis()
+        if not routers:
             return False
-        probe = subprocess.run(["nft", "list", "chain", "inet", "vpcni_route", "forward"],
-                               capture_output=True, text=True)
-        if probe.returncode == 0 and "into-vpc" in probe.stdout:
+        if self._node_rules_intact():
             return False
-        LOG.warning("the node's routing rules (table inet vpcni_route) were gone: re-installed")
-        known, self._node_rules = self._node_rules or frozenset({4789}), frozenset()
-        self._ensure_node_rules(*known)
+        LOG.warning("the node's routing rules (table inet vpcni_route) were flushed or "
+                    "changed: re-installed")
+        self._node_rules = None
+        self._ensure_node_rules()
         return True
 
-    def _ensure_node_rules(self, *port: int) -> None:
-        ports = frozenset({4789, *port})
-        if self._node_rules and ports <= self._node_rules:
+    def _node_rules_intact(self) -> bool:
+        with self._nft_lock:
+            for chain, count in NODE_EXPECTED.items():
+                try:
+                    items = self._nft().list_json(f"chain inet vpcni_route {chain}")
+                except BackendError:
+                    return False
+                if sum(1 for item in items if "rule" in item) != count:
+                    return False
+        return True
+
+    def note_port(self, port: int) -> None:
+        """A VXLAN port this node uses (any network's): no pod sends to it through the
+        node (installed once a router exists here)."""
+        if port not in self._ports:
+            self._ports.add(port)
+            if self._node_rules is not None:
+                self._ensure_node_rules()
+
+    def _nft(self):
+        if self._nft_ctx is None:
+            from .nft import Nft
+
+            self._nft_ctx = Nft()
+        return self._nft_ctx
+
+    def _ensure_node_rules(self, underlay: Optional[Underlay] = None) -> None:
+        """The node's table (once per process, and again when the underlay's prefixes
+        or the VXLAN ports changed), in one transaction."""
+        nets = self._underlay_nets(underlay) if underlay is not None else \
+            (self._node_rules or (frozenset(), frozenset()))[1]
+        ports = frozenset(self._ports | VXLAN_PORTS)
+        if self._node_rules == (ports, nets):
             return
-        ports |= self._node_rules or frozenset()
-        _run(["nft", "-f", "-"], "load the node's routing rules (table inet vpcni_route)",
-             NODE_RULES.format(ports=", ".join(str(p) for p in sorted(ports))))
-        self._node_rules = ports
+        text = NODE_RULES + "flush set inet vpcni_route vxlan_ports\n" + \
+            f"add element inet vpcni_route vxlan_ports {{ {', '.join(map(str, sorted(ports)))} }}\n" + \
+            "flush set inet vpcni_route underlay\n" + \
+            (f"add element inet vpcni_route underlay {{ {', '.join(sorted(map(str, nets)))} }}\n"
+             if nets else "")
+        with self._nft_lock:
+            self._nft().run(text, "load the node's routing rules (table inet vpcni_route)")
+        self._node_rules = (ports, nets)
+
+    def _underlay_nets(self, underlay: Underlay) -> frozenset:
+        """The underlay's IPv4 prefixes (those of the VTEP's interface, and the VTEP): a
+        VPC's way out never reaches the nodes, the reflectors or anything else there."""
+        nets = {ipaddress.ip_network(f"{underlay.address}/32")} \
+            if underlay.address.version == 4 else set()
+        link = podif.get_link(self.ipr, underlay.ifname)
+        for msg in self.ipr.addr("dump", family=socket.AF_INET):
+            if link is not None and msg["index"] == link["index"] and msg.get("IFA_ADDRESS"):
+                nets.add(ipaddress.ip_network(f"{msg.get('IFA_ADDRESS')}/{msg['prefixlen']}",
+                                              strict=False))
+        # An interval set takes no overlapping elements (the VTEP is in its prefix).
+        return frozenset(ipaddress.collapse_addresses(nets))
+
+    def check_subnet(self, net: VpcNetwork, underlay: Underlay) -> None:
+        """A routed subnet may not overlap the node's underlay (its probe routes and its
+        router would take the node's own traffic)."""
+        prefix = net.subnet.prefix
+        for other in self._underlay_nets(underlay):
+            if prefix.overlaps(other):
+                raise InvalidConfig(f"routing.subnet {prefix} of network {net.name!r} overlaps "
+                                    f"the node's underlay {other}: a VPC's subnet must not")
 
     def _ensure_gateway(self, ns: RouterNs, net: VpcNetwork, mtu: int) -> None:
         subnet = net.subnet
         node_end, router_end = gateway_names(net.vni)
         alias = f"{ROUTER_ALIAS}{subnet.router.l3vni}:gw:{net.vni}"
         if ns.link(router_end) is None:
-            if podif.get_link(self.ipr, node_end) is not None:
+            stale = podif.get_link(self.ipr, node_end)
+            if stale is not None:
+                if (stale.get("IFLA_IFALIAS") or alias) != alias:
+                    raise BackendError(f"{node_end} is the gateway of another router "
+                                       f"({stale.get('IFLA_IFALIAS')}): VNI {net.vni} cannot "
+                                       f"be a subnet of L3VNI {subnet.router.l3vni} too")
                 _run(["ip", "link", "del", node_end], f"remove a stale {node_end}")
             _run(["ip", "link", "add", node_end, "type", "veth", "peer", "name", router_end,
                   "netns", str(ns.path)], f"create the gateway link {node_end}")
@@ -492,12 +600,11 @@ class Routers:
         ns = self._ns(l3vni)
         if ns is None:
             return {}
-        # The router is IPv4 (docs/routing.md): other families' routes are not installed.
-        hosts = {h.ip: h for h in state.hosts if h.vtep != local_vtep and h.ip.version == 4}
+        state = usable(state, local_vtep)
+        hosts = {h.ip: h for h in state.hosts}
         prefixes: dict = {}
         for p in state.prefixes:
-            if p.vtep != local_vtep and p.prefix.version == 4:
-                prefixes.setdefault(p.prefix, []).append(p)
+            prefixes.setdefault(p.prefix, []).append(p)
         nexthops = {h.vtep: h.rmac.lower() for h in hosts.values()}
         for plist in prefixes.values():
             for p in plist:
@@ -574,7 +681,12 @@ class Routers:
             else:
                 spec["multipath"] = [{"gateway": str(v), "oif": index, "flags": RTNH_F_ONLINK}
                                      for v in vteps]
-            ns.ipr.route("replace", **spec)
+            try:
+                ns.ipr.route("replace", **spec)
+            except NetlinkError as exc:
+                # One route the kernel refuses does not keep the others from the VPC.
+                LOG.warning("router: route %s via %s not installed: %s", dst,
+                            ", ".join(map(str, vteps)), podif.describe(exc))
         for (dst, metric) in have.keys() - {(d, m) for d, (m, _) in desired.items()}:
             with _gone_ok():
                 ns.ipr.route("del", dst=str(dst), priority=metric, proto=PROTO)
@@ -601,11 +713,11 @@ class Routers:
             current = have.get(ip)
             try:
                 if add and current is None:
-                    self._probe_route_set(ip, hop)
+                    self._probe_route_set(ip, hop, ours=False)
                 elif add and current != hop[0]:
                     LOG.warning("pod address %s is in two VPCs on this node: the node's "
                                 "probes reach neither", ip)
-                    self._probe_route_set(ip, None)
+                    self._probe_route_set(ip, None, ours=True)
                 elif not add and current == hop[0]:
                     with _gone_ok():
                         self.ipr.route("del", dst=f"{ip}/32", proto=STATIC_PROTO)
@@ -624,13 +736,22 @@ class Routers:
                 return link["index"], ipaddress.ip_address(dst)
         return None
 
-    def _probe_route_set(self, ip, hop) -> None:
-        """A probe route to `ip` through `hop`, or an unreachable one (None)."""
-        if hop is None:
-            self.ipr.route("replace", dst=f"{ip}/32", type="unreachable", proto=STATIC_PROTO)
-        else:
-            self.ipr.route("replace", dst=f"{ip}/32", oif=hop[0], gateway=str(hop[1]),
-                           proto=STATIC_PROTO)
+    def _probe_route_set(self, ip, hop, ours: bool = True) -> None:
+        """A probe route to `ip` through `hop`, or an unreachable one (None). `ours`: a
+        probe route is there already and is replaced; else a new one is only added,
+        never over a route of the node's own (EEXIST: left alone, logged)."""
+        verb = "replace" if ours else "add"
+        try:
+            if hop is None:
+                self.ipr.route(verb, dst=f"{ip}/32", type="unreachable", proto=STATIC_PROTO)
+            else:
+                self.ipr.route(verb, dst=f"{ip}/32", oif=hop[0], gateway=str(hop[1]),
+                               proto=STATIC_PROTO)
+        except NetlinkError as exc:
+            if exc.code != errno.EEXIST:
+                raise
+            LOG.warning("pod address %s: the node has a route of its own to it: no probe "
+                        "route (the node's probes do not reach that pod)", ip)
 
     def _probe_routes(self) -> dict:
         """The node's probe routes: address -> transit ifindex (0: unreachable)."""
@@ -662,7 +783,7 @@ class Routers:
             if have.get(ip) == (hop[0] if hop else 0):
                 continue
             try:
-                self._probe_route_set(ip, hop)
+                self._probe_route_set(ip, hop, ours=ip in have)
             except NetlinkError as exc:
                 LOG.warning("probe route to %s: %s", ip, podif.describe(exc))
         for ip in have.keys() - want.keys():
@@ -690,6 +811,27 @@ class Routers:
         for ns in self._open.values():
             ns.close()
         self._open.clear()
+
+
+def _unicast_vtep(vtep) -> bool:
+    return vtep.version == 4 and not (vtep.is_multicast or vtep.is_loopback or
+                                      vtep.is_link_local or vtep.is_unspecified or
+                                      vtep.is_reserved)
+
+
+def usable(state: RoutedState, local_vtep) -> RoutedState:
+    """The part of a VPC's routed state a router installs: IPv4 (the router is IPv4),
+    from other VTEPs that are IPv4 unicast addresses, never to a reserved range
+    (core.config.NOT_A_VPC: link-local, loopback, multicast, ...) or
+    a default route (egress is the router's own), so that one bad route from the
+    control plane can neither stop a VPC's convergence nor take the router's own
+    addresses. Both switches install exactly this."""
+    def ok(net, vtep) -> bool:
+        return (vtep != local_vtep and _unicast_vtep(vtep) and net.version == 4
+                and net.prefixlen > 0 and not_a_vpc(net) is None)
+    return RoutedState(
+        hosts=[h for h in state.hosts if ok(ipaddress.ip_network(h.ip), h.vtep)],
+        prefixes=[p for p in state.prefixes if ok(p.prefix, p.vtep)])
 
 
 @contextmanager

@@ -195,6 +195,7 @@ class KernelBackend(Backend):
         underlay = self._underlay()
         pod_mtu(net, underlay)
         self.guard.set_underlay(underlay.ifname, net.port)
+        self.routers.note_port(net.port)
         bridge, fresh = self._ensure_bridge(net.vni)
         fresh = self._ensure_vxlan(net, underlay, bridge) or fresh
         if net.subnet is not None:
@@ -221,6 +222,11 @@ class KernelBackend(Backend):
         self.routers.apply(l3vni, state, local)
 
     def release_network(self, vni: int) -> None:
+        # The subnet's gateway (and the router with the VPC's last subnet) first: a crash
+        # after the bridge went would leave a router nothing points to any more.
+        l3vni = self.routers.release(vni)
+        if l3vni is not None:
+            self.guard.set_peers(l3vni, ())
         alias = netlink.vni_alias(vni)
         self._bridges.pop(vni, None)
         for name in (vxlan_name(vni), bridge_name(vni)):
@@ -234,9 +240,6 @@ class KernelBackend(Backend):
             with netlink_errors(f"could not delete {name}"):
                 delete_if_exists(self.ipr, name)
         self.guard.set_peers(vni, ())
-        l3vni = self.routers.release(vni)
-        if l3vni is not None:
-            self.guard.set_peers(l3vni, ())
 
     # ------------------------------------------------------------ ports
 
@@ -482,7 +485,7 @@ class KernelBackend(Backend):
             for port in sorted({att.port for att in atts}):
                 self.guard.set_underlay(underlay.ifname, port)
         self.routers.converge_probe_routes(atts)
-        if self.routers.reconcile():
+        if self.routers.reconcile(records):
             reinstalled = True
         known = {self._host(att): att for att in atts}
         desired = self._port_filters(atts)

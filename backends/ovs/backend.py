@@ -41,7 +41,7 @@ from typing import Iterator, Optional
 from vpcni.backends.common.modules import switchdev_ports
 from vpcni.backends.common.nft import load_binding
 from vpcni.backends.common import podif
-from vpcni.backends.common.router import Routers, gateway_names, l3_name, netns_path
+from vpcni.backends.common.router import Routers, gateway_names, l3_name, netns_path, usable
 from vpcni.backends.common.rtnl import Rtnl, ThreadRtnl
 from vpcni.core.backend import Backend
 from vpcni.core.config import NodeConfig
@@ -201,6 +201,7 @@ class OvsBackend(Backend):
     def ensure_network(self, net: VpcNetwork) -> Optional[bool]:
         underlay = self._underlay()
         mtu = pod_mtu(net, underlay)
+        self.routers.note_port(net.port)
         self.host_ports.ensure(check=False)
         self._ensure_hw_offload()
         self.switch.ensure_network(net.vni, str(underlay.address), net.port)
@@ -412,7 +413,7 @@ class OvsBackend(Backend):
                 self._converge_fib(l3vni)
         if full:
             self.routers.converge_probe_routes(records())
-            if self.routers.reconcile():
+            if self.routers.reconcile(records):
                 corrected.append("(nftables routing rules)")
         return corrected
 
@@ -430,6 +431,8 @@ class OvsBackend(Backend):
 
     def apply_routed(self, l3vni: int, state: RoutedState) -> None:
         local = self._underlay().address
+        # What a router may install of it, for the namespace and the flows alike.
+        state = usable(state, local)
         # The router's routes and neighbours (remote hosts and prefixes via VTEP, the
         # VTEP at its router MAC); br-int carries frames to those MACs to the VTEPs.
         nexthops = self.routers.apply(l3vni, state, local)

@@ -20,7 +20,7 @@ import pytest
 
 from vpcni.lab.cluster import Cluster, Node, seed_network
 from vpcni.lab.daemons import Ovs
-from vpcni.lab.netns import run, wait_for
+from vpcni.lab.netns import WORLD, add_world, run, wait_for
 from vpcni.lab.traffic import start_ident_server, tcp_ident
 
 pytestmark = [pytest.mark.functional, pytest.mark.slow]
@@ -123,12 +123,12 @@ def test_two_subnets_route_on_one_ovs_node(cluster, n1):
     # TCP too (checksums filled in on the userspace datapath, through the router).
     start_ident_server(b.ns, "b")
     assert tcp_ident(a.ns, "10.20.1.5") == "b"
-    # Out of the VPC: SNAT by the router and the node, to a host on the fabric.
-    peer = cluster.sandbox.netns("peer")
-    cluster.fabric.connect(peer, "198.51.100.99")
+    # Out of the VPC: SNAT by the router and the node, to the world behind the
+    # underlay's gateway.
+    peer = add_world(cluster.sandbox, cluster.fabric.ns, [node.ns])
     start_ident_server(peer, "peer")
-    assert a.ns.ping("198.51.100.99", timeout=2)
-    assert tcp_ident(a.ns, "198.51.100.99") == "peer"
+    assert a.ns.ping(WORLD, timeout=2)
+    assert tcp_ident(a.ns, WORLD) == "peer"
 
     # The gateway's flows (kind local of VNI 400) and the router's (kind router of the L3VNI).
     local = flows(node, cookie(2, 400))
@@ -160,8 +160,7 @@ def test_flows_route_between_subnets_without_the_router(cluster, n1):
     cluster.attach(a, A)
     cluster.attach(b, B)
     of = ovs(node).ofctl
-    peer = cluster.sandbox.netns("peer")
-    cluster.fabric.connect(peer, "198.51.100.99")
+    add_world(cluster.sandbox, cluster.fabric.ns, [node.ns])
     # The gateway's ARP from a flow: the router never hears the pod's request.
     a.ns.ip("neigh", "flush", "dev", "eth1")
     arp = packets(of, 20, "arp_tpa=10.20.0.1")
@@ -182,10 +181,10 @@ def test_flows_route_between_subnets_without_the_router(cluster, n1):
         start_ident_server(b.ns, "b")
         assert tcp_ident(a.ns, "10.20.1.5") == "b"
         # Egress is the router's (forwarding off: nothing gets out).
-        assert not a.ns.ping("198.51.100.99", timeout=1)
+        assert not a.ns.ping(WORLD, timeout=1)
     finally:
         set_forwarding(router_ns(node), True)
-    assert a.ns.ping("198.51.100.99", timeout=2)
+    assert a.ns.ping(WORLD, timeout=2)
     # TTL 1 is never routed by a flow: the router answers "time exceeded".
     out = a.ns.exec("ping", "-n", "-c", "1", "-t", "1", "-W", "1", "10.20.1.5",
                     check=False).stdout
@@ -286,7 +285,7 @@ def test_l3vni_between_ovs_and_kernel_nodes(tmp_path):
     from tests.functional.labs import lab_up
 
     with lab_up(tmp_path, IRB, "irb") as (lab, _):
-        lab.write_bindings({400: ("green", ["lab"]), 401: ("green", ["lab"])})
+        lab.write_bindings({400: ("green", ["lab"], L3VNI), 401: ("green", ["lab"], L3VNI)})
         pods = {}
         for pod, where, conf in (("a", "o1", A), ("b", "k1", B),
                                  ("c", "o2", subnet(401, "10.20.1.0/24", "10.20.1.6/24")),

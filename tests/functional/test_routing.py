@@ -9,6 +9,7 @@ unique name is shared by the module; tests that move pods put them back.
 from __future__ import annotations
 
 import concurrent.futures
+import json
 import re
 import subprocess
 import time
@@ -16,7 +17,7 @@ import time
 import pytest
 
 from vpcni.lab.lab import Lab
-from vpcni.lab.netns import Netns, wait_for
+from vpcni.lab.netns import WORLD as WORLD_ADDRESS, Netns, wait_for
 from vpcni.lab.topology import DEFAULT_TOPOLOGY
 from vpcni.lab.traffic import continuous_ping, tcp_ident
 from vpcni.core.models import GATEWAY_MAC, router_mac
@@ -25,7 +26,7 @@ from tests.functional.labs import lab_up
 pytestmark = [pytest.mark.functional, pytest.mark.slow]
 
 TOPOLOGY = DEFAULT_TOPOLOGY.with_name("routed.toml")
-WORLD = "198.51.100.250"
+WORLD = WORLD_ADDRESS
 
 # A TCP server that answers each connection with what the client sent and the
 # address it came from: "<token> <peer address>".
@@ -71,8 +72,8 @@ def lab(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def world(lab):
-    """A host on the underlay outside every VPC, serving _ECHO."""
-    ns = lab.add_underlay_host("world", WORLD)
+    """A host outside every VPC (behind the underlay's gateway), serving _ECHO."""
+    ns = lab.add_world()
     proc = ns.spawn("/usr/bin/python3", "-S", "-c", _ECHO, stdout=subprocess.PIPE)
     assert proc.stdout.readline().decode().strip() == "ready"
     return ns
@@ -160,14 +161,15 @@ def test_egress_through_snat_on_the_pods_own_node(lab, world):
 
 def test_the_world_cannot_open_a_connection_into_a_vpc(lab, world):
     node1 = lab.box.namespaces["node1"]
-    world.ip("route", "replace", "10.20.0.0/16", "via", "198.51.100.11")
+    gateway = lab.box.namespaces["wgw"]
+    gateway.ip("route", "replace", "10.20.0.0/16", "via", "198.51.100.11")
     try:
         assert tcp_ident(world, "10.20.0.11", timeout=1.0) is None
         # Nor to another VPC's pod through a VPC's way out: node1 forwards nothing
         # between routers.
         assert tcp_ident(pod_ns(lab, "green-4"), "169.254.64.1", timeout=1.0) is None
     finally:
-        world.ip("route", "del", "10.20.0.0/16", check=False)
+        gateway.ip("route", "del", "10.20.0.0/16", check=False)
     counters = node1.exec("nft", "list", "table", "inet", "vpcni_route").stdout
     assert "into-vpc" in counters
 
@@ -288,10 +290,10 @@ def test_the_node_reaches_its_pods_for_probes_unless_ambiguous(lab):
     assert "unreachable 10.20.0.11" in node1.exec("ip", "route", "show", "proto", "197").stdout
 
 
-def test_a_vpc_reaches_neither_the_node_nor_vxlan_through_its_way_out(lab):
-    """Egress is for the world: a pod cannot reach its node's own address, and VXLAN a
-    pod sends towards another VTEP (it would leave with the node's address, which every
-    VTEP accepts) is dropped on the node."""
+def test_a_vpc_reaches_neither_the_node_nor_the_underlay_through_its_way_out(lab):
+    """Egress is for the world: a pod cannot reach its node's own address, nor VXLAN or
+    BGP anywhere (they would leave with the node's address, which every VTEP and
+    reflector trusts), nor the underlay's own prefix (nodes, reflectors)."""
     node1 = lab.box.namespaces["node1"]
     pod = pod_ns(lab, "green-1")
 
@@ -300,13 +302,18 @@ def test_a_vpc_reaches_neither_the_node_nor_vxlan_through_its_way_out(lab):
                          if comment != "vpc-to-node" else "input").stdout
         line = next(l for l in out.splitlines() if comment in l)
         return int(re.search(r"packets (\d+)", line).group(1))
-    before = counter("vxlan-from-vpc"), counter("vpc-to-node")
+    names = ("vxlan-from-vpc", "vpc-to-node", "bgp-from-vpc", "vpc-to-underlay")
+    before = [counter(n) for n in names]
     assert not pod.ping("198.51.100.11")
     pod.exec("/usr/bin/python3", "-S", "-c",
              "import socket; s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM); "
              "[s.sendto(bytes(8) + bytes(50), ('198.51.100.12', 4789)) for _ in range(5)]")
-    after = counter("vxlan-from-vpc"), counter("vpc-to-node")
-    assert after[0] >= before[0] + 5 and after[1] > before[1], (before, after)
+    # BGP to a reflector as the node, anything else on the underlay (another node).
+    assert tcp_ident(pod, "198.51.100.201", port=179, timeout=1.0) is None
+    assert not pod.ping("198.51.100.12")
+    after = [counter(n) for n in names]
+    assert after[0] >= before[0] + 5, (before, after)
+    assert all(a > b for a, b in zip(after[1:], before[1:])), (before, after)
 
 
 def test_cluster_services_are_reached_through_the_nodes_dnat(lab, world):
@@ -323,7 +330,7 @@ def test_cluster_services_are_reached_through_the_nodes_dnat(lab, world):
 table ip kubesim {
   chain prerouting {
     type nat hook prerouting priority dstnat; policy accept;
-    ip daddr 10.96.0.10 tcp dport 53 dnat to 198.51.100.250:7007
+    ip daddr 10.96.0.10 tcp dport 53 dnat to 203.0.113.10:7007
     ip daddr 10.96.0.1 tcp dport 443 dnat to 198.51.100.11:6443
   }
 }
@@ -339,3 +346,21 @@ table ip kubesim {
     finally:
         node1.exec("nft", "delete", "table", "ip", "kubesim", check=False)
         lab.box.kill_pid(api.pid)
+
+
+def test_a_tenant_cannot_route_its_subnet_into_another_vpc(lab):
+    """green-a's namespace writes its own NAD: green-a's VNI and network, but orange's
+    L3VNI (or orange as the VPC). Tenancy refuses it (the bindings name each routed
+    subnet's VPC and L3VNI) before anything is touched."""
+    info = lab.pods["green-1"]
+    ns = lab.box.netns("pod-intruder")
+    for routing in ({"l3vni": 4100}, {"vpc": "orange"}):
+        conf = lab.pod_config(info)
+        conf["routing"] = conf["routing"] | routing
+        res = lab.cni_node("node1").cni("ADD", conf, f"{lab.box.prefix}-intruder", ns.path,
+                                        "eth1", args="K8S_POD_NAMESPACE=lab;K8S_POD_NAME=x")
+        body = json.loads(res.stdout)
+        assert not res.ok and body["code"] == 101, body
+        assert "may not route VNI 400" in body["msg"], body
+    assert tcp_ident(pod_ns(lab, "green-2"), "10.20.0.11") == "green-1"
+    assert tcp_ident(pod_ns(lab, "orange-2"), "10.20.0.11") == "orange-1"

@@ -127,3 +127,26 @@ def test_the_nodes_routing_rules_come_back_after_a_flush(world):
         assert "into-vpc" in node.ns.exec("nft", "list", "table", "inet", "vpcni_route").stdout
     finally:
         cluster.detach(pod, conf)
+
+
+@pytest.mark.parametrize("conf, needle", [
+    # The subnet over the node's underlay: its probe routes would take the node's traffic.
+    (routed("green-u", 402, "198.51.100.0/24", "198.51.100.77/24"),
+     "overlaps the node's underlay 198.51.100.0/24"),
+    # An L3VNI that is a VNI in use here (the plain network below holds VNI 500).
+    (routed("green-l", 403, "10.20.3.0/24", "10.20.3.5/24", l3vni=500),
+     "routing.l3vni 500 of network 'green-l' is the VNI of network 'plain'"),
+])
+def test_a_routed_subnet_that_would_take_what_is_not_its_own_is_refused(world, conf, needle):
+    cluster, node, _ = world
+    holder = cluster.add_pod(node, f"hold{conf['vni']}")
+    plain = seed_network("plain", 500, "172.16.50.5/24")
+    cluster.attach(holder, plain)
+    try:
+        pod = cluster.add_pod(node, f"t{conf['vni']}")
+        err = error(node.cni("ADD", conf, pod.container_id, pod.netns))
+        assert err["code"] == 7 and needle in err["msg"], err
+        assert not router_links(node) and not routers(node)
+    finally:
+        cluster.detach(holder, plain)
+    assert_no_leftovers(node, "kernel", pods=[holder, pod])

@@ -189,6 +189,11 @@ def test_a_routed_subnet_gets_its_gateway_and_router():
     ({"routes": [{"dst": "192.0.2.0/24", "via": "224.0.0.1"}]}, "not a unicast address"),
     ({"routes": [{"dst": "192.0.2.0/24"}]}, "'routing.routes[0].via' is required"),
     ({"bogus": 1}, "unsupported field 'routing.bogus'"),
+    ({"subnet": "169.254.1.0/24"}, "overlaps 169.254.0.0/16, which no VPC subnet may use"),
+    ({"subnet": "127.1.0.0/16"}, "overlaps 127.0.0.0/8"),
+    ({"subnet": "224.0.0.0/24"}, "overlaps 224.0.0.0/4"),
+    ({"routes": [{"dst": "0.0.0.0/0", "via": "10.20.0.9"}]}, "a default route is the VPC's egress"),
+    ({"routes": [{"dst": "169.254.169.254/32", "via": "10.20.0.9"}]}, "overlaps 169.254.0.0/16"),
 ])
 def test_routing_errors_name_the_field(routing, needle):
     raw = json.loads(json.dumps(ROUTED))

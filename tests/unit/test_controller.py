@@ -877,8 +877,10 @@ def test_a_routed_vpc_gets_an_l3vni_and_a_vni_per_subnet_and_a_nad_per_subnet():
     # The bindings: each subnet's VNI with its network; the L3VNI is never bound.
     doc = steps.reconcile_bindings(server, cfg)
     assert doc["vnis"] == {
-        "4097": {"vpc": "green", "network": "vpc-green-web", "namespaces": ["team-a", "team-b"]},
-        "4098": {"vpc": "green", "network": "vpc-green-db", "namespaces": ["team-a", "team-b"]}}
+        "4097": {"vpc": "green", "network": "vpc-green-web", "namespaces": ["team-a", "team-b"],
+                 "l3vni": 4096},
+        "4098": {"vpc": "green", "network": "vpc-green-db", "namespaces": ["team-a", "team-b"],
+                 "l3vni": 4096}}
     # A second reconcile writes nothing.
     writes = server.counts["writes"]
     steps.reconcile_vpc(server, server.get(VPC, "green"), cfg)

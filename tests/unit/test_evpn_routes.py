@@ -716,19 +716,19 @@ def test_table_ignores_own_irb_routes():
     assert table.apply(own, snapshot=True) == set() and table.counts()["ignored_own"] == 2
 
 
-def test_speaker_refuses_two_routes_of_one_nlri(tmp_path):
+def test_speaker_announces_one_route_per_nlri(tmp_path):
     speaker = EvpnSpeaker(f"unix://{tmp_path}/absent.sock", ME, ASN)
     plain, irb = LocalRoute.mac_ip(300, MAC, "10.1.0.5"), host("10.1.0.5")
     try:
-        with pytest.raises(ValueError, match="same EVPN route"):
-            speaker.set_local({plain, irb})
-        assert speaker.set_local({plain, LocalRoute.ip_prefix(L3VNI, "10.1.0.0/24", RMAC)}) \
-            is False
-        with pytest.raises(ValueError, match="same EVPN route"):
-            speaker.update_local(add=[irb])
-        assert plain in speaker.local_routes()  # unchanged
-        assert speaker.update_local(add=[irb], remove=[plain]) is False
-        assert irb in speaker.local_routes() and plain not in speaker.local_routes()
+        # Two routes of one NLRI: the routed one is kept, the rest still announced.
+        prefix = LocalRoute.ip_prefix(L3VNI, "10.1.0.0/24", RMAC)
+        assert speaker.set_local({plain, irb, prefix}) is False
+        assert speaker.local_routes() == {irb, prefix}
+        assert speaker.set_local({plain, prefix}) is False
+        assert speaker.update_local(add=[irb]) is False
+        assert speaker.local_routes() == {irb, prefix}
+        assert speaker.update_local(add=[plain], remove=[irb]) is False
+        assert plain in speaker.local_routes() and irb not in speaker.local_routes()
         assert speaker.routed_state(L3VNI).hosts == []
     finally:
         speaker.close()

@@ -71,3 +71,25 @@ def test_a_bound_network_name_keeps_other_networks_off_the_vni(tmp_path):
     assert t.check(300, "a", "p", "vpc-blue") == "blue"
     with pytest.raises(TenancyRefused, match="network 'vpc-red' may not use VNI 300"):
         t.check(300, "a", "p", "vpc-red")
+
+
+def test_a_routed_subnet_routes_only_into_its_bound_vpc(tmp_path):
+    """A routed network config names the VPC and L3VNI its pods are routed into: the
+    binding must say the same, or a tenant's own NAD could route a bound VNI into
+    another VPC's router."""
+    path = tmp_path / "b.json"
+    write(path, {"400": {"vpc": "green", "namespaces": ["a"], "l3vni": 4000},
+                 "300": {"vpc": "blue", "namespaces": ["a"]}})
+    t = Tenancy(str(path))
+    assert t.check(400, "a", "p", routing=("green", 4000)) == "green"
+    assert t.check(400, "a", "p") == "green"   # an L2-only member of the subnet
+    with pytest.raises(TenancyRefused, match=r"routing.l3vni 4100 may not route VNI 400: it "
+                                             r"is a routed subnet of VPC green with L3VNI 4000"):
+        t.check(400, "a", "p", routing=("green", 4100))
+    with pytest.raises(TenancyRefused, match="routing.vpc 'orange'"):
+        t.check(400, "a", "p", routing=("orange", 4000))
+    with pytest.raises(TenancyRefused, match="VPC blue's, not a routed subnet"):
+        t.check(300, "a", "p", routing=("blue", 4000))
+    with pytest.raises(InvalidConfig, match="l3vni"):
+        parse_bindings(json.dumps({"version": 1, "vnis": {"400": {"vpc": "g", "l3vni": 0}}}),
+                       "x")
