@@ -135,7 +135,7 @@ class Agent:
         self._last_routed: dict[int, RoutedState] = {}
         self._held_routed: dict[int, RoutedState] = {}
         self._route_refs: Optional[Counter] = None  # route -> attachments wanting it
-        self._rmac_value: Optional[str] = None
+        self._rmac: Optional[str] = None  # this node's router MAC (with EVPN)
         self._problems: list[str] = []  # what keeps the node from serving (readiness)
         # vpcni-ipam usage (metrics): the pools seen in requests, refreshed by a thread
         # of its own on the reconcile loop's signal (a slow store never stalls it).
@@ -152,17 +152,9 @@ class Agent:
                                        asn=node.evpn.asn, on_change=self._remote_changed)
             self.handler.remote_source = self._remote_state
             self.handler.routed_source = self._routed_state
+            # This node's router MAC: routed subnets' type-2 and type-5 routes carry it.
+            self._rmac = router_mac(self.speaker.vtep)
         self.handler.listeners.append(self._local_changed)
-
-    @property
-    def _rmac(self) -> Optional[str]:
-        """This node's router MAC (routed subnets' type-2 and type-5 routes carry it)."""
-        if self._rmac_value is None:
-            try:
-                self._rmac_value = router_mac(self.speaker.vtep if self.speaker else self._vtep())
-            except (ValueError, TypeError):
-                return None
-        return self._rmac_value
 
     def _vtep(self):
         if self.node.vtepAddress is not None:

@@ -81,7 +81,8 @@ class Handler:
         # ... and the routed state (remote hosts and prefixes) of an L3VNI.
         self.routed_source: Optional[Callable[[int], RoutedState]] = None
         self.listeners: list[Callable[[Change], None]] = []
-        self._remote_locks: dict[int, threading.Lock] = {}
+        # One converge at a time per VNI ("vni", n) and per VPC router ("l3vni", n).
+        self._remote_locks: dict[tuple[str, int], threading.Lock] = {}
         self._remote_locks_guard = threading.Lock()
         # VNI -> (backend, the remote state last applied there): an ADD or DEL that
         # changes neither the plumbing nor the remote state does not re-apply it.
@@ -388,15 +389,17 @@ class Handler:
         With `unchanged_plumbing` (the backend said the VNI's plumbing was all in
         place), a desired state equal to the one last applied is not applied again.
         """
-        with self._remote_locks_guard:
-            lock = self._remote_locks.setdefault(vni, threading.Lock())
-        with lock:
+        with self._converge_lock("vni", vni):
             desired = self.desired_remote(vni, extra)
             if unchanged_plumbing and self._applied.get(vni) == (backend.name, desired):
                 return
             self._applied.pop(vni, None)
             backend.apply_remote(vni, desired)
             self._applied[vni] = (backend.name, desired)
+
+    def _converge_lock(self, kind: str, number: int) -> threading.Lock:
+        with self._remote_locks_guard:
+            return self._remote_locks.setdefault((kind, number), threading.Lock())
 
     def local_l3vnis(self) -> dict[int, str]:
         """The L3VNIs of the routed subnets on this node, and the backend of each."""
@@ -406,9 +409,7 @@ class Handler:
     def apply_routed(self, backend: backends.Guarded, l3vni: int) -> None:
         """Converge the VPC router's remote hosts and prefixes (from the control plane;
         none without one: a routed subnet then routes on this node only)."""
-        with self._remote_locks_guard:
-            lock = self._remote_locks.setdefault(-l3vni, threading.Lock())
-        with lock:
+        with self._converge_lock("l3vni", l3vni):
             state = self.routed_source(l3vni) if self.routed_source else RoutedState()
             backend.apply_routed(l3vni, state)
 

@@ -26,7 +26,7 @@ from vpcni.evpn import render
 
 from .cluster import Cluster, Node
 from .daemons import Frr, Gobgpd, Ovs
-from .netns import Netns, Sandbox, add_world, wait_for
+from .netns import Netns, Sandbox, add_world, wait_for, wire
 from .topology import Topology
 from .traffic import start_ident_server, tcp_ident
 
@@ -305,12 +305,8 @@ class Lab:
         """A host on the underlay that is neither node nor reflector (the world outside
         every VPC, an intruder): a namespace of the lab's, wired to the fabric."""
         ns = self.box.netns(short)
-        fabric = self.box.namespaces["fab"]
-        port = f"p{short}"[:15]
-        self.box.veth(fabric, port, ns, "eth0")
-        fabric.ip("link", "set", port, "master", "br0", "up")
-        ns.ip("link", "set", "eth0", "up")
-        ns.ip("addr", "add", f"{address}/{self.topo.underlay.prefixlen}", "dev", "eth0")
+        wire(self.box, self.box.namespaces["fab"], f"p{short}"[:15], ns,
+             f"{address}/{self.topo.underlay.prefixlen}")
         return ns
 
     def add_world(self) -> Netns:

@@ -304,11 +304,18 @@ class Fabric:
         """Wire `node` to the fabric with `address` on its `ifname`; the fabric's port name."""
         self._ports += 1
         port = f"p{self._ports}"
-        self.sandbox.veth(self.ns, port, node, ifname)
-        self.ns.ip("link", "set", port, "mtu", str(mtu), "master", "br0", "up")
-        node.ip("link", "set", ifname, "mtu", str(mtu), "up")
-        node.ip("addr", "add", f"{address}/{self.prefixlen}", "dev", ifname)
+        wire(self.sandbox, self.ns, port, node, f"{address}/{self.prefixlen}", ifname, mtu)
         return port
+
+
+def wire(box: Sandbox, fabric: Netns, port: str, node: Netns, address: str,
+         ifname: str = "eth0", mtu: int = 1500) -> None:
+    """`node` on the fabric's bridge through port `port`, with `address` (CIDR) on its
+    `ifname`."""
+    box.veth(fabric, port, node, ifname)
+    fabric.ip("link", "set", port, "mtu", str(mtu), "master", "br0", "up")
+    node.ip("link", "set", ifname, "mtu", str(mtu), "up")
+    node.ip("addr", "add", address, "dev", ifname)
 
 
 WORLD_GATEWAY = "198.51.100.254"
@@ -322,10 +329,7 @@ def add_world(box: Sandbox, fabric: Netns, nodes: list[Netns], prefixlen: int = 
     the internet through the underlay's gateway. (A VPC's way out never reaches the
     underlay's own prefix: docs/routing.md.) Namespaces of `box`; `nodes` get a route."""
     router = box.netns("wgw")
-    box.veth(fabric, "pwgw", router, "eth0")
-    fabric.ip("link", "set", "pwgw", "master", "br0", "up")
-    router.ip("link", "set", "eth0", "up")
-    router.ip("addr", "add", f"{gateway}/{prefixlen}", "dev", "eth0")
+    wire(box, fabric, "pwgw", router, f"{gateway}/{prefixlen}")
     host = box.netns("world")
     box.veth(router, "eth1", host, "eth0")
     prefix = ".".join(world.split(".")[:3])

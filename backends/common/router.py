@@ -415,16 +415,7 @@ class Routers:
             needed = {a.subnet.router.l3vni for a in records() if a.subnet is not None}
             for l3vni in sorted(routers - needed):
                 with self._locked(l3vni):
-                    ns = self._ns(l3vni)
-                    if ns is not None:
-                        with ns.lock:
-                            gateways = [link.get("IFLA_IFNAME") for link in ns.ipr.link("dump")
-                                        if (link.get("IFLA_IFNAME") or "").startswith("gw")]
-                        for gw in gateways:
-                            ns.run("ip", "link", "del", gw, what=f"remove {gw}")
-                            node_end = "v" + gw
-                            if podif.get_link(self.ipr, node_end) is not None:
-                                _run(["ip", "link", "del", node_end], f"remove {node_end}")
+                    self._ns(l3vni)  # opened, so that _remove finds its gateways
                     LOG.warning("router of L3VNI %d: no attachment needs it: removed", l3vni)
                     self._remove(l3vni)
             routers = self.l3vnis()
@@ -567,8 +558,7 @@ class Routers:
                     if ns.link(gateway) is not None:
                         ns.run("ip", "link", "del", gateway,
                                what=f"remove the gateway of VNI {vni}")
-                    left = [link.get("IFLA_IFNAME") for link in ns.ipr.link("dump")
-                            if (link.get("IFLA_IFNAME") or "").startswith("gw")]
+                    left = self._gateways(ns)
                 if not left:
                     self._remove(l3vni)
                     return l3vni
@@ -578,11 +568,22 @@ class Routers:
             _run(["ip", "link", "del", node_end], f"remove {node_end}")
         return None
 
+    @staticmethod
+    def _gateways(ns: RouterNs) -> list[str]:
+        """The router ends of the router's gateways (`gw<VNI>`); the caller holds ns.lock."""
+        return [name for name in (link.get("IFLA_IFNAME") for link in ns.ipr.link("dump"))
+                if name and name.startswith("gw")]
+
     def _remove(self, l3vni: int) -> None:
+        """The router, all of it: its gateways (each veth's node end goes with it: at
+        once, not when the namespace is torn down, asynchronously), its L3 and transit
+        links and its namespace. The caller holds the router's lock."""
         with self._guard:
             ns = self._open.pop(l3vni, None)
         if ns is not None:
             with ns.lock:
+                for gateway in self._gateways(ns):
+                    ns.run("ip", "link", "del", gateway, what=f"remove {gateway}")
                 ns.close()
         for name in (transit_name(l3vni), l3_name(l3vni)):
             if podif.get_link(self.ipr, name) is not None:
@@ -593,14 +594,13 @@ class Routers:
 
     # ------------------------------------------------------------ routes
 
-    def apply(self, l3vni: int, state: RoutedState, local_vtep) -> dict[str, object]:
-        """Converge the router's remote hosts and prefixes to `state`; the remote
-        router MACs and their VTEPs it uses (rmac -> vtep), for a switch that carries
-        the L3VNI itself."""
+    def apply(self, l3vni: int, state: RoutedState) -> dict[str, object]:
+        """Converge the router's remote hosts and prefixes to `state` (what `usable`
+        left of the control plane's); the remote router MACs and their VTEPs it uses
+        (rmac -> vtep), for a switch that carries the L3VNI itself."""
         ns = self._ns(l3vni)
         if ns is None:
             return {}
-        state = usable(state, local_vtep)
         hosts = {h.ip: h for h in state.hosts}
         prefixes: dict = {}
         for p in state.prefixes:

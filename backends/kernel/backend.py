@@ -27,7 +27,7 @@ from pyroute2.netlink.exceptions import NetlinkError
 from vpcni.backends.common.modules import SYS_MODULE, kernel_support
 from vpcni.backends.common.nft import load_binding
 from vpcni.backends.common import podif
-from vpcni.backends.common.router import Routers
+from vpcni.backends.common.router import Routers, usable
 from vpcni.backends.common.rtnl import Rtnl, ThreadRtnl
 from vpcni.core.backend import Backend
 from vpcni.core.config import NodeConfig
@@ -215,11 +215,11 @@ class KernelBackend(Backend):
         return built
 
     def apply_routed(self, l3vni: int, state: RoutedState) -> None:
-        local = self._underlay().address
+        state = usable(state, self._underlay().address)
         # The L3VNI's VXLAN is accepted from the VTEPs that route into the VPC.
-        peers = {h.vtep for h in state.hosts} | {p.vtep for p in state.prefixes}
-        self.guard.set_peers(l3vni, peers - {local})
-        self.routers.apply(l3vni, state, local)
+        self.guard.set_peers(l3vni, {h.vtep for h in state.hosts} |
+                             {p.vtep for p in state.prefixes})
+        self.routers.apply(l3vni, state)
 
     def release_network(self, vni: int) -> None:
         # The subnet's gateway (and the router with the VPC's last subnet) first: a crash

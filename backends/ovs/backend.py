@@ -435,7 +435,7 @@ class OvsBackend(Backend):
         state = usable(state, local)
         # The router's routes and neighbours (remote hosts and prefixes via VTEP, the
         # VTEP at its router MAC); br-int carries frames to those MACs to the VTEPs.
-        nexthops = self.routers.apply(l3vni, state, local)
+        nexthops = self.routers.apply(l3vni, state)
         udp_port = self.switch.l3vnis().get(l3vni) if self.switch.bridge_exists() else None
         tunnel = None if udp_port is None else self.switch.tunnels().get(udp_port)
         if tunnel is None:
